@@ -1,0 +1,91 @@
+"""Loading Stable Diffusion components. This module is the only caller of `from_pretrained`.
+
+`pretrained` is a local directory in the diffusers layout (model_index.json, unet/, vae/, text_encoder/,
+tokenizer/, scheduler/) or a Hugging Face Hub id, with an optional revision and weight variant ("fp16").
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from sdtune.errors import SdtuneError
+
+SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class StableDiffusionParts:
+    """The pieces of a Stable Diffusion checkpoint that training needs."""
+
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along one side (8 for SD; read from the VAE config, never assumed)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def _check_local(path: Path) -> None:
+    missing = [name for name in SUBFOLDERS if not (path / name).is_dir()]
+    if missing:
+        raise SdtuneError(
+            f"model.pretrained '{path}' is not a diffusers model directory: missing {', '.join(missing)}/ "
+            "(convert single-file checkpoints first, or pass a Hub id)"
+        )
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _resolve(pretrained: str) -> str:
+    path = Path(pretrained).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SdtuneError(f"model.pretrained '{pretrained}' is a file; pass a diffusers model directory or a Hub id")
+        _check_local(path)
+        return str(path)
+    if not HUB_ID.match(pretrained):
+        raise SdtuneError(f"model.pretrained '{pretrained}' does not exist (not a local directory nor a Hub id 'org/name')")
+    return pretrained
+
+
+def _load(cls, pretrained: str, subfolder: str, **kwargs):
+    try:
+        return cls.from_pretrained(pretrained, subfolder=subfolder, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        where = "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" if offline else "could not be loaded"
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SdtuneError(f"model.pretrained '{pretrained}': {subfolder}/ {where} ({first_line})") from err
+
+
+def load_tokenizer(pretrained: str, revision: str | None = None) -> CLIPTokenizer:
+    """The CLIP tokenizer from the `tokenizer/` subfolder."""
+    return _load(CLIPTokenizer, _resolve(pretrained), "tokenizer", revision=revision)
+
+
+def load_stable_diffusion(
+    pretrained: str, revision: str | None = None, variant: str | None = None
+) -> StableDiffusionParts:
+    """Load VAE, text encoder, tokenizer, UNet (all fp32) and the DDPM training scheduler."""
+    source = _resolve(pretrained)
+    weights = dict(revision=revision, variant=variant, torch_dtype=torch.float32)
+    return StableDiffusionParts(
+        vae=_load(AutoencoderKL, source, "vae", **weights),
+        text_encoder=_load(CLIPTextModel, source, "text_encoder", **weights),
+        tokenizer=_load(CLIPTokenizer, source, "tokenizer", revision=revision),
+        unet=_load(UNet2DConditionModel, source, "unet", **weights),
+        # Training always uses DDPM noising with the checkpoint's betas and prediction type.
+        noise_scheduler=_load(DDPMScheduler, source, "scheduler", revision=revision),
+    )
