@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdtune.errors import SdtuneError
 
@@ -40,7 +40,7 @@ def _check_local(path: Path) -> None:
     missing = [name for name in SUBFOLDERS if not (path / name).is_dir()]
     if missing:
         raise SdtuneError(
-            f"model.pretrained '{path}' is not a diffusers model directory: missing {', '.join(missing)}/ "
+            f"model.pretrained '{path}' is not a diffusers model directory: missing {', '.join(m + '/' for m in missing)} "
             "(convert single-file checkpoints first, or pass a Hub id)"
         )
 
@@ -60,19 +60,31 @@ def _resolve(pretrained: str) -> str:
     return pretrained
 
 
+def _offline_hint() -> str:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "", "false", "no"):
+        return ""
+    return " (HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache: download it first or pass a local directory)"
+
+
 def _load(cls, pretrained: str, subfolder: str, **kwargs):
     try:
         return cls.from_pretrained(pretrained, subfolder=subfolder, **kwargs)
     except (OSError, ValueError, EnvironmentError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        where = "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" if offline else "could not be loaded"
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SdtuneError(f"model.pretrained '{pretrained}': {subfolder}/ {where} ({first_line})") from err
+        raise SdtuneError(f"model.pretrained '{pretrained}': {subfolder}/ could not be loaded{_offline_hint()}: {first_line}") from err
 
 
 def load_tokenizer(pretrained: str, revision: str | None = None) -> CLIPTokenizer:
-    """The CLIP tokenizer from the `tokenizer/` subfolder."""
-    return _load(CLIPTokenizer, _resolve(pretrained), "tokenizer", revision=revision)
+    """The CLIP tokenizer from the `tokenizer/` subfolder, with its length capped by the text encoder's positions."""
+    source = _resolve(pretrained)
+    tokenizer = _load(CLIPTokenizer, source, "tokenizer", revision=revision)
+    # Recent transformers build an empty tokenizer instead of failing when the vocabulary files are missing.
+    if tokenizer.vocab_size <= 3:
+        raise SdtuneError(f"model.pretrained '{pretrained}': tokenizer/ has no vocabulary (vocab.json + merges.txt){_offline_hint()}")
+    if tokenizer.model_max_length > 100_000:  # no model_max_length in tokenizer_config.json
+        config = _load(CLIPTextConfig, source, "text_encoder", revision=revision)
+        tokenizer.model_max_length = config.max_position_embeddings
+    return tokenizer
 
 
 def load_stable_diffusion(
@@ -84,7 +96,7 @@ def load_stable_diffusion(
     return StableDiffusionParts(
         vae=_load(AutoencoderKL, source, "vae", **weights),
         text_encoder=_load(CLIPTextModel, source, "text_encoder", **weights),
-        tokenizer=_load(CLIPTokenizer, source, "tokenizer", revision=revision),
+        tokenizer=load_tokenizer(source, revision=revision),
         unet=_load(UNet2DConditionModel, source, "unet", **weights),
         # Training always uses DDPM noising with the checkpoint's betas and prediction type.
         noise_scheduler=_load(DDPMScheduler, source, "scheduler", revision=revision),

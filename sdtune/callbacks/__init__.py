@@ -1,0 +1,6 @@
+"""Optional behaviour around training, one callback a file; each can be switched off alone."""
+
+from sdtune.callbacks.save_adapter import SaveAdapter
+from sdtune.callbacks.save_config import SaveRunConfig
+
+__all__ = ["SaveAdapter", "SaveRunConfig"]

@@ -1,0 +1,141 @@
+"""The `sdtune` command: `fit` and `validate` through LightningCLI, plus `ls`, `cp` and `demo`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from sdtune.errors import SdtuneError
+from sdtune.recipes import find_recipe, list_recipes
+
+USAGE = """usage: sdtune <command> [options]
+
+commands:
+  ls          list the packaged recipes
+  cp          copy a packaged recipe to edit it
+  fit         train with a recipe (LightningCLI)
+  validate    compute the validation loss of a model/adapter (LightningCLI)
+  demo        offline end-to-end demo on a tiny model (CPU, a few minutes)
+
+examples:
+  sdtune ls
+  sdtune cp sd15/lora my_lora.yaml
+  sdtune fit --config sd15/lora --model.pretrained stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+             --data.root ./my_dataset --trainer.max_steps 1500 --trainer.default_root_dir runs/my_lora
+  sdtune fit --config sd15/lora ... --ckpt_path last        # resume that run
+
+Run `sdtune <command> --help` for a command's options.
+"""
+
+FIT_EPILOG = """examples:
+  sdtune fit --config sd15/lora --model.pretrained stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+             --data.root ./my_dataset --trainer.max_steps 1500 --trainer.default_root_dir runs/my_lora
+  sdtune fit --config sd15/lora --config overrides.yaml --model.lora.rank 32 --print_config
+  sdtune fit --config sd15/lora ... --ckpt_path last       # resume from runs/my_lora/checkpoints/last.ckpt
+
+--config takes a packaged recipe name (see `sdtune ls`) or a YAML path; later configs and flags override earlier.
+The run directory (--trainer.default_root_dir) receives config.yaml, logs/ (TensorBoard), checkpoints/ and adapter/.
+"""
+
+VALIDATE_EPILOG = """example:
+  sdtune validate --config sd15/lora --model.pretrained ./my_model --data.root ./my_dataset \\
+                  --data.val_fraction 0.1 --ckpt_path runs/my_lora/checkpoints/last.ckpt
+"""
+
+
+def _resolve_configs(args: list[str]) -> list[str]:
+    """Let `--config sd15/lora` name a packaged recipe as well as a file."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            out += [arg, str(find_recipe(args[i + 1]))]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            arg = "--config=" + str(find_recipe(arg.split("=", 1)[1]))
+        out.append(arg)
+        i += 1
+    return out
+
+
+def cmd_ls(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sdtune ls",
+        description="List the packaged recipes: name and what each is for.",
+        epilog="example:\n  sdtune ls\n  sdtune cp sd15/lora my_lora.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.parse_args(args)
+    recipes = list_recipes()
+    width = max(len(r.name) for r in recipes)
+    for recipe in recipes:
+        print(f"{recipe.name:<{width}}  {recipe.summary}")
+    return 0
+
+
+def cmd_cp(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sdtune cp",
+        description="Copy a packaged recipe to a file you can edit, then pass it to `sdtune fit --config`.",
+        epilog="example:\n  sdtune cp sd15/lora my_lora.yaml\n  sdtune fit --config my_lora.yaml --data.root ./my_dataset",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("name", help="packaged recipe name, e.g. sd15/lora (see `sdtune ls`)")
+    parser.add_argument("dest", help="destination file or directory")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing destination file")
+    ns = parser.parse_args(args)
+    source = find_recipe(ns.name)
+    dest = Path(ns.dest)
+    if dest.is_dir():
+        dest = dest / source.name
+    if dest.exists() and not ns.force:
+        raise SdtuneError(f"{dest} already exists; pass --force to overwrite it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, dest)
+    print(f"copied {ns.name} to {dest}")
+    return 0
+
+
+def cmd_lightning(subcommand: str, args: list[str]) -> int:
+    from sdtune.lightning_cli import run_cli
+
+    epilog = FIT_EPILOG if subcommand == "fit" else VALIDATE_EPILOG
+    run_cli([subcommand, *_resolve_configs(args)], epilog)
+    return 0
+
+
+def cmd_demo(args: list[str]) -> int:
+    from sdtune.demo import main as demo_main
+
+    return demo_main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    commands = {"ls": cmd_ls, "cp": cmd_cp, "demo": cmd_demo}
+    try:
+        if command in ("fit", "validate"):
+            return cmd_lightning(command, rest)
+        if command in commands:
+            return commands[command](rest)
+        print(f"sdtune: error: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
+        return 2
+    except SdtuneError as err:
+        print(f"sdtune: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdtune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

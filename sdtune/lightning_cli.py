@@ -1,0 +1,82 @@
+"""LightningCLI wiring for `sdtune fit` and `sdtune validate`.
+
+What sdtune adds to a plain LightningCLI: a ModelCheckpoint (`--checkpoint.*`, `save_last` on) writing to the fixed
+folder `<run dir>/checkpoints`, a SaveAdapter callback (`--adapter.*`), TensorBoard logs in `<run dir>/logs`, the
+resolved config in `<run dir>/config.yaml` (rewritten on resume), and the model's `pretrained` linked to the data
+module so both use the same tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from sdtune.callbacks import SaveAdapter, SaveRunConfig
+from sdtune.errors import SdtuneError
+
+
+class SdtuneCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}, "validate": {"model", "dataloaders", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1, "checkpoint.every_n_train_steps": 500})
+        parser.add_lightning_class_args(SaveAdapter, "adapter")
+        parser.link_arguments("model.init_args.pretrained", "data.init_args.pretrained")
+        parser.link_arguments("model.init_args.revision", "data.init_args.revision")
+
+    def instantiate_classes(self) -> None:
+        """jsonargparse wraps errors raised in __init__ into a multi-line parse error; surface ours as they are."""
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cause = err
+            while cause is not None and not isinstance(cause, SdtuneError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                raise cause from None
+            raise
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        config = self.config_init[self.subcommand]
+        root = Path(config.trainer.default_root_dir or os.getcwd())
+        checkpoint: ModelCheckpoint = config.checkpoint
+        if checkpoint.dirpath is None:
+            checkpoint.dirpath = os.path.realpath(root / "checkpoints")
+        if config.trainer.logger in (None, True):
+            kwargs["logger"] = TensorBoardLogger(save_dir=str(root), name="logs", version="")
+        return super().instantiate_trainer(**kwargs)
+
+
+# Expected with frozen encoders, or when a dataset has no validation split.
+QUIET = [
+    r".*module\(s\) in eval mode at the start of training.*",
+    r"Total length of .* across ranks is zero.*",
+    r".*LightningCLI's args parameter is intended to run from within Python.*",
+]
+
+
+def run_cli(args: list[str], epilog: str) -> SdtuneCLI:
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
+    subcommand = args[0]
+    return SdtuneCLI(
+        model_class=L.LightningModule,
+        datamodule_class=L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=SaveRunConfig,
+        auto_configure_optimizers=False,
+        parser_kwargs={subcommand: {"epilog": epilog, "formatter_class": argparse.RawDescriptionHelpFormatter}},
+        args=args,
+    )

@@ -1,0 +1,25 @@
+"""Shared fixtures: a tiny random Stable Diffusion and a generated captioned dataset, built once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests never reach the network; a hub id must fail fast instead of retrying.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from sdtune.models.tiny import build_tiny_stable_diffusion
+
+    return build_tiny_stable_diffusion(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    from data_prep.shapes import make_shapes_dataset
+
+    return make_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", count=8, size=64, seed=0)
