@@ -52,7 +52,7 @@ def main(args: list[str]) -> int:
 
     samples = out / "samples"
     difference = write_samples(model_dir, run_dir / "adapter", samples)
-    print(f"[4/4] samples: {samples} (base_*.png vs lora_*.png; mean |Δpixel| = {difference:.1f}/255)")
+    print(f"[4/4] samples: {samples} (base_*.png vs lora_*.png; mean |Δpixel| = {difference:.3f}/255)")
     return 0
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
@@ -68,8 +67,12 @@ def add_unet_lora(unet: UNet2DConditionModel, settings: LoraSettings) -> None:
 
 
 def unet_lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    """The adapter's tensors with diffusers' key names (without the "unet." prefix)."""
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    """The adapter's tensors in peft naming (`…to_q.lora_A.weight`), without the "unet." prefix.
+
+    Not diffusers' older `lora.down`/`lora.up` naming: with both attention and conv targets, diffusers 0.42 loads
+    only the conv half of such a file (tests/test_adapter_export.py catches it).
+    """
+    return get_peft_model_state_dict(unet)
 
 
 def save_diffusers_adapter(unet: UNet2DConditionModel, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:

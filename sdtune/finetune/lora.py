@@ -8,7 +8,7 @@ this module owns and checkpoints, so a run is reproducible from its seed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,7 +71,14 @@ class LoRAFineTune(L.LightningModule):
         super().__init__()
         if min_snr_gamma is not None and min_snr_gamma <= 0:
             raise SdtuneError(f"model.min_snr_gamma must be > 0 or null, got {min_snr_gamma}")
-        self.save_hyperparameters(ignore=["optimizer"])
+        lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
+        lr_schedule = LRSchedule(**lr_schedule) if isinstance(lr_schedule, dict) else lr_schedule
+        # Plain types only, so checkpoints load with torch.load(weights_only=True); `_class_path` lets
+        # LightningCLI read them back from `--ckpt_path`.
+        self.save_hyperparameters(
+            {"_class_path": f"{type(self).__module__}.{type(self).__qualname__}", "pretrained": pretrained, "revision": revision, "variant": variant, "lora": asdict(lora),
+             "lr_schedule": asdict(lr_schedule), "min_snr_gamma": min_snr_gamma, "noise_seed": noise_seed}
+        )
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule
         self.min_snr_gamma = min_snr_gamma
