@@ -142,3 +142,12 @@ def test_warmup_then_constant_learning_rate(tiny_model_dir, shapes_dir, tmp_path
     model.on_train_batch_start = lambda batch, idx: lrs.append(model.optimizers().param_groups[0]["lr"])
     fit(model, make_data(shapes_dir, tiny_model_dir), 6, tmp_path)
     assert lrs == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+
+
+def test_bf16_mixed_trains_with_fp32_adapter_weights(tiny_model_dir, shapes_dir, tmp_path):
+    model = make_model(tiny_model_dir)
+    losses = []
+    model.on_train_batch_end = lambda outputs, batch, idx: losses.append(outputs["loss"])
+    fit(model, make_data(shapes_dir, tiny_model_dir), 2, tmp_path, precision="bf16-mixed")
+    assert len(losses) == 2 and all(torch.isfinite(loss) and loss.dtype == torch.float32 for loss in losses)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
