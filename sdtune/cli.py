@@ -114,6 +114,12 @@ def cmd_demo(args: list[str]) -> int:
     return demo_main(args)
 
 
+def one_line(err: SdtuneError) -> str:
+    """The message itself; a DataLoader worker re-raises it with the worker's traceback in front."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1].removeprefix(f"{SdtuneError.__module__}.{SdtuneError.__name__}: ") if lines else type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -129,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sdtune: error: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
         return 2
     except SdtuneError as err:
-        print(f"sdtune: error: {err}", file=sys.stderr)
+        print(f"sdtune: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sdtune: interrupted", file=sys.stderr)

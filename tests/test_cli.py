@@ -97,3 +97,19 @@ def test_missing_data_root_is_one_line(tiny_model_dir, tmp_path):
                     tmp_path / "nowhere", "--trainer.default_root_dir", tmp_path / "run", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"sdtune: error: data.root '{tmp_path / 'nowhere'}' does not exist"
+
+
+def test_corrupt_image_in_a_worker_is_one_line(tiny_model_dir, shapes_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for image in sorted(shapes_dir.glob("*.png"))[:2]:
+        (data / image.name).write_bytes(image.read_bytes())
+        (data / image.with_suffix(".txt").name).write_text("a shape")
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result = sdtune("fit", "--config", "tiny/lora", "--model.pretrained", tiny_model_dir, "--data.root", data,
+                    "--data.num_workers", 1, "--data.batch_size", 3, "--trainer.max_steps", 1,
+                    "--trainer.default_root_dir", tmp_path / "run", check=False)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("sdtune: error: ") and "broken.png" in last and "Traceback" not in last
+    assert (data / "broken.png").read_bytes() == b"\x89PNG\r\n\x1a\n not really"  # user data untouched
