@@ -35,22 +35,6 @@ def make_scheduler(name: str, training_scheduler_config: dict):
     return SCHEDULERS[name].from_config(training_scheduler_config)
 
 
-def build_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusionPipeline:
-    """Wrap in-memory modules in a StableDiffusionPipeline (no safety checker: training previews only)."""
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @torch.no_grad()
 def generate(
     pipe: StableDiffusionPipeline,
