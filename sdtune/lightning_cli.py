@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,42 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from sdtune.callbacks import SaveAdapter, SaveRunConfig
 from sdtune.errors import SdtuneError
+
+
+UNION_REPORT = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "- Problem with given class_path",
+    "- Expected a <class 'NoneType'>",
+    "Given value",
+)
+
+
+def summarize_parse_error(message: str) -> str:
+    """jsonargparse's nested union report → `model.lora.rank: Expected a <class 'int'>. Got value: abc`."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    keys: list[str] = []
+    details: list[str] = []
+    for line in lines:
+        key = re.match(r'Parser key "([^"]+)":\s*(.*)', line)
+        if key:
+            keys.append(key.group(1))
+            details = [key.group(2)] if key.group(2) else []
+        elif not line.startswith(UNION_REPORT):
+            details.append(line)
+    reason = details[0].lstrip("- ") if details else (lines[0] if lines else message)
+    return f"{'.'.join(dict.fromkeys(keys))}: {reason}" if keys else reason
+
+
+class SdtuneParser(LightningArgumentParser):
+    """Bad values and unknown keys are reported as one line instead of the full usage and union report."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        sys.stderr.write(f"sdtune: error: {summarize_parse_error(message)} (see `{self.prog.replace(' [options]', '')} --help`)\n")
+        sys.exit(2)
 
 
 class SdtuneCLI(LightningCLI):
@@ -75,6 +113,7 @@ def run_cli(args: list[str], epilog: str) -> SdtuneCLI:
         datamodule_class=L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        parser_class=SdtuneParser,
         save_config_callback=SaveRunConfig,
         auto_configure_optimizers=False,
         parser_kwargs={subcommand: {"epilog": epilog, "formatter_class": argparse.RawDescriptionHelpFormatter}},

@@ -113,3 +113,19 @@ def test_corrupt_image_in_a_worker_is_one_line(tiny_model_dir, shapes_dir, tmp_p
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("sdtune: error: ") and "broken.png" in last and "Traceback" not in last
     assert (data / "broken.png").read_bytes() == b"\x89PNG\r\n\x1a\n not really"  # user data untouched
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--model.lora.rank", "abc"], "sdtune: error: model.lora.rank: Expected a <class 'int'>. Got value: abc"),
+        (["--model.lora.rnk", "3"], "sdtune: error: model: unrecognized arguments: --lora.rnk=3"),
+        (["--data.batch_size", "1.5"], "sdtune: error: data.batch_size: Expected a <class 'int'>. Got value: 1.5"),
+    ],
+)
+def test_wrong_config_values_are_one_line(flags, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "tiny/lora", "--model.pretrained", "m", "--data.root", "d", *flags, "--print_config"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(expected)
