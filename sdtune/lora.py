@@ -1,28 +1,36 @@
-"""LoRA on the UNet through peft's diffusers integration, and saving it in the diffusers format.
+"""LoRA (and DoRA) adapters on the UNet and the CLIP text encoder through peft, saved in the diffusers format.
 
-`unet.add_adapter(LoraConfig)` names parameters the way diffusers expects, so the saved file loads with
-`StableDiffusionPipeline.load_lora_weights`. The adapter's peft config (rank, alpha, targets) is stored in the
-file's metadata, which is how alpha ≠ rank survives the round trip.
+`model.add_adapter(LoraConfig)` names parameters the way diffusers expects, so the saved file loads with
+`StableDiffusionPipeline.load_lora_weights`. Each adapter's peft config (rank, alpha, per-layer ranks, DoRA) is
+stored in the file's metadata, which is how alpha ≠ rank and conv ranks survive the round trip.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from sdtune.errors import SdtuneError
 
 ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
+# peft `init_lora_weights` schemes that start with B = 0 and leave the base weights untouched.
+INITS = {"gaussian": "gaussian", "kaiming": True}
+# Schemes that rewrite the base weights: an adapter trained that way is wrong on any other copy of the base model.
+BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "eva", "corda")
 
 
 @dataclass
-class LoraSettings:
-    """LoRA adapter shape. The update added to a weight W is (alpha / rank) · B·A with A: rank×in, B: out×rank."""
+class LoraShape:
+    """What every adapter has: W' = W + (alpha / rank) · B·A, with A: rank×in and B: out×rank."""
+
+    key: ClassVar[str] = "model.lora"  # config key named in error messages
+    example: ClassVar[str] = "to_q"  # a valid target module, for error messages
 
     rank: int = 16
     """Inner dimension of the low-rank update; larger learns more and costs more memory."""
@@ -30,59 +38,146 @@ class LoraSettings:
     """Scale numerator: the update is multiplied by alpha / rank (alpha = rank gives scale 1)."""
     dropout: float = 0.0
     """Dropout on the LoRA branch input during training."""
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """UNet module names (or name suffixes) that get an adapter; the default is every attention projection."""
+    use_dora: bool = False
+    """DoRA (Liu et al., 2024): also learn a per-output-channel magnitude; slower per step, often better at low rank."""
+    init: str = "gaussian"
+    """Initialisation of A (B starts at zero either way): gaussian or kaiming (peft's default)."""
+    target_modules: list[str] = field(default_factory=list)
+    """Module names (or name suffixes) that get an adapter."""
 
     def __post_init__(self) -> None:
         if self.rank < 1:
-            raise SdtuneError(f"model.lora.rank must be ≥ 1, got {self.rank}")
+            raise SdtuneError(f"{self.key}.rank must be ≥ 1, got {self.rank}")
         if self.alpha <= 0:
-            raise SdtuneError(f"model.lora.alpha must be > 0, got {self.alpha}")
+            raise SdtuneError(f"{self.key}.alpha must be > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1:
-            raise SdtuneError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+            raise SdtuneError(f"{self.key}.dropout must be in [0, 1), got {self.dropout}")
+        if self.init.lower() in BASE_REWRITING_INITS:
+            raise SdtuneError(
+                f"{self.key}.init={self.init} rewrites the base weights, so the exported adapter would be wrong on "
+                "the real base model; use gaussian or kaiming"
+            )
+        if self.init not in INITS:
+            raise SdtuneError(f"{self.key}.init must be one of {', '.join(INITS)}, got '{self.init}'")
         if not self.target_modules:
-            raise SdtuneError("model.lora.target_modules is empty; name at least one UNet module (e.g. to_q)")
+            raise SdtuneError(f"{self.key}.target_modules is empty; name at least one module (e.g. {self.example})")
 
-
-def add_unet_lora(unet: UNet2DConditionModel, settings: LoraSettings) -> None:
-    """Freeze the UNet and attach a trainable LoRA adapter named "default"; its B starts at zero (no-op at step 0)."""
-    names = [name for name, _ in unet.named_modules()]
-    missing = [t for t in settings.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
-    if missing:
-        raise SdtuneError(f"model.lora.target_modules: no UNet module named {', '.join(missing)} (e.g. to_q, to_k, to_v, to_out.0, proj_in, ff.net.2)")
-    unet.requires_grad_(False)
-    unet.add_adapter(
-        LoraConfig(
-            r=settings.rank,
-            lora_alpha=settings.alpha,
-            lora_dropout=settings.dropout,
-            init_lora_weights="gaussian",
-            target_modules=list(settings.target_modules),
+    def peft_config(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            use_dora=self.use_dora,
+            init_lora_weights=INITS[self.init],
+            target_modules=list(self.target_modules),
         )
-    )
+
+
+@dataclass
+class LoraSettings(LoraShape):
+    """The UNet adapter. Attention projections by default; `conv_rank` > 0 adds the ResNet convs (LoCon)."""
+
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """UNet module names (or name suffixes) that get an adapter; the default is every attention projection."""
+    conv_rank: int = 0
+    """Rank of adapters on `conv_target_modules`; 0 leaves the convolutions alone."""
+    conv_alpha: float | None = None
+    """Alpha of the conv adapters; null means equal to conv_rank (scale 1)."""
+    conv_target_modules: list[str] = field(default_factory=lambda: ["conv1", "conv2", "conv_shortcut", "conv"])
+    """Convolutions that get an adapter when conv_rank > 0: ResNet convs, shortcuts, down/upsamplers."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.conv_rank < 0:
+            raise SdtuneError(f"{self.key}.conv_rank must be ≥ 0, got {self.conv_rank}")
+        if self.conv_alpha is not None and self.conv_alpha <= 0:
+            raise SdtuneError(f"{self.key}.conv_alpha must be > 0 or null, got {self.conv_alpha}")
+
+    def peft_config(self) -> LoraConfig:
+        config = super().peft_config()
+        if self.conv_rank:
+            config.target_modules = sorted(set(self.target_modules) | set(self.conv_target_modules))
+            alpha = self.conv_alpha if self.conv_alpha is not None else float(self.conv_rank)
+            config.rank_pattern = {name: self.conv_rank for name in self.conv_target_modules}
+            config.alpha_pattern = {name: alpha for name in self.conv_target_modules}
+        return config
+
+    def all_targets(self) -> list[str]:
+        return list(self.target_modules) + (list(self.conv_target_modules) if self.conv_rank else [])
+
+
+@dataclass
+class TextEncoderLora(LoraShape):
+    """The CLIP text-encoder adapter, trained with its own learning rate (text encoders overfit fast)."""
+
+    key: ClassVar[str] = "model.text_encoder_lora"
+    example: ClassVar[str] = "q_proj"
+
+    rank: int = 8
+    alpha: float = 8.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    """Text-encoder module names that get an adapter; the default is every attention projection."""
+    lr: float | None = None
+    """Learning rate of the text-encoder adapter; null uses the optimizer's lr. kohya users often take lr / 2."""
+
+    def all_targets(self) -> list[str]:
+        return list(self.target_modules)
+
+
+def add_lora(model: torch.nn.Module, settings: LoraShape) -> None:
+    """Freeze `model` and attach a trainable adapter named "default"; its B starts at zero (no-op at step 0)."""
+    names = [name for name, _ in model.named_modules()]
+    targets = settings.all_targets()
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise SdtuneError(
+            f"{settings.key}.target_modules: no module named {', '.join(missing)} in {type(model).__name__}"
+            f" (e.g. {settings.example})"
+        )
+    model.requires_grad_(False)
+    model.add_adapter(settings.peft_config())
     # peft leaves the new parameters in the base dtype; under mixed precision they must train in fp32.
-    for param in unet.parameters():
+    for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
 
 
-def unet_lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    """The adapter's tensors in peft naming (`…to_q.lora_A.weight`), without the "unet." prefix.
+def add_unet_lora(unet: torch.nn.Module, settings: LoraSettings) -> None:
+    add_lora(unet, settings)
+
+
+def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors in peft naming (`…to_q.lora_A.weight`), without a model prefix.
 
     Not diffusers' older `lora.down`/`lora.up` naming: with both attention and conv targets, diffusers 0.42 loads
     only the conv half of such a file (tests/test_adapter_export.py catches it).
     """
-    return get_peft_model_state_dict(unet)
+    return get_peft_model_state_dict(model)
 
 
-def save_diffusers_adapter(unet: UNet2DConditionModel, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+def save_diffusers_adapter(
+    unet: torch.nn.Module,
+    out_dir: str | Path,
+    text_encoder: torch.nn.Module | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Write `out_dir/pytorch_lora_weights.safetensors`, loadable by `pipeline.load_lora_weights(out_dir)`."""
+
+    def layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", dtype).contiguous() for k, v in lora_state_dict(model).items()}
+
     out_dir = Path(out_dir)
-    layers = {k: v.detach().to("cpu", dtype).contiguous() for k, v in unet_lora_state_dict(unet).items()}
+    extra = {}
+    if text_encoder is not None:
+        extra = {
+            "text_encoder_lora_layers": layers(text_encoder),
+            "text_encoder_lora_adapter_metadata": text_encoder.peft_config["default"].to_dict(),
+        }
     StableDiffusionPipeline.save_lora_weights(
         save_directory=out_dir,
-        unet_lora_layers=layers,
+        unet_lora_layers=layers(unet),
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
         weight_name=ADAPTER_WEIGHTS,
+        **extra,
     )
     return out_dir / ADAPTER_WEIGHTS

@@ -7,7 +7,6 @@ No Lightning here; the LightningModule only wires these together. Conventions fo
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -62,9 +61,41 @@ def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str
     return torch.where(denominator == 0, torch.ones_like(weights), weights)
 
 
-def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """MSE in fp32; with per-sample `weights`, each sample's mean error is weighted before the batch mean."""
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=list(range(1, prediction.ndim)))
+LOSS_TYPES = ("mse", "huber", "smooth_l1")
+
+
+def elementwise_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str = "mse", huber_c: float = 0.1):
+    """Per-element loss in fp32. Huber and smooth-L1 are the pseudo-Huber forms kohya sd-scripts uses
+    (Khrapov et al., 2024): ≈ r² for |r| ≪ c, linear beyond, so outlier pixels pull less than under MSE.
+    """
+    residual_sq = (prediction.float() - target.float()) ** 2
+    if kind == "mse":
+        return residual_sq
+    pseudo = torch.sqrt(residual_sq + huber_c**2) - huber_c
+    if kind == "huber":
+        return 2 * huber_c * pseudo
+    if kind == "smooth_l1":
+        return 2 * pseudo
+    raise ValueError(f"loss must be one of {LOSS_TYPES}, got '{kind}'")
+
+
+def diffusion_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    kind: str = "mse",
+    huber_c: float = 0.1,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean loss in fp32. `weights` scale each sample's loss before the batch mean; a `mask` (B×1×h×w in [0, 1],
+    at latent size) makes each sample's loss the mask-weighted mean, so a small subject is not a small loss."""
+    elementwise = elementwise_loss(prediction, target, kind, huber_c)
+    dims = list(range(1, prediction.ndim))
+    if mask is None:
+        per_sample = elementwise.mean(dim=dims)
+    else:
+        mask = mask.float().expand_as(elementwise)
+        per_sample = (elementwise * mask).sum(dim=dims) / mask.sum(dim=dims).clamp_min(1e-8)
     if weights is not None:
         per_sample = per_sample * weights.float()
     return per_sample.mean()

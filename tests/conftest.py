@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests never reach the network; a hub id must fail fast instead of retrying.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# The tiny models are too small to gain from intra-op threads; on 2 shared cores the second thread only contends.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -8,28 +8,20 @@ import lightning as L
 import pytest
 import torch
 
-from sdtune.data import CaptionDataModule
 from sdtune.errors import SdtuneError
 from sdtune.finetune import LoRAFineTune, LRSchedule
 from sdtune.lora import LoraSettings, add_unet_lora
+from training import fit
+from training import make_data as small_data
+
+
+def make_data(root, tiny_model_dir, batch_size=2):
+    return small_data(root, tiny_model_dir, batch_size, resolution=64)
 
 
 def make_model(tiny_model_dir, lr=1e-3, **lora):
     settings = LoraSettings(**{"rank": 4, "alpha": 8.0, **lora})
     return LoRAFineTune(str(tiny_model_dir), lora=settings, optimizer=partial(torch.optim.AdamW, lr=lr))
-
-
-def make_data(root, tiny_model_dir, batch_size=2):
-    return CaptionDataModule(str(root), resolution=64, batch_size=batch_size, center_crop=True, pretrained=str(tiny_model_dir))
-
-
-def fit(model, data, steps, tmp_path, ckpt_path=None, **trainer):
-    options = dict(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
-    options.update(trainer)
-    trainer = L.Trainer(**options)
-    trainer.fit(model, data, ckpt_path=ckpt_path)
-    return trainer
 
 
 def test_only_lora_trains_and_frozen_weights_do_not_change(tiny_model_dir, shapes_dir, tmp_path):
@@ -125,7 +117,7 @@ def test_bad_settings_are_one_line_errors(tiny_model_dir):
         LoraSettings(rank=0)
     with pytest.raises(SdtuneError, match="warmup_steps"):
         LRSchedule(warmup_steps=-1)
-    with pytest.raises(SdtuneError, match="no UNet module named nonexistent"):
+    with pytest.raises(SdtuneError, match="no module named nonexistent in UNet2DConditionModel"):
         make_model(tiny_model_dir, target_modules=["to_q", "nonexistent"])
 
 

@@ -67,8 +67,10 @@ def _offline_hint() -> str:
 
 
 def _load(cls, pretrained: str, subfolder: str, **kwargs):
+    """`cls.from_pretrained` (or `cls` itself when it is a loading function) with one-line errors."""
+    load = cls.from_pretrained if hasattr(cls, "from_pretrained") else cls
     try:
-        return cls.from_pretrained(pretrained, subfolder=subfolder, **kwargs)
+        return load(pretrained, subfolder=subfolder, **kwargs)
     except (OSError, ValueError, EnvironmentError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SdtuneError(f"model.pretrained '{pretrained}': {subfolder}/ could not be loaded{_offline_hint()}: {first_line}") from err
@@ -88,16 +90,31 @@ def load_tokenizer(pretrained: str, revision: str | None = None) -> CLIPTokenize
 
 
 def load_stable_diffusion(
-    pretrained: str, revision: str | None = None, variant: str | None = None
+    pretrained: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    unet_dtype: torch.dtype | None = None,
 ) -> StableDiffusionParts:
-    """Load VAE, text encoder, tokenizer, UNet (all fp32) and the DDPM training scheduler."""
+    """Load VAE and text encoder in `dtype`, the UNet in `unet_dtype` (default `dtype`), the tokenizer and the DDPM
+    training scheduler. Loading in the target dtype avoids a float32 copy of every weight on the way."""
     source = _resolve(pretrained)
-    weights = dict(revision=revision, variant=variant, torch_dtype=torch.float32)
+    weights = dict(revision=revision, variant=variant, torch_dtype=dtype)
     return StableDiffusionParts(
         vae=_load(AutoencoderKL, source, "vae", **weights),
         text_encoder=_load(CLIPTextModel, source, "text_encoder", **weights),
         tokenizer=load_tokenizer(source, revision=revision),
-        unet=_load(UNet2DConditionModel, source, "unet", **weights),
+        unet=_load(UNet2DConditionModel, source, "unet", **{**weights, "torch_dtype": unet_dtype or dtype}),
         # Training always uses DDPM noising with the checkpoint's betas and prediction type.
         noise_scheduler=_load(DDPMScheduler, source, "scheduler", revision=revision),
     )
+
+
+def load_inference_scheduler(pretrained: str, revision: str | None = None):
+    """The scheduler class the checkpoint ships for sampling (PNDM for SD1.5), as named in its config."""
+    import diffusers
+
+    source = _resolve(pretrained)
+    config = _load(DDPMScheduler.load_config, source, "scheduler", revision=revision)
+    scheduler_class = getattr(diffusers, config.get("_class_name") or "DDPMScheduler", DDPMScheduler)
+    return _load(scheduler_class, source, "scheduler", revision=revision)

@@ -1,0 +1,263 @@
+"""What every Stable Diffusion fine-tune shares: frozen VAE and text encoder, the diffusion loss, optimizer and
+LR schedule, reproducible randomness and lean checkpoints. Subclasses decide what trains and what gets saved.
+
+All random draws of a step (latent sampling, noise, timesteps) come from a generator this module owns and
+checkpoints, so a run is reproducible from its seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
+from lightning.pytorch.cli import OptimizerCallable
+
+from sdtune import losses
+from sdtune.errors import SdtuneError
+from sdtune.finetune.objective import Objective
+from sdtune.models import load_stable_diffusion
+from sdtune.models.clip import encode_text
+
+SCHEDULES_NEEDING_LENGTH = ("cosine", "cosine_with_restarts", "linear", "polynomial")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LRSchedule:
+    """Learning-rate schedule, stepped every optimizer step (diffusers' `get_scheduler`)."""
+
+    name: Literal["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"] = (
+        "constant_with_warmup"
+    )
+    """Shape after warmup; cosine/linear/polynomial decay to zero at the run's last step (needs trainer.max_steps)."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 over this many optimizer steps."""
+    num_cycles: int = 1
+    """Hard restarts for cosine_with_restarts."""
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise SdtuneError(f"model.lr_schedule.warmup_steps must be ≥ 0, got {self.warmup_steps}")
+        if self.num_cycles < 1:
+            raise SdtuneError(f"model.lr_schedule.num_cycles must be ≥ 1, got {self.num_cycles}")
+
+
+def _as(cls, value):
+    return cls(**value) if isinstance(value, dict) else value
+
+
+class DiffusionFineTune(L.LightningModule):
+    """Base of the fine-tuning modules: the UNet learns to predict the noise (or v) added to VAE latents.
+
+    Args:
+        pretrained: Diffusers model directory or Hugging Face Hub id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5.
+        revision: Hub revision (branch, tag or commit) of `pretrained`.
+        variant: Weight file variant of `pretrained`, e.g. "fp16".
+        optimizer: Optimizer (class_path + init_args): torch.optim.AdamW, bitsandbytes.optim.AdamW8bit,
+            prodigyopt.Prodigy, transformers.optimization.Adafactor, …
+        lr_schedule: Step-wise learning-rate schedule with warmup.
+        objective: Prediction type, loss, timestep range, noise offset, input perturbation, min-SNR-γ.
+        clip_skip: Use the text encoder's k-th hidden state from the end (1 = last layer, 2 for anime-style models).
+        weight_dtype: Dtype of the frozen weights (VAE, text encoder, LoRA base UNet); trainable ones stay float32.
+        gradient_checkpointing: Recompute UNet activations in the backward pass: less memory, ~30 % slower.
+        noise_seed: Seed of the generator for latents, noise and timesteps; null takes seed_everything's value.
+    """
+
+    output_dirname = "adapter"  # where SaveAdapter writes `save_weights` output inside the run directory
+    mismatch_hint = "was it written by another kind of run?"  # ends the error when a checkpoint does not fit
+
+    def __init__(
+        self,
+        pretrained: str,
+        revision: str | None = None,
+        variant: str | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_schedule: LRSchedule = LRSchedule(),
+        objective: Objective = Objective(),
+        clip_skip: int = 1,
+        weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        gradient_checkpointing: bool = False,
+        noise_seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.lr_schedule = _as(LRSchedule, lr_schedule)
+        self.objective = _as(Objective, objective)
+        if clip_skip < 1:
+            raise SdtuneError(f"model.clip_skip must be ≥ 1, got {clip_skip}")
+        if weight_dtype not in DTYPES:
+            raise SdtuneError(f"model.weight_dtype must be one of {', '.join(DTYPES)}, got '{weight_dtype}'")
+        self._hparams_common = {
+            "pretrained": pretrained, "revision": revision, "variant": variant, "lr_schedule": self.lr_schedule,
+            "objective": self.objective, "clip_skip": clip_skip, "weight_dtype": weight_dtype,
+            "gradient_checkpointing": gradient_checkpointing, "noise_seed": noise_seed,
+        }
+        self.pretrained, self.revision = pretrained, revision
+        self.optimizer_factory = optimizer
+        self.clip_skip = clip_skip
+        self.weight_dtype = DTYPES[weight_dtype]
+        self.noise_seed = noise_seed
+        # Only trainable weights are saved; the frozen base is reloaded from `pretrained`.
+        self.strict_loading = False
+
+        parts = load_stable_diffusion(
+            pretrained, revision=revision, variant=variant, dtype=self.weight_dtype, unet_dtype=self.unet_dtype
+        )
+        self.vae, self.text_encoder, self.unet = parts.vae, parts.text_encoder, parts.unet
+        self.tokenizer = parts.tokenizer
+        self.noise_scheduler = parts.noise_scheduler
+        for frozen in (self.vae, self.text_encoder, self.unet):
+            frozen.requires_grad_(False)
+        self.vae.eval()
+        self.text_encoder.eval()
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
+        self.objective.timestep_range(self.num_train_timesteps)  # fail now, not at step 1
+        self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
+        self.prediction_type = self.objective.prediction_type or self.noise_scheduler.config.prediction_type
+        self._generator: torch.Generator | None = None
+        self._pending_generator_state: torch.Tensor | None = None
+
+    @property
+    def unet_dtype(self) -> torch.dtype:
+        """Dtype the UNet is loaded in: frozen-weight dtype by default; full fine-tunes override it."""
+        return self.weight_dtype
+
+    def _record_hparams(self, **own: Any) -> None:
+        """Save plain types only, so checkpoints load with torch.load(weights_only=True); `_class_path` lets
+        LightningCLI read them back from `--ckpt_path`."""
+        values = {**self._hparams_common, **own}
+        plain = {k: asdict(v) if is_dataclass(v) else v for k, v in values.items()}
+        self.save_hyperparameters({"_class_path": f"{type(self).__module__}.{type(self).__qualname__}", **plain})
+
+    @property
+    def text_encoder_trains(self) -> bool:
+        return any(p.requires_grad for p in self.text_encoder.parameters())
+
+    # --- forward ---------------------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> DiffusionFineTune:
+        """Lightning switches the whole module to train mode; the frozen encoders stay in eval."""
+        super().train(mode)
+        self.vae.eval()
+        self.text_encoder.train(mode and self.text_encoder_trains)
+        return self
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Pixels in [-1, 1] → scaled VAE latents (a sample of the posterior, as SD was trained)."""
+        posterior = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
+        latents = posterior.sample(generator=generator)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    def encode_prompts(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B×L or B×chunks×L) → text embeddings; with gradients only when the text encoder trains."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_encoder_trains):
+            return encode_text(self.text_encoder, input_ids, self.clip_skip)
+
+    def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        latents = self.encode_images(batch["pixel_values"], generator).float()
+        text = self.encode_prompts(batch["input_ids"])
+        noise, input_noise, timesteps = self.objective.draw(latents, self.num_train_timesteps, generator)
+        noisy = losses.add_noise(self.alphas_cumprod, latents, input_noise, timesteps)
+        prediction = self.unet(noisy.to(self.unet.dtype), timesteps, text.to(self.unet.dtype)).sample
+        target = losses.training_target(self.prediction_type, self.alphas_cumprod, latents, noise, timesteps)
+        weights = None
+        if self.objective.min_snr_gamma is not None:
+            snr = losses.snr(self.alphas_cumprod, timesteps)
+            weights = losses.min_snr_weights(snr, self.objective.min_snr_gamma, self.prediction_type)
+        mask = batch.get("mask")
+        if mask is not None:  # pixel-resolution weights → latent cells (area average)
+            mask = F.interpolate(mask.float(), size=latents.shape[-2:], mode="area")
+        return losses.diffusion_loss(prediction, target, weights, self.objective.loss, self.objective.huber_c, mask)
+
+    # --- training hooks --------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        self._make_generator(self.trainer.strategy.root_device)
+
+    def on_fit_start(self) -> None:
+        # from_pretrained returns modules in eval mode and Lightning keeps the mode it finds; LoRA dropout (and any
+        # dropout in the UNet) needs train mode. `train` keeps the frozen encoders in eval.
+        self.train()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(batch, self._rng())
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["pixel_values"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        # Fixed noise and timesteps per batch, so validation curves compare like with like.
+        generator = torch.Generator(self.device).manual_seed(1_000_003 + batch_idx)
+        loss = self.diffusion_loss(batch, generator)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["pixel_values"].shape[0])
+        return loss
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; a group's own "lr" overrides the optimizer's. "name" labels the LR logs."""
+        return [{"name": "unet", "params": [p for p in self.unet.parameters() if p.requires_grad]}]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = [group for group in self.parameter_groups() if group["params"]]
+        optimizer = self.optimizer_factory(groups)
+        total = self.trainer.estimated_stepping_batches
+        if self.lr_schedule.name in SCHEDULES_NEEDING_LENGTH and not math.isfinite(total):
+            raise SdtuneError(f"model.lr_schedule.name={self.lr_schedule.name} needs a run length: set trainer.max_steps")
+        # diffusers' "constant" ignores warmup; here warmup always applies and `name` is the shape after it.
+        name = "constant_with_warmup" if self.lr_schedule.name == "constant" else self.lr_schedule.name
+        scheduler = get_scheduler(
+            name,
+            optimizer,
+            num_warmup_steps=self.lr_schedule.warmup_steps,
+            num_training_steps=int(total) if math.isfinite(total) else None,
+            num_cycles=self.lr_schedule.num_cycles,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- checkpoints and export ------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["sdtune"] = {"generator": self._rng().get_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("state_dict", {})
+        own = dict(self.named_parameters())
+        expected = [name for name, p in own.items() if p.requires_grad]
+        missing = [name for name in expected if name not in saved]
+        if missing:
+            raise SdtuneError(f"checkpoint has no weights for {len(missing)} trainable tensors (e.g. {missing[0]}); {self.mismatch_hint}")
+        for name in expected:
+            if saved[name].shape != own[name].shape:
+                raise SdtuneError(f"checkpoint tensor {name} has shape {tuple(saved[name].shape)}, this model {tuple(own[name].shape)}: {self.mismatch_hint}")
+        state = checkpoint.get("sdtune", {}).get("generator")
+        if state is not None:
+            self._pending_generator_state = state
+            if self._generator is not None:
+                self._generator.set_state(state)
+
+    def save_weights(self, out_dir: str | Path) -> Path:
+        """Write what this run trained into `out_dir`; returns the main file or folder written."""
+        raise NotImplementedError
+
+    # --- randomness ------------------------------------------------------------------------------------------
+
+    def _make_generator(self, device: torch.device) -> None:
+        seed = self.noise_seed if self.noise_seed is not None else torch.initial_seed()
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        self._generator = torch.Generator(device).manual_seed((seed + rank) % 2**63)
+        if self._pending_generator_state is not None:
+            self._generator.set_state(self._pending_generator_state)
+
+    def _rng(self) -> torch.Generator:
+        if self._generator is None or self._generator.device.type != self.device.type:
+            self._make_generator(self.device)
+        return self._generator

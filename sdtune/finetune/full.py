@@ -1,0 +1,52 @@
+"""Full fine-tuning: every UNet weight trains (in float32); VAE and text encoder stay frozen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from sdtune.finetune.base import DiffusionFineTune
+from sdtune.models.pretrained import load_inference_scheduler
+
+
+class FullFineTune(DiffusionFineTune):
+    """Stable Diffusion with the whole UNet trainable. Saves a complete diffusers pipeline folder (`model/`) that
+    `StableDiffusionPipeline.from_pretrained` loads, with the checkpoint's own inference scheduler.
+
+    Args:
+        pretrained: Diffusers model directory or Hugging Face Hub id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5.
+        **kwargs: The options every fine-tune shares (pretrained, optimizer, lr_schedule, objective, …).
+    """
+
+    output_dirname = "model"
+    mismatch_hint = "it was not written by a full fine-tune of this model"
+
+    def __init__(self, pretrained: str, **kwargs: Any) -> None:
+        super().__init__(pretrained=pretrained, **kwargs)
+        self._record_hparams()
+        self.unet.requires_grad_(True)
+
+    @property
+    def unet_dtype(self) -> torch.dtype:
+        # Master weights in float32 whatever weight_dtype says: bf16/fp16 updates of 1e-5 would round away.
+        return torch.float32
+
+    def save_weights(self, out_dir: str | Path) -> Path:
+        scheduler = load_inference_scheduler(self.pretrained, self.revision)
+        if self.objective.prediction_type is not None:
+            scheduler.register_to_config(prediction_type=self.prediction_type)
+        pipeline = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipeline.save_pretrained(out_dir)
+        return Path(out_dir)

@@ -1,0 +1,74 @@
+"""What the UNet is trained on: the noise, the timesteps and the loss, as one typed config (`model.objective`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from sdtune.errors import SdtuneError
+from sdtune.losses import LOSS_TYPES
+
+
+@dataclass
+class Objective:
+    """Noise-prediction objective and its common modifications (each off by default)."""
+
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    """Override the scheduler's prediction type (e.g. v_prediction to turn an ε model into a v model); null keeps it."""
+    loss: Literal["mse", "huber", "smooth_l1"] = "mse"
+    """mse, or the pseudo-Huber losses (robust to outliers): huber = 2c(√(r²+c²) − c), smooth_l1 = that / c."""
+    huber_c: float = 0.1
+    """Huber transition point c: below it the loss is quadratic, above it linear."""
+    min_snr_gamma: float | None = None
+    """Min-SNR-γ loss weighting (5 is the paper's value); null turns it off."""
+    noise_offset: float = 0.0
+    """Add offset·N(0, 1) per sample and channel to the noise so the model can learn very dark/bright images (0.05–0.1)."""
+    input_perturbation: float = 0.0
+    """Perturb the noise fed to the UNet by this·N(0, 1) while the target stays the clean noise (Ning et al., 0.1)."""
+    min_timestep: int = 0
+    """Lowest timestep sampled (inclusive)."""
+    max_timestep: int | None = None
+    """Highest timestep sampled (exclusive); null means the scheduler's num_train_timesteps (1000)."""
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSS_TYPES:
+            raise SdtuneError(f"model.objective.loss must be one of {', '.join(LOSS_TYPES)}, got '{self.loss}'")
+        if self.huber_c <= 0:
+            raise SdtuneError(f"model.objective.huber_c must be > 0, got {self.huber_c}")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise SdtuneError(f"model.objective.min_snr_gamma must be > 0 or null, got {self.min_snr_gamma}")
+        for name in ("noise_offset", "input_perturbation"):
+            if getattr(self, name) < 0:
+                raise SdtuneError(f"model.objective.{name} must be ≥ 0, got {getattr(self, name)}")
+        if self.min_timestep < 0:
+            raise SdtuneError(f"model.objective.min_timestep must be ≥ 0, got {self.min_timestep}")
+
+    def timestep_range(self, num_train_timesteps: int) -> tuple[int, int]:
+        high = num_train_timesteps if self.max_timestep is None else self.max_timestep
+        if not self.min_timestep < high <= num_train_timesteps:
+            raise SdtuneError(
+                f"model.objective: need 0 ≤ min_timestep < max_timestep ≤ {num_train_timesteps}, "
+                f"got {self.min_timestep} and {high}"
+            )
+        return self.min_timestep, high
+
+    def draw(
+        self, latents: torch.Tensor, num_train_timesteps: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noise the target is built from, noise mixed into the UNet input, timesteps).
+
+        The base draws come first and in a fixed order, so switching an option on leaves them unchanged.
+        """
+        batch, channels = latents.shape[:2]
+        options = dict(generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = torch.randn(latents.shape, **options)
+        low, high = self.timestep_range(num_train_timesteps)
+        timesteps = torch.randint(low, high, (batch,), generator=generator, device=latents.device)
+        if self.noise_offset:
+            noise = noise + self.noise_offset * torch.randn((batch, channels, 1, 1), **options)
+        input_noise = noise
+        if self.input_perturbation:
+            input_noise = noise + self.input_perturbation * torch.randn(latents.shape, **options)
+        return noise, input_noise, timesteps

@@ -1,0 +1,24 @@
+"""Helpers the training tests share: a small data module on the generated shapes and a quiet CPU Trainer."""
+
+import lightning as L
+
+from sdtune.data import CaptionDataModule
+
+
+def make_data(root, tiny_model_dir, batch_size=2, resolution=32):
+    return CaptionDataModule(
+        str(root), resolution=resolution, batch_size=batch_size, center_crop=True, pretrained=str(tiny_model_dir)
+    )
+
+
+def fit(model, data, steps, tmp_path, ckpt_path=None, **trainer):
+    options = dict(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    options.update(trainer)
+    trainer = L.Trainer(**options)
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return trainer
+
+
+def trainable(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
