@@ -1,5 +1,8 @@
-"""Captioned image data: record discovery, PIL+torch transforms, and the Lightning DataModule."""
+"""Captioned image data: record discovery, subsets, caption augmentation, transforms and the DataModule."""
 
-from sdtune.data.datamodule import CaptionDataModule, CaptionDataset, EpochSampler
+from sdtune.data.captions import process_caption
+from sdtune.data.datamodule import CaptionDataModule
+from sdtune.data.dataset import CaptionDataset, EpochSampler
+from sdtune.data.subsets import Subset
 
-__all__ = ["CaptionDataModule", "CaptionDataset", "EpochSampler"]
+__all__ = ["CaptionDataModule", "CaptionDataset", "EpochSampler", "Subset", "process_caption"]

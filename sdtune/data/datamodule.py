@@ -1,127 +1,27 @@
-"""Captioned images as Lightning batches, reproducible down to each crop, flip and dropped caption.
+"""The Lightning DataModule: finds the images once, splits off validation, and builds reproducible loaders.
 
-Every random choice for a sample comes from a generator seeded by (seed, epoch, index). The sampler hands the
-epoch to the dataset inside each key, so results do not depend on the number of workers, on persistent workers
-keeping a stale copy of the dataset, or on which worker happens to load which sample.
+Samples, the sampler and the collate function live in `sdtune.data.dataset` (re-exported here).
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning as L
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
 
-from sdtune.data.records import Record, discover_records
-from sdtune.data.transforms import load_rgb, preprocess
+from sdtune.data.captions import with_prefix
+from sdtune.data.dataset import UNREADABLE, CaptionDataset, EpochSampler, collate, derive_seed, first_line
+from sdtune.data.records import Record
+from sdtune.data.subsets import Subset, check_subsets, load_subsets
+from sdtune.data.transforms import has_alpha
 from sdtune.errors import SdtuneError
 from sdtune.models.pretrained import load_tokenizer
+from sdtune.text import chunk_count, text_token_ids
 
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from several values; hashing avoids (seed=1, epoch=0) colliding with (seed=0, epoch=1)."""
-    # int() so numpy or tensor indices hash like plain ints.
-    canonical = tuple(part if isinstance(part, str) else int(part) for part in parts)
-    digest = hashlib.blake2b(repr(canonical).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-class EpochSampler(Sampler[tuple[int, int]]):
-    """Yields `(epoch, index)`; the order is a pure function of (seed, epoch). Lightning calls `set_epoch`."""
-
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True) -> None:
-        self.num_samples = num_samples
-        self.seed = seed
-        self.shuffle = shuffle
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-            order = torch.randperm(self.num_samples, generator=generator).tolist()
-        else:
-            order = range(self.num_samples)
-        return iter([(self.epoch, index) for index in order])
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-class CaptionDataset(Dataset):
-    """Records -> dicts of pixel values, token ids and the caption actually used."""
-
-    def __init__(
-        self,
-        records: Sequence[Record],
-        tokenizer: Any,
-        resolution: int,
-        center_crop: bool = False,
-        random_flip: bool = False,
-        caption_dropout: float = 0.0,
-        seed: int = 0,
-    ) -> None:
-        self.records = list(records)
-        self.tokenizer = tokenizer
-        self.resolution = resolution
-        self.center_crop = center_crop
-        self.random_flip = random_flip
-        self.caption_dropout = caption_dropout
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def tokenize(self, caption: str) -> torch.Tensor:
-        """Pad to the tokenizer's own length: SD1/2 use 77, but nothing here may assume it."""
-        return self.tokenizer(
-            caption,
-            padding="max_length",
-            truncation=True,
-            max_length=self.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids[0]
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
-        record = self.records[index]
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, index))
-        # Drawn unconditionally and before the crop, so switching one augmentation off leaves the others unchanged.
-        drop_draw, flip_draw = torch.rand(2, generator=generator).tolist()
-        caption = "" if drop_draw < self.caption_dropout else record.caption
-        try:
-            image = load_rgb(record.open())
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise SdtuneError(f"image '{record.path}' could not be read ({reason}); fix or remove it") from err
-        pixel_values = preprocess(
-            image,
-            self.resolution,
-            center_crop=self.center_crop,
-            flip=self.random_flip and flip_draw < 0.5,
-            generator=generator,
-        )
-        return {
-            "pixel_values": pixel_values,
-            "input_ids": self.tokenize(caption),
-            "caption": caption,
-            "path": record.path,
-        }
-
-
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors; keep strings (captions, paths) as lists for logging and sample callbacks."""
-    batch: dict[str, Any] = {}
-    for key, first in samples[0].items():
-        values = [sample[key] for sample in samples]
-        batch[key] = torch.stack(values) if isinstance(first, torch.Tensor) else values
-    return batch
+__all__ = ["CaptionDataModule", "CaptionDataset", "EpochSampler", "collate", "derive_seed"]
 
 
 class CaptionDataModule(L.LightningDataModule):
@@ -129,12 +29,19 @@ class CaptionDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        root: str,
+        root: str | None = None,
+        subsets: list[Subset] | None = None,
         resolution: int = 512,
         batch_size: int = 1,
         center_crop: bool = False,
         random_flip: bool = False,
         caption_dropout: float = 0.0,
+        shuffle_tags: bool = False,
+        keep_tokens: int = 0,
+        tag_dropout: float = 0.0,
+        max_token_length: int = 75,
+        mask_dir: str | None = None,
+        alpha_mask: bool = False,
         num_workers: int = 0,
         pretrained: str | None = None,
         revision: str | None = None,
@@ -145,53 +52,87 @@ class CaptionDataModule(L.LightningDataModule):
         """
         Args:
             root: Training images: an imagefolder with metadata.jsonl/metadata.csv, images with .txt/.caption
-                sidecars, or a `datasets.save_to_disk` folder.
+                sidecars, a `datasets.save_to_disk` folder, or a kohya parent whose only contents are
+                `<repeats>_<class words>` folders (e.g. `10_sks dog`). Give this or `subsets`, not both.
+            subsets: Several folders, each `{root, repeats, prefix, default_caption}`: e.g. a few instance images
+                with repeats 10 and prefix "sks" next to regularisation images with repeats 1.
             resolution: Side of the square training crop, in pixels (the shorter side is resized to it first).
             batch_size: Images per batch on each device.
             center_crop: Crop the middle instead of a random square.
             random_flip: Mirror half of the images horizontally (avoid for text or asymmetric subjects).
             caption_dropout: Fraction of captions replaced by "" so the model also learns the unconditional case
                 that classifier-free guidance needs.
+            shuffle_tags: Treat captions as comma-separated tags and shuffle them for every sample, so no concept
+                is tied to a position (for booru-style tag captions, not sentences).
+            keep_tokens: The first N tags of each caption stay in place and are never dropped (kohya semantics;
+                a subset's prefix is in front of them and always kept).
+            tag_dropout: Drop each other tag with this probability, so the model learns to fill in unprompted
+                details.
+            max_token_length: Caption tokens the text encoder sees: 75 (one CLIP window) or a multiple, split
+                into 75-token windows that are encoded separately and concatenated (AUTOMATIC1111-style).
+            mask_dir: Loss-weight masks mirroring the image folders (same relative path, any image suffix);
+                white trains fully, black not at all. Images without a mask train with full weight.
+            alpha_mask: Use each image's alpha channel as its loss mask (opaque trains fully).
             num_workers: DataLoader worker processes; 0 loads in the training process.
             pretrained: Model whose tokenizer encodes the captions (the CLI links it from --model.pretrained).
             revision: Hub revision of `pretrained`.
             val_root: Held-out images for validation, in any layout `root` accepts.
-            val_fraction: Without val_root (which takes precedence), hold out this fraction of root for
+            val_fraction: Without val_root (which takes precedence), hold out this fraction of the images for
                 validation; the split is fixed by seed.
             seed: Seed for shuffling, the validation split and every augmentation.
         """
         super().__init__()
+        if (root is None) == (subsets is None):
+            raise SdtuneError("pass exactly one of data.root and data.subsets" + (", not both" if root else ""))
         if resolution <= 0:
             raise SdtuneError(f"data.resolution must be positive, got {resolution}")
         if batch_size < 1:
             raise SdtuneError(f"data.batch_size must be at least 1, got {batch_size}")
-        if not 0.0 <= caption_dropout <= 1.0:
-            raise SdtuneError(f"data.caption_dropout must be between 0 and 1, got {caption_dropout}")
+        for name, value in (("caption_dropout", caption_dropout), ("tag_dropout", tag_dropout)):
+            if not 0.0 <= value <= 1.0:
+                raise SdtuneError(f"data.{name} must be between 0 and 1, got {value}")
+        if keep_tokens < 0:
+            raise SdtuneError(f"data.keep_tokens must be 0 or more, got {keep_tokens}")
+        if mask_dir is not None and alpha_mask:
+            raise SdtuneError("data.mask_dir and data.alpha_mask both set; masks come from one of them, pick one")
         if not 0.0 <= val_fraction < 1.0:
             raise SdtuneError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if num_workers < 0:
             raise SdtuneError(f"data.num_workers must be 0 or more, got {num_workers}")
         self.save_hyperparameters()
+        self.subsets = check_subsets(subsets) if subsets is not None else None
         self.root = root
         self.resolution = resolution
         self.batch_size = batch_size
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.caption_dropout = caption_dropout
+        self.shuffle_tags = shuffle_tags
+        self.keep_tokens = keep_tokens
+        self.tag_dropout = tag_dropout
+        self.max_token_length = max_token_length
+        self.mask_dir = mask_dir
+        self.alpha_mask = alpha_mask
         self.num_workers = num_workers
         self.pretrained = pretrained
         self.revision = revision
         self.val_root = val_root
         self.val_fraction = val_fraction
         self.seed = seed
+        # Samples per epoch: an image appears once per repeat of its subset. Validation has no repeats.
         self.train_records: list[Record] = []
         self.val_records: list[Record] = []
         self.tokenizer: Any = None
 
     @property
     def record_count(self) -> int:
-        """Training images found by `setup()` (0 before it runs)."""
+        """Training samples per epoch found by `setup()` (images × their subset's repeats; 0 before it runs)."""
         return len(self.train_records)
+
+    @property
+    def masks(self) -> str | None:
+        """Where `CaptionDataset` takes loss masks from: "file", "alpha", or None (no "mask" key at all)."""
+        return "alpha" if self.alpha_mask else "file" if self.mask_dir else None
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is not None:
@@ -200,27 +141,70 @@ class CaptionDataModule(L.LightningDataModule):
             raise SdtuneError(
                 "data.pretrained is not set; pass --model.pretrained (the CLI links it) or --data.pretrained PATH"
             )
-        records = discover_records(self.root, "data.root")
-        if self.val_root is not None:
-            self.train_records, self.val_records = records, discover_records(self.val_root, "data.val_root")
-        elif self.val_fraction > 0:
-            self.train_records, self.val_records = self._split(records)
+        tokenizer = load_tokenizer(self.pretrained, self.revision)
+        chunk_count(tokenizer, self.max_token_length)  # a bad length fails before anything is read
+        if self.subsets is not None:
+            settings = [f"data.subsets[{i}].root" for i in range(len(self.subsets))]
+            pairs = load_subsets(self.subsets, settings, self.mask_dir)
         else:
-            self.train_records, self.val_records = records, []
-        self.tokenizer = load_tokenizer(self.pretrained, self.revision)
+            pairs = load_subsets([Subset(str(self.root))], ["data.root"], self.mask_dir)
+        if self.val_root is not None:
+            val_pairs = load_subsets([Subset(self.val_root)], ["data.val_root"], self.mask_dir, announce=False)
+        elif self.val_fraction > 0:
+            pairs, val_pairs = self._split(pairs)
+        else:
+            val_pairs = []
+        self.train_records = [record for record, repeats in pairs for _ in range(repeats)]
+        self.val_records = [record for record, _ in val_pairs]
+        self._warn_about_long_captions(tokenizer, [record for record, _ in pairs])
+        self._warn_about_missing_masks([record for record, _ in pairs])
+        self.tokenizer = tokenizer
 
-    def _split(self, records: list[Record]) -> tuple[list[Record], list[Record]]:
-        held_out = max(1, round(len(records) * self.val_fraction))
-        if held_out >= len(records):
+    def _split(self, pairs: list[tuple[Record, int]]) -> tuple[list[tuple[Record, int]], list[tuple[Record, int]]]:
+        """Hold out whole images (never one repeat of an image that is also trained on)."""
+        held_out = max(1, round(len(pairs) * self.val_fraction))
+        if held_out >= len(pairs):
+            where = f"'{self.root}'" if self.root is not None else "data.subsets"
             raise SdtuneError(
-                f"data.val_fraction {self.val_fraction} leaves no training images out of {len(records)} in "
-                f"'{self.root}'; lower it or pass data.val_root"
+                f"data.val_fraction {self.val_fraction} leaves no training images out of {len(pairs)} in "
+                f"{where}; lower it or pass data.val_root"
             )
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "val_split"))
-        val_indices = set(torch.randperm(len(records), generator=generator)[:held_out].tolist())
-        train = [r for i, r in enumerate(records) if i not in val_indices]
-        val = [r for i, r in enumerate(records) if i in val_indices]
+        val_indices = set(torch.randperm(len(pairs), generator=generator)[:held_out].tolist())
+        train = [p for i, p in enumerate(pairs) if i not in val_indices]
+        val = [p for i, p in enumerate(pairs) if i in val_indices]
         return train, val
+
+    def _warn_about_long_captions(self, tokenizer: Any, records: list[Record]) -> None:
+        """Silent truncation is the usual reason a long caption "does nothing"; say so once, with the fix."""
+        captions = [with_prefix(record.caption, record.prefix) for record in records]
+        lengths = [len(ids) for ids in text_token_ids(tokenizer, captions)]
+        long = [(length, record) for length, record in zip(lengths, records) if length > self.max_token_length]
+        if long:
+            window = tokenizer.model_max_length - 2
+            needed = -(-max(lengths) // window) * window
+            rank_zero_warn(
+                f"{len(long)} of {len(records)} captions are longer than {self.max_token_length} tokens and will be "
+                f"truncated (first: {long[0][1].path}); raise data.max_token_length to {needed} to keep them whole"
+            )
+
+    def _warn_about_missing_masks(self, records: list[Record]) -> None:
+        """A mask folder that mirrors the wrong level matches nothing; the count makes that visible."""
+        if self.mask_dir is not None:
+            missing, what = sum(record.mask is None for record in records), f"no mask in {self.mask_dir}"
+        elif self.alpha_mask:
+            missing, what = sum(not self._has_alpha(record) for record in records), "no alpha channel"
+        else:
+            return
+        if missing:
+            rank_zero_warn(f"{missing} of {len(records)} images have {what}; they train with full weight")
+
+    @staticmethod
+    def _has_alpha(record: Record) -> bool:
+        try:
+            return has_alpha(record.open())
+        except UNREADABLE as err:
+            raise SdtuneError(f"image '{record.path}' could not be read ({first_line(err)}); fix or remove it") from err
 
     def _loader(self, dataset: CaptionDataset, shuffle: bool) -> DataLoader:
         return DataLoader(
@@ -243,13 +227,24 @@ class CaptionDataModule(L.LightningDataModule):
             random_flip=self.random_flip,
             caption_dropout=self.caption_dropout,
             seed=self.seed,
+            shuffle_tags=self.shuffle_tags,
+            keep_tokens=self.keep_tokens,
+            tag_dropout=self.tag_dropout,
+            max_token_length=self.max_token_length,
+            masks=self.masks,
         )
         return self._loader(dataset, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        """Deterministic: center crop, no flip, every caption kept. `[]` without a split makes Lightning skip it."""
+        """Deterministic: center crop, no flip, every caption kept as written (plus its subset's prefix).
+
+        `[]` without a split makes Lightning skip validation.
+        """
         self.setup("validate")
         if not self.val_records:
             return []
-        dataset = CaptionDataset(self.val_records, self.tokenizer, self.resolution, center_crop=True, seed=self.seed)
+        dataset = CaptionDataset(
+            self.val_records, self.tokenizer, self.resolution, center_crop=True, seed=self.seed,
+            max_token_length=self.max_token_length, masks=self.masks,
+        )  # fmt: skip
         return self._loader(dataset, shuffle=False)

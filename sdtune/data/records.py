@@ -20,19 +20,26 @@ from typing import Any
 from sdtune.errors import SdtuneError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # PNG first: the lossless format masks are usually in
 CAPTION_SUFFIXES = (".txt", ".caption")
 CAPTION_COLUMNS = ("text", "caption")
 
 
 @dataclass(frozen=True)
 class Record:
-    """One training example. `path` names the image in messages; rows of a saved dataset are read from `table`."""
+    """One training example. `path` names the image in messages; rows of a saved dataset are read from `table`.
+
+    `prefix` (the subset's trigger words) is kept apart from `caption` because tag shuffling must not move it.
+    `mask` is the loss-weight image matched to this one, if any.
+    """
 
     path: str
     caption: str
     # A `datasets.Dataset` with one undecoded `image` column; images stay on disk until a worker asks for them.
     table: Any = field(default=None, compare=False, repr=False)
     row: int = -1
+    prefix: str = ""
+    mask: str | None = None
 
     def open(self) -> str | io.BytesIO:
         """What `PIL.Image.open` should read: the file itself, or the row's encoded bytes."""
@@ -172,3 +179,26 @@ def _from_saved_dataset(root: Path, setting: str) -> list[Record]:
         Record(path=f"{root}#{row}", caption=str(caption or "").strip(), table=images, row=row)
         for row, caption in enumerate(captions)
     ]
+
+
+def find_mask(record: Record, mask_dir: Path, bases: list[Path], setting: str) -> str | None:
+    """The mask for `record`: its path relative to the first matching base, under `mask_dir`, any image suffix.
+
+    Masks are usually exported as PNG whatever the photo's format, hence the suffix is free. A saved dataset has
+    no file path to mirror, so masks for it must come from the alpha channel instead.
+    """
+    if record.table is not None:
+        raise SdtuneError(
+            f"{setting} cannot be matched to rows of a saved dataset ('{record.path}'); use data.alpha_mask instead"
+        )
+    image = Path(record.path)
+    suffixes = dict.fromkeys([image.suffix, *MASK_SUFFIXES])
+    for base in bases:
+        if not image.is_relative_to(base):
+            continue
+        relative = image.relative_to(base)
+        for suffix in suffixes:
+            candidate = mask_dir / relative.with_suffix(suffix)
+            if candidate.is_file():
+                return str(candidate)
+    return None

@@ -5,6 +5,7 @@ Randomness is passed in (a `torch.Generator` or pre-drawn uniforms) so a sample 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import IO
 
 import torch
@@ -13,8 +14,11 @@ from PIL import Image, ImageOps
 WHITE = (255, 255, 255)
 
 
-def load_rgb(source: str | IO[bytes]) -> Image.Image:
-    """Open an image upright (EXIF orientation applied) as RGB; transparency becomes white, not black."""
+def load_image(source: str | IO[bytes]) -> tuple[Image.Image, Image.Image | None]:
+    """Open an image upright (EXIF orientation applied) as RGB, plus its alpha channel ('L') if it has one.
+
+    Transparency becomes white, not black, in the RGB image; the alpha is kept apart for `alpha_mask` training.
+    """
     with Image.open(source) as opened:
         image = ImageOps.exif_transpose(opened)
         image.load()
@@ -22,20 +26,36 @@ def load_rgb(source: str | IO[bytes]) -> Image.Image:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
         rgba = image.convert("RGBA")
+        alpha = rgba.getchannel("A")
         background = Image.new("RGB", rgba.size, WHITE)
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
+        background.paste(rgba, mask=alpha)
+        return background, alpha
+    return image.convert("RGB"), None
 
 
-def resize_shorter_side(image: Image.Image, size: int, resample: int = Image.Resampling.LANCZOS) -> Image.Image:
-    """Scale so the shorter side is `size`, keeping the aspect ratio (the long side is never below `size`)."""
-    width, height = image.size
+def load_rgb(source: str | IO[bytes]) -> Image.Image:
+    """Open an image upright (EXIF orientation applied) as RGB; transparency becomes white, not black."""
+    return load_image(source)[0]
+
+
+def has_alpha(source: str | IO[bytes]) -> bool:
+    """Whether the file carries transparency; reads the header only, so checking a whole dataset is cheap."""
+    with Image.open(source) as opened:
+        return opened.mode in ("RGBA", "LA", "PA") or (opened.mode == "P" and "transparency" in opened.info)
+
+
+def load_mask(source: str | IO[bytes]) -> Image.Image:
+    """A loss-weight mask as grayscale 'L' (white = full weight), upright like the images it belongs to."""
+    with Image.open(source) as opened:
+        mask = ImageOps.exif_transpose(opened)
+        mask.load()
+    return mask.convert("L")
+
+
+def shorter_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """The size that makes the shorter side `size`, keeping the aspect ratio (the long side is never below it)."""
     scale = size / min(width, height)
-    target = (max(size, round(width * scale)), max(size, round(height * scale)))
-    if target == image.size:
-        return image
-    return image.resize(target, resample=resample)
+    return max(size, round(width * scale)), max(size, round(height * scale))
 
 
 def crop_box(
@@ -58,6 +78,37 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return data.view(height, width, 3).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """One sample's resize, crop box and flip, decided once so an image and its mask get exactly the same ones."""
+
+    resized: tuple[int, int]
+    box: tuple[int, int, int, int]
+    flip: bool
+
+    @classmethod
+    def plan(
+        cls, size: tuple[int, int], resolution: int, center_crop: bool, flip: bool, uniforms: tuple[float, float]
+    ) -> Geometry:
+        """Shorter side to `resolution`, then a centred or (`uniforms`-placed) random square; `flip` as drawn."""
+        resized = shorter_side_size(*size, resolution)
+        return cls(resized, crop_box(*resized, resolution, center_crop, uniforms), flip)
+
+    def apply(self, image: Image.Image, resample: int = Image.Resampling.LANCZOS) -> Image.Image:
+        """Resize (`resample`: LANCZOS for photos, BILINEAR for masks, whose values are weights), crop, flip."""
+        if image.size != self.resized:
+            image = image.resize(self.resized, resample=resample)
+        image = image.crop(self.box)
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if self.flip else image
+
+
+def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
+    """'L' PIL mask -> float32 1xHxW in [0, 1]: white (255) is full loss weight, black none."""
+    width, height = mask.size
+    data = torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8)
+    return data.view(1, height, width).float().div(255.0)
+
+
 def preprocess(
     image: Image.Image,
     resolution: int,
@@ -66,13 +117,9 @@ def preprocess(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Resize, crop to `resolution` square, optionally flip, and convert. A random crop needs `generator`."""
-    image = resize_shorter_side(image, resolution)
     uniforms = (0.5, 0.5)
     if not center_crop:
         if generator is None:
             raise ValueError("a random crop needs a torch.Generator")
         uniforms = tuple(torch.rand(2, generator=generator).tolist())
-    image = image.crop(crop_box(*image.size, resolution, center_crop, uniforms))
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(image)
+    return to_tensor(Geometry.plan(image.size, resolution, center_crop, flip, uniforms).apply(image))

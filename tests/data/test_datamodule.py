@@ -155,9 +155,9 @@ def test_input_ids_follow_tokenizer_length_and_truncate(tmp_path, tokenizer):
     long_caption = " ".join(["red circle"] * 40)
     dataset = CaptionDataset([Record(str(gradient_image(tmp_path / "a.png")), long_caption)], tokenizer, 8)
     sample = dataset[0]
-    assert sample["input_ids"].dtype == torch.long and sample["input_ids"].shape == (12,)
+    assert sample["input_ids"].dtype == torch.long and sample["input_ids"].shape == (1, 12)  # one window
     assert len(tokenizer(long_caption).input_ids) > 12
-    assert sample["input_ids"][-1].item() == tokenizer.eos_token_id
+    assert sample["input_ids"][0, -1].item() == tokenizer.eos_token_id
     assert sample["caption"] == long_caption and sample["path"].endswith("a.png")
 
 
@@ -200,7 +200,7 @@ def test_train_dataloader_batches(tmp_path, tiny_model):
     first = batches[0]
     assert set(first) == {"pixel_values", "input_ids", "caption", "path"}
     assert first["pixel_values"].shape == (4, 3, 8, 8)
-    assert first["input_ids"].shape == (4, dm.tokenizer.model_max_length) and first["input_ids"].dtype == torch.long
+    assert first["input_ids"].shape == (4, 1, dm.tokenizer.model_max_length) and first["input_ids"].dtype == torch.long
     assert all(c.startswith("picture number") for b in batches for c in b["caption"])
     assert sorted(p for b in batches for p in b["path"]) == sorted(str(p) for p in root.glob("*.png"))
     assert dm.val_dataloader() == []

@@ -1,0 +1,169 @@
+"""Captioned images as training samples, reproducible down to each crop, flip, shuffled tag and dropped caption.
+
+Every random choice for a sample comes from a generator seeded by (seed, epoch, index). The sampler hands the
+epoch to the dataset inside each key, so results do not depend on the number of workers, on persistent workers
+keeping a stale copy of the dataset, or on which worker happens to load which sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from sdtune.data.captions import process_caption
+from sdtune.data.records import Record
+from sdtune.data.transforms import Geometry, load_image, load_mask, mask_to_tensor, to_tensor
+from sdtune.errors import SdtuneError
+from sdtune.text import tokenize_chunks
+
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from several values; hashing avoids (seed=1, epoch=0) colliding with (seed=0, epoch=1)."""
+    # int() so numpy or tensor indices hash like plain ints.
+    canonical = tuple(part if isinstance(part, str) else int(part) for part in parts)
+    digest = hashlib.blake2b(repr(canonical).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields `(epoch, index)`; the order is a pure function of (seed, epoch). Lightning calls `set_epoch`."""
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = range(self.num_samples)
+        return iter([(self.epoch, index) for index in order])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+class CaptionDataset(Dataset):
+    """Records -> dicts of pixel values, token ids, the caption actually used and, with masks, the loss mask.
+
+    A record listed several times (subset repeats) is several samples: each index gets its own random draws.
+    `max_token_length` None means one window of the tokenizer's own length. `masks` is where loss masks come
+    from: "file" (`Record.mask`, all ones when missing), "alpha" (the image's alpha channel), or None (no key).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        tokenizer: Any,
+        resolution: int,
+        center_crop: bool = False,
+        random_flip: bool = False,
+        caption_dropout: float = 0.0,
+        seed: int = 0,
+        shuffle_tags: bool = False,
+        keep_tokens: int = 0,
+        tag_dropout: float = 0.0,
+        max_token_length: int | None = None,
+        masks: Literal["file", "alpha"] | None = None,
+    ) -> None:
+        self.records = list(records)
+        self.tokenizer = tokenizer
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.caption_dropout = caption_dropout
+        self.seed = seed
+        self.shuffle_tags = shuffle_tags
+        self.keep_tokens = keep_tokens
+        self.tag_dropout = tag_dropout
+        self.max_token_length = max_token_length or tokenizer.model_max_length - 2
+        self.masks = masks
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def tokenize(self, caption: str) -> torch.Tensor:
+        """(chunks, model_max_length) ids: SD1/2 use 77, but nothing here may assume it."""
+        return tokenize_chunks(self.tokenizer, caption, self.max_token_length)[0]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        record = self.records[index]
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, index))
+        # Drawn unconditionally and in this order (new draws go last), so switching one augmentation off leaves
+        # the others unchanged.
+        drop_draw, flip_draw = torch.rand(2, generator=generator).tolist()
+        crop_draws = tuple(torch.rand(2, generator=generator).tolist())
+        caption = process_caption(
+            record.caption,
+            prefix=record.prefix,
+            shuffle_tags=self.shuffle_tags,
+            keep_tokens=self.keep_tokens,
+            tag_dropout=self.tag_dropout,
+            generator=generator,
+        )
+        if drop_draw < self.caption_dropout:
+            caption = ""
+        try:
+            image, alpha = load_image(record.open())
+        except UNREADABLE as err:
+            raise SdtuneError(f"image '{record.path}' could not be read ({first_line(err)}); fix or remove it") from err
+        flip = self.random_flip and flip_draw < 0.5
+        geometry = Geometry.plan(image.size, self.resolution, self.center_crop, flip, crop_draws)
+        sample = {
+            "pixel_values": to_tensor(geometry.apply(image)),
+            "input_ids": self.tokenize(caption),
+            "caption": caption,
+            "path": record.path,
+        }
+        if self.masks is not None:
+            mask = alpha if self.masks == "alpha" else self._mask_file(record, image.size)
+            if mask is None:
+                sample["mask"] = torch.ones(1, self.resolution, self.resolution)
+            else:
+                sample["mask"] = mask_to_tensor(geometry.apply(mask, Image.Resampling.BILINEAR))
+        return sample
+
+    @staticmethod
+    def _mask_file(record: Record, size: tuple[int, int]) -> Image.Image | None:
+        """The record's mask at the image's size; a mask at another scale is resized, another shape refused."""
+        if record.mask is None:
+            return None
+        try:
+            mask = load_mask(record.mask)
+        except UNREADABLE as err:
+            raise SdtuneError(f"mask '{record.mask}' could not be read ({first_line(err)}); fix or remove it") from err
+        if mask.size != size:
+            if abs(mask.size[0] / mask.size[1] - size[0] / size[1]) > 0.01 * size[0] / size[1]:
+                raise SdtuneError(
+                    f"mask '{record.mask}' is {mask.size[0]}x{mask.size[1]} but its image '{record.path}' is "
+                    f"{size[0]}x{size[1]}; masks must have the image's aspect ratio"
+                )
+            mask = mask.resize(size, Image.Resampling.BILINEAR)
+        return mask
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors; keep strings (captions, paths) as lists for logging and sample callbacks."""
+    batch: dict[str, Any] = {}
+    for key, first in samples[0].items():
+        values = [sample[key] for sample in samples]
+        batch[key] = torch.stack(values) if isinstance(first, torch.Tensor) else values
+    return batch
