@@ -1,27 +1,49 @@
-"""Writes the trained adapter in the diffusers format into the run directory when training ends."""
+"""Writes what the run trained (the adapter, or the model of a full fine-tune) into the run directory."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from sdtune.errors import SdtuneError
+
 
 class SaveAdapter(L.Callback):
-    """Save `<run dir>/<dirname>/pytorch_lora_weights.safetensors` at the end of `fit`.
+    """Save `<run dir>/adapter/` when `fit` ends and, every N optimizer steps, `<run dir>/adapter/step_000500/`,
+    so the best step can be picked by eye. Full fine-tunes write `model/` the same way.
 
     Args:
-        dirname: Folder inside the run directory (`trainer.default_root_dir`).
-        enabled: Set false to skip writing the adapter (checkpoints still hold it).
+        dirname: Folder inside the run directory; null takes the method's own ("adapter", or "model" for full).
+        every_n_train_steps: Also save a copy named by step every N optimizer steps; 0 only saves at the end.
+        enabled: Set false to skip writing (checkpoints still hold the weights).
     """
 
-    def __init__(self, dirname: str = "adapter", enabled: bool = True) -> None:
+    def __init__(self, dirname: str | None = None, every_n_train_steps: int = 0, enabled: bool = True) -> None:
+        if every_n_train_steps < 0:
+            raise SdtuneError(f"adapter.every_n_train_steps must be ≥ 0, got {every_n_train_steps}")
         self.dirname = dirname
+        self.every_n_train_steps = every_n_train_steps
         self.enabled = enabled
+        self._last_saved_step = -1
+
+    def _folder(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+        return Path(trainer.default_root_dir) / (self.dirname or getattr(pl_module, "output_dirname", "adapter"))
+
+    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path) -> None:
+        if not self.enabled or not trainer.is_global_zero or not hasattr(pl_module, "save_weights"):
+            return
+        path = pl_module.save_weights(folder)
+        rank_zero_info(f"saved {path} (step {trainer.global_step})")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        # With gradient accumulation several batches end at the same optimizer step; save once.
+        if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0 and step != self._last_saved_step:
+            self._last_saved_step = step
+            self._save(trainer, pl_module, self._folder(trainer, pl_module) / f"step_{step:06d}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.enabled or not trainer.is_global_zero or not hasattr(pl_module, "save_adapter"):
-            return
-        path = pl_module.save_adapter(Path(trainer.default_root_dir) / self.dirname)
-        rank_zero_info(f"adapter saved: {path} (step {trainer.global_step})")
+        self._save(trainer, pl_module, self._folder(trainer, pl_module))
