@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -104,9 +105,17 @@ QUIET = [
 ]
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings meant for the user (long captions, missing masks) as one line, without the source line."""
+    return f"warning: {message}\n"
+
+
 def run_cli(args: list[str], epilog: str) -> SdtuneCLI:
+    # The settings dataclasses document each field with a docstring under it; show those in --help.
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
+    warnings.formatwarning = one_line_warning
     subcommand = args[0]
     return SdtuneCLI(
         model_class=L.LightningModule,

@@ -62,7 +62,8 @@ def test_keys_work_as_written_and_configs_stack(tmp_path, capsys):
     config = yaml.safe_load(capsys.readouterr().out)
     model, data = config["model"]["init_args"], config["data"]["init_args"]
     assert model["pretrained"] == "some/model" and "pretrained" not in data  # linked from the model, not set twice
-    assert model["lora"] == {"rank": 4, "alpha": 2.0, "dropout": 0.1, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+    lora = {k: model["lora"][k] for k in ("rank", "alpha", "dropout", "target_modules", "conv_rank")}
+    assert lora == {"rank": 4, "alpha": 2.0, "dropout": 0.1, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"], "conv_rank": 0}
     assert (data["root"], data["resolution"], data["batch_size"]) == ("data", 256, 3)
     assert config["trainer"]["max_steps"] == 7 and config["trainer"]["precision"] == "32-true"
     assert config["seed_everything"] == 5 and config["checkpoint"]["every_n_train_steps"] == 3
@@ -129,3 +130,11 @@ def test_wrong_config_values_are_one_line(flags, expected, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(expected)
+
+
+def test_model_help_documents_every_setting(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "sdtune.finetune.LoRAFineTune"])
+    out = capsys.readouterr().out
+    for documented in ("Rank of adapters on", "offset·N(0, 1)", "pseudo-Huber", "k-th hidden state from the end"):
+        assert documented in " ".join(out.split()), documented

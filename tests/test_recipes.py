@@ -33,7 +33,7 @@ def test_sd15_lora_values():
     assert (model["lora"]["rank"], model["lora"]["alpha"]) == (16, 16)
     assert model["optimizer"]["class_path"] == "torch.optim.AdamW" and model["optimizer"]["init_args"]["lr"] == 1e-4
     assert model["lr_schedule"]["name"] == "constant_with_warmup" and model["lr_schedule"]["warmup_steps"] > 0
-    assert model["min_snr_gamma"] == 5.0
+    assert model["objective"]["min_snr_gamma"] == 5.0
     assert config["data"]["init_args"]["resolution"] == 512
     assert config["trainer"]["precision"] == "bf16-mixed"
 
