@@ -132,6 +132,22 @@ def test_wrong_config_values_are_one_line(flags, expected, capsys):
     assert len(err) == 1 and err[0].startswith(expected)
 
 
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--model.lora.init", "pissa"], "model.lora.init=pissa rewrites the base weights"),
+        (["--model.objective.max_timestep", "2000"], "model.objective: need 0 ≤ min_timestep < max_timestep ≤ 1000"),
+        (["--data.max_token_length", "100"], "data.max_token_length must be a multiple of 75"),
+        (["--data.root", "null", "--data.subsets", '[{"root": "x", "repeats": 0}]'], "data.subsets[0].repeats must be ≥ 1"),
+    ],
+)
+def test_bad_training_options_are_one_line(flags, expected, tiny_model_dir, shapes_dir, tmp_path, capsys):
+    code = main(["fit", "--config", "tiny/lora", "--model.pretrained", str(tiny_model_dir), "--data.root", str(shapes_dir),
+                 "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"sdtune: error: {expected}")
+
+
 def test_model_help_documents_every_setting(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--model.help", "sdtune.finetune.LoRAFineTune"])

@@ -12,6 +12,7 @@ import lightning as L
 import pytest
 import torch
 
+from sdtune.errors import SdtuneError
 from sdtune.finetune import LoRAFineTune, LRSchedule
 from sdtune.lora import LoraSettings, TextEncoderLora
 from training import fit, make_data, trainable
@@ -369,3 +370,11 @@ def test_gradient_accumulation_steps_once_per_two_batches_like_a_manual_step(tin
     single.diffusion_loss(batches[0], torch.Generator().manual_seed(noise_seed)).backward()
     single_opt.step()
     assert any(not torch.allclose(v, after_first_step[n], rtol=1e-4, atol=1e-6) for n, v in trainable(single).items())
+
+
+def test_optimizer_without_an_lr_is_a_one_line_error(tiny_model_dir, shapes_dir, tmp_path):
+    from transformers.optimization import Adafactor
+
+    model = make_model(tiny_model_dir, optimizer=partial(Adafactor, lr=None, relative_step=True))
+    with pytest.raises(SdtuneError, match="relative_step: false"):
+        fit(model, make_data(shapes_dir, tiny_model_dir), 1, tmp_path)

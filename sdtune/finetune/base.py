@@ -207,6 +207,11 @@ class DiffusionFineTune(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         groups = [group for group in self.parameter_groups() if group["params"]]
         optimizer = self.optimizer_factory(groups)
+        if any(group.get("lr") is None for group in optimizer.param_groups):
+            raise SdtuneError(
+                "model.optimizer has no lr (e.g. Adafactor with relative_step: true), but model.lr_schedule scales one: "
+                "set relative_step: false and an lr"
+            )
         total = self.trainer.estimated_stepping_batches
         if self.lr_schedule.name in SCHEDULES_NEEDING_LENGTH and not math.isfinite(total):
             raise SdtuneError(f"model.lr_schedule.name={self.lr_schedule.name} needs a run length: set trainer.max_steps")
