@@ -19,8 +19,10 @@ commands:
   fit         train with a recipe (LightningCLI)
   validate    compute the validation loss of a model/adapter (LightningCLI)
   demo        offline end-to-end demo on a tiny model (CPU, a few minutes)
+  prep        dataset tools: build, check, caption, cache, shapes (`sdtune prep --help`)
 
 examples:
+  sdtune prep build ~/photos/my_dog --out data/my_dog --prefix "sks dog"
   sdtune ls
   sdtune cp sd15/lora my_lora.yaml
   sdtune fit --config sd15/lora --model.pretrained stable-diffusion-v1-5/stable-diffusion-v1-5 \\
@@ -114,6 +116,12 @@ def cmd_demo(args: list[str]) -> int:
     return demo_main(args)
 
 
+def cmd_prep(args: list[str]) -> int:
+    from data_prep.cli import main as prep_main
+
+    return prep_main(args)
+
+
 def one_line(err: SdtuneError) -> str:
     """The message itself; a DataLoader worker re-raises it with the worker's traceback in front."""
     lines = [line for line in str(err).strip().splitlines() if line.strip()]
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"ls": cmd_ls, "cp": cmd_cp, "demo": cmd_demo}
+    commands = {"ls": cmd_ls, "cp": cmd_cp, "demo": cmd_demo, "prep": cmd_prep}
     try:
         if command in ("fit", "validate"):
             return cmd_lightning(command, rest)
