@@ -1,0 +1,184 @@
+"""Reading (and, for `caption`, rewriting) a built dataset: DST/metadata.jsonl plus the images it names.
+
+Every tool after `build` reads a DST through here. A DST from elsewhere may be a plain imagefolder whose rows only
+have `file_name` and `text` (or `caption`); the stored image's width, height and bucket are then read from the image
+header (EXIF orientation applied, as training applies it) and the bucket computed for `area`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from sdtune.data.buckets import Bucket, assign_bucket, format_bucket, make_buckets, parse_bucket
+from sdtune.data.records import read_text
+from sdtune.errors import SdtuneError
+
+METADATA = "metadata.jsonl"
+DEFAULT_AREA = 512 * 512
+# EXIF orientations that turn the stored pixels by 90°: the upright image has width and height swapped.
+_TRANSPOSED = frozenset({5, 6, 7, 8})
+# What PIL raises on files that are not (valid) images.
+IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+@dataclass
+class Entry:
+    """One row of metadata.jsonl with what the tools need filled in.
+
+    `row` is the JSON object exactly as read (every key kept, so a rewrite preserves them). `width`/`height` are
+    the upright stored size and `bucket` the "WxH" training bucket; they are None when the image is missing or
+    unreadable, and `problem` says which.
+    """
+
+    index: int
+    file_name: str
+    path: Path
+    text: str
+    row: dict[str, Any]
+    width: int | None = None
+    height: int | None = None
+    bucket: str | None = None
+    problem: str | None = None
+
+
+def metadata_path(dst: str | Path) -> Path:
+    root = Path(dst).expanduser()
+    if not root.is_dir():
+        what = "is a file" if root.exists() else "does not exist"
+        raise SdtuneError(f"dataset '{dst}' {what}; pass the folder written by `sdtune prep build`")
+    path = root / METADATA
+    if not path.is_file():
+        raise SdtuneError(
+            f"dataset '{dst}' has no {METADATA}; build it first with `sdtune prep build SRC --out {dst}`"
+        )
+    return path
+
+
+def read_rows(dst: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of DST/metadata.jsonl in file order (blank lines skipped); each must have a `file_name`."""
+    path = metadata_path(dst)
+    rows = []
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SdtuneError(f"{path}: line {number} is not valid JSON ({err.msg})") from err
+        if not isinstance(row, dict):
+            raise SdtuneError(f"{path}: line {number} is not a JSON object")
+        if not isinstance(row.get("file_name"), str) or not row["file_name"].strip():
+            raise SdtuneError(f"{path}: line {number} has no 'file_name'")
+        rows.append(row)
+    return rows
+
+
+def caption_key(rows: Iterable[dict[str, Any]]) -> str:
+    """The caption column: `text` as build writes it, or `caption` when only that is present (imagefolders from
+    elsewhere); `text` for a file with neither."""
+    rows = list(rows)
+    if any("text" in row for row in rows):
+        return "text"
+    return "caption" if any("caption" in row for row in rows) else "text"
+
+
+def write_rows(dst: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """Replace DST/metadata.jsonl atomically: a temporary file in DST, flushed, then `os.replace`."""
+    path = Path(dst).expanduser() / METADATA
+    handle = tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", dir=path.parent, prefix=f".{METADATA}.", suffix=".tmp", delete=False
+    )
+    try:
+        with handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, which is how training sees the image; reads no pixels."""
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(0x0112)
+    except IMAGE_ERRORS:
+        orientation = None
+    return (height, width) if orientation in _TRANSPOSED else (width, height)
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def load_entries(dst: str | Path, area: int | None = None, read_headers: bool = True) -> list[Entry]:
+    """Every row of DST/metadata.jsonl as an `Entry`, in file order.
+
+    `area=None` keeps the bucket stored in each row and computes missing ones for DEFAULT_AREA (512²); an explicit
+    `area` recomputes every bucket from the image size, for training at another resolution. Width and height come
+    from the row when present, else from the image header (`read_headers=False` skips that, leaving them None).
+    Missing files set `problem` instead of raising, so `check` can list them all.
+    """
+    root = Path(dst).expanduser()
+    rows = read_rows(root)
+    buckets: list[Bucket] = make_buckets(area or DEFAULT_AREA)
+    key = caption_key(rows)
+    entries = []
+    for index, row in enumerate(rows):
+        file_name = row["file_name"]
+        entry = Entry(
+            index=index,
+            file_name=file_name,
+            path=root / file_name,
+            text=str(row.get(key) or "").strip(),
+            row=row,
+            width=_int(row.get("width")),
+            height=_int(row.get("height")),
+        )
+        if not entry.path.is_file():
+            entry.problem = "missing"
+            entries.append(entry)
+            continue
+        if (entry.width is None or entry.height is None) and read_headers:
+            try:
+                with Image.open(entry.path) as image:
+                    entry.width, entry.height = upright_size(image)
+            except IMAGE_ERRORS as err:
+                entry.problem = f"unreadable ({_first_line(err)})"
+        fill_bucket(entry, buckets, recompute=area is not None)
+        entries.append(entry)
+    return entries
+
+
+def fill_bucket(entry: Entry, buckets: list[Bucket], recompute: bool = False) -> None:
+    """Set `entry.bucket`: the row's own "WxH" unless `recompute`, else assigned from width/height."""
+    stored = entry.row.get("bucket")
+    if isinstance(stored, str) and stored.strip() and not recompute:
+        try:
+            entry.bucket = format_bucket(parse_bucket(stored.strip()))
+        except SdtuneError:
+            raise SdtuneError(
+                f"{METADATA}: '{entry.file_name}' has bucket '{stored}', not WIDTHxHEIGHT (e.g. 512x768); "
+                "fix or delete that key"
+            ) from None
+    elif entry.width and entry.height:
+        entry.bucket = format_bucket(assign_bucket(entry.width, entry.height, buckets))
+    else:
+        entry.bucket = None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
