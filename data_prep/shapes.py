@@ -1,10 +1,14 @@
-"""The offline demo and test dataset: small PNGs of one coloured shape, captioned "a {color} {shape}".
+"""The offline demo and test dataset: small PNGs of one coloured shape, captioned "a {color} {shape}", and a judge.
 
 It needs no download, builds in well under a second, and has captions a tiny model can actually learn, so the
 demo recipes and the tests train on real (image, caption) pairs. The output is an imagefolder
 (`metadata.jsonl` with `file_name` and `text`), the layout `sdtune.data` reads first.
 
-    python -m data_prep.shapes data/shapes --count 64 --size 64
+`judge(image)` reads such an image back: which colour and which shape it shows, or None when there is no single
+clear shape. It is meant for images a model generated after training on this dataset (soft edges, colour noise),
+so samples can be scored against their prompts.
+
+    sdtune prep shapes --out data/shapes --n 64 --size 64
 """
 
 from __future__ import annotations
@@ -15,13 +19,20 @@ import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 from PIL import Image, ImageColor, ImageDraw
 
 from sdtune.errors import SdtuneError
 
 BACKGROUNDS = ((255, 255, 255), (235, 235, 235))
 SHAPES = ("circle", "square", "triangle")
+COLORS = ("red", "green", "blue", "yellow")
+# What `judge` can name by default: the dataset's colours and a few more that are far apart in RGB. Close pairs
+# (red/brown, white on a light background, pink) are left out on purpose: model outputs drift in hue and a crowded
+# palette would turn that drift into wrong answers. Pass `colors=` to judge images drawn with other colours.
+JUDGE_COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "magenta", "black")
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill: tuple) -> None:
@@ -39,8 +50,8 @@ def make_shapes_dataset(
     count: int = 32,
     size: int = 64,
     seed: int = 0,
-    colors: Sequence[str] = ("red", "green", "blue", "yellow"),
-    shapes: Sequence[str] = ("circle", "square", "triangle"),
+    colors: Sequence[str] = COLORS,
+    shapes: Sequence[str] = SHAPES,
 ) -> Path:
     """Write `count` images and their metadata.jsonl to `out`; the same arguments give the same bytes."""
     if count < 1:
@@ -76,16 +87,167 @@ def make_shapes_dataset(
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", help="folder to write (created if missing)")
-    parser.add_argument("--count", type=int, default=32, help="number of images")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    path = make_shapes_dataset(args.out, count=args.count, size=args.size, seed=args.seed)
-    print(f"wrote {args.count} images to {path}")
 
 
-if __name__ == "__main__":
-    main()
+# --- judging ---------------------------------------------------------------------------------------------------
+
+
+class Judgement(NamedTuple):
+    """What `judge` saw: a (color, shape) tuple with names, plus the measurements it decided on."""
+
+    color: str
+    shape: str
+    fill: float  # foreground pixels / bounding-box area: square ≈ 1, circle ≈ π/4, triangle ≈ 1/2
+    imbalance: float  # |area in one half of the box − other half| / area, worst axis: triangle ≈ 1/2, others ≈ 0
+    coverage: float  # foreground pixels / image pixels
+
+    @property
+    def caption(self) -> str:
+        return f"a {self.color} {self.shape}"
+
+
+MIN_CONTRAST = 48.0  # RGB distance from the background below which a pixel is background whatever else happens
+MIN_BORDER_BACKGROUND = 0.6  # share of border pixels that must look like the background (noise images fail here)
+MIN_COVERAGE = 0.01  # the shape must cover at least 1 % of the image (and 12 pixels)
+MIN_MAIN_SHARE = 0.75  # the largest blob must hold this share of all foreground pixels: one shape, not several
+MIN_COLOR_AGREEMENT = 0.65  # share of the shape's inner pixels whose nearest named colour is the answer
+SQUARE_MIN_FILL = 0.895  # between circle (0.785) and square (1.0)
+CIRCLE_MIN_FILL = 0.65  # between triangle (0.5) and circle (0.785)
+TRIANGLE_MIN_IMBALANCE = 0.25  # a triangle holds 3/4 of its area on its base's side; blur shaves the apex, not that
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected blob of `mask` as a boolean array (a breadth-first fill; no scipy needed)."""
+    height, width = mask.shape
+    flat = mask.ravel().tolist()
+    seen = bytearray(height * width)
+    best: list[int] = []
+    for start in np.flatnonzero(mask).tolist():
+        if seen[start]:
+            continue
+        seen[start] = 1
+        component, stack = [start], [start]
+        while stack:
+            pixel = stack.pop()
+            y, x = divmod(pixel, width)
+            up, down, left, right = pixel - width, pixel + width, pixel - 1, pixel + 1
+            for other, inside in ((up, y > 0), (down, y < height - 1), (left, x > 0), (right, x < width - 1)):
+                if inside and flat[other] and not seen[other]:
+                    seen[other] = 1
+                    stack.append(other)
+                    component.append(other)
+        if len(component) > len(best):
+            best = component
+    out = np.zeros(height * width, dtype=bool)
+    out[best] = True
+    return out.reshape(height, width)
+
+
+def _imbalance(profile: np.ndarray, span: np.ndarray) -> float:
+    """|mass before the middle of the box − mass after it| along one axis (a middle line counts half each way)."""
+    middle = (span[0] + span[-1]) / 2.0
+    index = np.arange(len(profile))
+    before = profile[index < middle].sum() + 0.5 * profile[index == middle].sum()
+    after = profile[index > middle].sum() + 0.5 * profile[index == middle].sum()
+    return float(abs(before - after))
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """Pixels whose 4 neighbours are all in `mask`: the inside of a shape, without its anti-aliased rim."""
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    inner[0, :] = inner[-1, :] = False
+    inner[:, 0] = inner[:, -1] = False
+    return inner
+
+
+def judge(image: Image.Image, colors: Sequence[str] = JUDGE_COLORS) -> Judgement | None:
+    """The (color, shape) one coloured shape on a plain background shows, or None if there is no clear single one.
+
+    Background = the median colour of the image border; foreground = pixels further from it than half the
+    strongest contrast in the image (so blur and anti-aliasing do not change the measured area). The largest
+    connected blob is the shape; its colour is the nearest of `colors` (PIL names) to the median of its inner
+    pixels, and its shape follows from how much of its bounding box it fills. None for a blank or noise image, a
+    tiny blob, several blobs of similar size, a stretched blob, or a blob of mixed colours.
+    """
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    height, width, _ = pixels.shape
+    if min(height, width) < 8:
+        return None
+    border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
+    background = np.median(border, axis=0)
+    distance = np.linalg.norm(pixels - background, axis=-1)
+    threshold = max(MIN_CONTRAST, 0.5 * float(np.percentile(distance, 99)))
+    border_distance = np.linalg.norm(border - background, axis=-1)
+    if np.mean(border_distance < threshold) < MIN_BORDER_BACKGROUND:
+        return None  # no plain background: noise, a photo, or a shape filling the frame
+    mask = distance > threshold
+    total = int(mask.sum())
+    if total < max(12, MIN_COVERAGE * height * width):
+        return None
+    shape_mask = _largest_component(mask)
+    area = int(shape_mask.sum())
+    if area < max(12, MIN_COVERAGE * height * width) or area < MIN_MAIN_SHARE * total:
+        return None
+
+    rows, cols = np.flatnonzero(shape_mask.any(axis=1)), np.flatnonzero(shape_mask.any(axis=0))
+    box_h, box_w = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+    if not 0.5 <= box_w / box_h <= 2.0:
+        return None
+    fill = area / float(box_w * box_h)
+    imbalance = max(_imbalance(shape_mask.sum(axis=1), rows), _imbalance(shape_mask.sum(axis=0), cols)) / area
+    if fill >= SQUARE_MIN_FILL:
+        shape = "square"
+    elif fill >= CIRCLE_MIN_FILL and imbalance < TRIANGLE_MIN_IMBALANCE:
+        shape = "circle"
+    else:
+        shape = "triangle"
+
+    inner = _erode(shape_mask)
+    inside = pixels[inner if inner.sum() >= 4 else shape_mask]
+    palette = np.array([ImageColor.getrgb(name)[:3] for name in colors], dtype=np.float32)
+    nearest = np.linalg.norm(inside[:, None, :] - palette[None], axis=-1).argmin(axis=1)
+    choice = int(np.linalg.norm(palette - np.median(inside, axis=0), axis=-1).argmin())
+    if np.mean(nearest == choice) < MIN_COLOR_AGREEMENT:
+        return None
+    return Judgement(colors[choice], shape, fill, imbalance, area / float(height * width))
+
+
+# --- `sdtune prep shapes` --------------------------------------------------------------------------------------
+
+EXAMPLES = """examples:
+  sdtune prep shapes --out data/shapes --n 64
+  sdtune prep shapes --out data/shapes_big --n 300 --size 128 --seed 1 --colors red,blue,purple --shapes circle,square
+"""
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="folder to write (created if missing; files overwritten)")
+    parser.add_argument("--n", type=int, default=32, help="number of images (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels, at least 16 (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default: %(default)s)")
+    parser.add_argument("--colors", type=_names, default=list(COLORS), help="comma-separated PIL colour names")
+    parser.add_argument("--shapes", type=_names, default=list(SHAPES), help=f"comma-separated, from {','.join(SHAPES)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    path = make_shapes_dataset(
+        args.out, count=args.n, size=args.size, seed=args.seed, colors=args.colors, shapes=args.shapes
+    )
+    print(f"wrote {args.n} images and metadata.jsonl to {path}")
+    return 0
+
+
+if __name__ == "__main__":  # the old entry point; `sdtune prep shapes` is the documented one
+    import sys
+
+    from sdtune.cli import main as sdtune_main
+
+    sys.exit(sdtune_main(["prep", "shapes", *sys.argv[1:]]))
