@@ -44,6 +44,18 @@ def test_every_command_help_shows_an_example(command, capsys):
     assert "example" in out and f"sdtune {command}" in out or (command in ("fit", "validate") and "sdtune fit" in out)
 
 
+@pytest.mark.parametrize("tool", ["build", "check", "caption", "cache", "shapes"])
+def test_every_prep_tool_help_shows_an_example(tool, capsys):
+    assert main(["prep", "--help"]) == 0
+    assert f"  {tool} " in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prep", tool, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"sdtune prep {tool} " in out
+    assert main(["prep", "nosuchtool"]) == 2
+
+
 def test_top_level_help_and_unknown_command(capsys):
     assert main([]) == 0
     assert "sdtune fit --config sd15/lora" in capsys.readouterr().out
