@@ -21,7 +21,7 @@ from typing import Any
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from data_prep.dataset import IMAGE_ERRORS, caption_key, load_entries, write_rows
+from data_prep.dataset import IMAGE_ERRORS, caption_key, first_line, load_entries, quote_names, write_rows
 from sdtune.errors import SdtuneError
 
 EXAMPLES = """examples:
@@ -36,11 +36,6 @@ class CaptionResult:
     replaced: int = 0  # existing captions replaced (--overwrite)
     skipped: int = 0  # rows kept as they were: already captioned without --overwrite
     failed: list[str] = field(default_factory=list)  # unreadable images, or the model returned no text
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _resolve(model: str) -> str:
@@ -65,7 +60,7 @@ def _load(cls: Any, model: str, what: str, **kwargs: Any) -> Any:
     try:
         return cls.from_pretrained(model, **kwargs)
     except (OSError, ValueError, KeyError) as err:
-        raise SdtuneError(f"caption --model '{model}': {what} could not be loaded{_offline_hint()}: {_first_line(err)}") from err
+        raise SdtuneError(f"caption --model '{model}': {what} could not be loaded{_offline_hint()}: {first_line(err)}") from err
 
 
 def load_captioner(model: str, device: str | None = None) -> tuple[Any, Any]:
@@ -86,7 +81,7 @@ def load_captioner(model: str, device: str | None = None) -> tuple[Any, Any]:
     try:
         loaded = loaded.to(device)
     except (RuntimeError, AssertionError) as err:
-        raise SdtuneError(f"caption: cannot move the model to device '{device}': {_first_line(err)}") from err
+        raise SdtuneError(f"caption: cannot move the model to device '{device}': {first_line(err)}") from err
     return processor, loaded.eval()
 
 
@@ -118,7 +113,7 @@ def generate_captions(
             output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
     except (ValueError, TypeError, KeyError) as err:
         raise SdtuneError(
-            f"caption: the model could not caption images ({_first_line(err)}); use a BLIP- or GIT-style "
+            f"caption: the model could not caption images ({first_line(err)}); use a BLIP- or GIT-style "
             "captioning model"
         ) from err
     return [_clean(text) for text in processor.batch_decode(output, skip_special_tokens=True)]
@@ -211,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"filled {result.filled} empty caption(s), replaced {result.replaced}, skipped {result.skipped} already captioned")
     if result.failed:
-        shown = ", ".join(result.failed[:5]) + (f" and {len(result.failed) - 5} more" if len(result.failed) > 5 else "")
-        print(f"no caption for {len(result.failed)} image(s) (unreadable or the model returned nothing): {shown}")
+        print(
+            f"no caption for {len(result.failed)} image(s) (unreadable or the model returned nothing): "
+            + quote_names(result.failed)
+        )
     return 0

@@ -9,9 +9,8 @@ Errors: missing or unreadable images, a bucket with fewer images than one global
 Warnings: empty captions, duplicate captions, captions over `--max-tokens`, metadata width/height that disagree with
 the image, rows naming the same file twice, images in DST that metadata.jsonl does not list.
 
-Token counts: with `--tokenizer PRETRAINED` they come from that model's CLIP tokenizer (exact). Without it they are
-estimated (one token per word of up to 10 letters, one more per further 6 letters, one per digit and per punctuation
-mark), and the report says so; CLIP splits rare words further, so pass --tokenizer before trusting a borderline count.
+Token counts: with `--tokenizer PRETRAINED` they come from that model's CLIP tokenizer (exact), else they are
+estimated and the report says so (`data_prep.check_captions`).
 """
 
 from __future__ import annotations
@@ -19,10 +18,8 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
-import re
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +27,13 @@ from typing import Any
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from data_prep.dataset import DEFAULT_AREA, IMAGE_ERRORS, METADATA, Entry, fill_bucket, load_entries, upright_size
-from sdtune.data.buckets import make_buckets, parse_bucket
+from data_prep.check_captions import check_captions
+from data_prep.check_report import format_table, issue, write_report
+from data_prep.dataset import (
+    DEFAULT_AREA, IMAGE_ERRORS, METADATA, Entry, bucket_order, fill_bucket, first_line, load_entries, quote_names,
+    upright_size,
+)
+from sdtune.data.buckets import make_buckets
 from sdtune.data.records import IMAGE_SUFFIXES
 from sdtune.errors import SdtuneError
 
@@ -45,8 +47,6 @@ REPORT_NAME = "check_report.json"
 SHEET_NAME = "contact_sheet.html"
 SIZE_BINS = ((0, "<256"), (256, "256-511"), (512, "512-767"), (768, "768-1023"), (1024, ">=1024"))
 THUMB_SIDE = 192
-SHOWN_FILES = 5  # file names quoted in one message
-_TOKEN_PIECES = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]", re.IGNORECASE)
 
 
 @dataclass
@@ -54,40 +54,6 @@ class CheckResult:
     report: dict[str, Any]
     entries: list[Entry]
     thumbnails: dict[int, str] = field(default_factory=dict)  # entry index -> base64 JPEG
-
-
-def estimate_tokens(caption: str) -> int:
-    """Approximate CLIP BPE token count (without BOS/EOS): see the module docstring."""
-    count = 0
-    for piece in _TOKEN_PIECES.findall(caption.lower()):
-        if piece[0].isalpha() and len(piece) > 10:
-            count += 1 + -(-(len(piece) - 10) // 6)
-        else:
-            count += 1
-    return count
-
-
-def count_tokens(captions: list[str], tokenizer: str | None) -> list[int]:
-    """Token counts per caption: exact with the CLIP tokenizer of `tokenizer` (a model path or Hub id), else estimated."""
-    if tokenizer is None:
-        return [estimate_tokens(caption) for caption in captions]
-    from sdtune.models.pretrained import load_tokenizer  # imports diffusers: only when asked for
-    from sdtune.text import text_token_ids
-
-    try:
-        loaded = load_tokenizer(tokenizer)
-    except SdtuneError as err:  # its messages name model.pretrained; here the option is --tokenizer
-        raise SdtuneError(f"check --tokenizer: {err}") from err
-    return [len(ids) for ids in text_token_ids(loaded, captions)]
-
-
-def _issue(code: str, message: str, files: list[str] | None = None) -> dict[str, Any]:
-    return {"code": code, "message": message, "files": list(files or [])}
-
-
-def _quote(files: list[str]) -> str:
-    shown = ", ".join(files[:SHOWN_FILES])
-    return shown + (f" and {len(files) - SHOWN_FILES} more" if len(files) > SHOWN_FILES else "")
 
 
 def _size_bin(short_side: int) -> str:
@@ -123,13 +89,12 @@ def _read_images(entries: list[Entry], thumbnails_for: int, progress: bool) -> t
                 if entry.index < thumbnails_for:
                     thumbnails[entry.index] = _thumbnail(image)
         except IMAGE_ERRORS as err:
-            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            entry.problem = f"unreadable ({text})"
+            entry.problem = f"unreadable ({first_line(err)})"
             entry.width = entry.height = None
             continue
         if entry.width and entry.height and (entry.width, entry.height) != (width, height):
             warnings.append(
-                _issue(
+                issue(
                     "size_mismatch",
                     f"{entry.file_name}: {METADATA} says {entry.width}x{entry.height}, the image is {width}x{height}",
                     [entry.file_name],
@@ -137,6 +102,31 @@ def _read_images(entries: list[Entry], thumbnails_for: int, progress: bool) -> t
             )
         entry.width, entry.height = width, height
     return thumbnails, warnings
+
+
+def _bucket_fill(good: list[Entry], batch_size: int, devices: int, accumulate: int) -> tuple[list[dict], list[dict]]:
+    """One row per bucket (tall to wide) against one global batch, and an error for each bucket short of one."""
+    global_batch = batch_size * devices * accumulate
+    per_bucket = Counter(entry.bucket for entry in good)
+    rows, errors = [], []
+    for bucket in sorted(per_bucket, key=bucket_order):
+        count = per_bucket[bucket]
+        rows.append(
+            {"bucket": bucket, "images": count, "batches": count // global_batch, "leftover": count % global_batch,
+             "ok": count >= global_batch}
+        )
+        if count < global_batch:
+            errors.append(
+                issue(
+                    "bucket_too_small",
+                    f"bucket {bucket} has {count} image{'s' if count != 1 else ''}, fewer than one batch of "
+                    f"{global_batch} (batch {batch_size} × devices {devices} × accumulate {accumulate}): "
+                    "those images would never train with drop_last / form a partial batch — merge buckets or "
+                    "lower the batch",
+                    [entry.file_name for entry in good if entry.bucket == bucket],
+                )
+            )
+    return rows, errors
 
 
 def _unlisted_images(root: Path, listed: set[str]) -> list[str]:
@@ -147,6 +137,24 @@ def _unlisted_images(root: Path, listed: set[str]) -> list[str]:
             if relative.as_posix() not in listed and path.is_file():
                 found.append(relative.as_posix())
     return sorted(found)
+
+
+def _metadata_warnings(root: Path, entries: list[Entry]) -> list[dict]:
+    """Rows naming the same file twice, and images in DST that no row names."""
+    warnings = []
+    names = Counter(entry.file_name for entry in entries)
+    twice = sorted(name for name, n in names.items() if n > 1)
+    if twice:
+        message = f"{len(twice)} file(s) listed more than once in {METADATA} ({quote_names(twice)})"
+        warnings.append(issue("duplicate_row", message, twice))
+    unlisted = _unlisted_images(root, set(names))
+    if unlisted:
+        message = (
+            f"{len(unlisted)} image(s) in the dataset are not in {METADATA} and will not train "
+            f"({quote_names(unlisted)})"
+        )
+        warnings.append(issue("unlisted_image", message, unlisted))
+    return warnings
 
 
 def check_dataset(
@@ -180,175 +188,44 @@ def check_dataset(
     for entry in entries:
         if not entry.problem:
             fill_bucket(entry, buckets, recompute=area is not None)
-    errors: list[dict[str, Any]] = []
     good = [entry for entry in entries if not entry.problem]
     missing = [entry.file_name for entry in entries if entry.problem == "missing"]
     unreadable = [entry for entry in entries if entry.problem and entry.problem != "missing"]
 
-    for name in missing:
-        errors.append(_issue("missing_image", f"{name}: listed in {METADATA} but the file does not exist", [name]))
-    for entry in unreadable:
-        errors.append(_issue("unreadable_image", f"{entry.file_name}: {entry.problem}", [entry.file_name]))
+    errors = [
+        issue("missing_image", f"{name}: listed in {METADATA} but the file does not exist", [name]) for name in missing
+    ]
+    errors += [issue("unreadable_image", f"{e.file_name}: {e.problem}", [e.file_name]) for e in unreadable]
     if not good:
-        errors.append(_issue("no_images", f"no readable images in '{dst}'"))
-
-    # Buckets against one global batch.
-    global_batch = batch_size * devices * accumulate
-    per_bucket = Counter(entry.bucket for entry in good)
-    bucket_rows = []
-    for bucket in sorted(per_bucket, key=lambda b: (parse_bucket(b)[0] / parse_bucket(b)[1], b)):
-        count = per_bucket[bucket]
-        bucket_rows.append(
-            {"bucket": bucket, "images": count, "batches": count // global_batch, "leftover": count % global_batch,
-             "ok": count >= global_batch}
-        )
-        if count < global_batch:
-            errors.append(
-                _issue(
-                    "bucket_too_small",
-                    f"bucket {bucket} has {count} image{'s' if count != 1 else ''}, fewer than one batch of "
-                    f"{global_batch} (batch {batch_size} × devices {devices} × accumulate {accumulate}): "
-                    "those images would never train with drop_last / form a partial batch — merge buckets or "
-                    "lower the batch",
-                    [entry.file_name for entry in good if entry.bucket == bucket],
-                )
-            )
-
-    # Sizes.
+        errors.append(issue("no_images", f"no readable images in '{dst}'"))
+    bucket_rows, bucket_errors = _bucket_fill(good, batch_size, devices, accumulate)
+    errors += bucket_errors
     sizes = {label: 0 for _, label in SIZE_BINS}
     for entry in good:
         sizes[_size_bin(min(entry.width, entry.height))] += 1
-
-    # Captions.
-    empty = [entry.file_name for entry in good if not entry.text]
-    captioned = [entry for entry in good if entry.text]
-    if empty:
-        warnings.append(
-            _issue(
-                "empty_caption",
-                f"{len(empty)} image{'s have' if len(empty) != 1 else ' has'} an empty caption ({_quote(empty)}); "
-                "fill them with `sdtune prep caption` or a prefix",
-                empty,
-            )
-        )
-    groups: dict[str, list[Entry]] = defaultdict(list)
-    for entry in captioned:  # the same words, ignoring case and spacing
-        groups[" ".join(entry.text.split()).casefold()].append(entry)
-    duplicated = 0
-    for group in groups.values():
-        if len(group) > 1:
-            duplicated += len(group)
-            caption, files = group[0].text, [entry.file_name for entry in group]
-            warnings.append(
-                _issue("duplicate_caption", f"{len(files)} images share the caption {caption!r} ({_quote(files)})", files)
-            )
-    counts_from = "tokenizer" if tokenizer else "estimate"
-    tokens = count_tokens([entry.text for entry in captioned], tokenizer)
-    long = sorted(
-        ({"file_name": e.file_name, "tokens": n} for e, n in zip(captioned, tokens) if n > max_tokens),
-        key=lambda item: -item["tokens"],
-    )
-    if long:
-        how = "CLIP tokenizer" if tokenizer else "estimated; pass --tokenizer for exact counts"
-        warnings.append(
-            _issue(
-                "long_caption",
-                f"{len(long)} caption{'s are' if len(long) != 1 else ' is'} over {max_tokens} tokens ({how}), longest "
-                f"{long[0]['file_name']} with {long[0]['tokens']}: CLIP reads only the first 75 unless "
-                "data.max_token_length is 150 or 225",
-                [item["file_name"] for item in long],
-            )
-        )
-
-    # Metadata hygiene.
-    names = Counter(entry.file_name for entry in entries)
-    twice = sorted(name for name, n in names.items() if n > 1)
-    if twice:
-        warnings.append(
-            _issue("duplicate_row", f"{len(twice)} file(s) listed more than once in {METADATA} ({_quote(twice)})", twice)
-        )
-    unlisted = _unlisted_images(root, set(names))
-    if unlisted:
-        warnings.append(
-            _issue(
-                "unlisted_image",
-                f"{len(unlisted)} image(s) in the dataset are not in {METADATA} and will not train ({_quote(unlisted)})",
-                unlisted,
-            )
-        )
+    captions = check_captions(good, tokenizer, max_tokens)
+    warnings += captions.warnings + _metadata_warnings(root, entries)
 
     report = {
         "dataset": str(root),
         "settings": {
-            "batch_size": batch_size, "devices": devices, "accumulate": accumulate, "global_batch": global_batch,
-            "area": area, "tokenizer": tokenizer, "max_tokens": max_tokens,
+            "batch_size": batch_size, "devices": devices, "accumulate": accumulate,
+            "global_batch": batch_size * devices * accumulate, "area": area, "tokenizer": tokenizer,
+            "max_tokens": max_tokens,
         },
         "counts": {
-            "rows": len(entries),
-            "images": len(good),
-            "missing": len(missing),
-            "unreadable": len(unreadable),
-            "captioned": len(captioned),
-            "empty_captions": len(empty),
-            "duplicate_captions": duplicated,
-            "long_captions": len(long),
+            "rows": len(entries), "images": len(good), "missing": len(missing), "unreadable": len(unreadable),
+            **captions.counts,
         },
         "sizes": {"measure": "shorter side (px)", "bins": sizes},
         "buckets": bucket_rows,
-        "tokens": {
-            "counted_by": counts_from,
-            "max": max(tokens, default=0),
-            "mean": round(sum(tokens) / len(tokens), 2) if tokens else 0.0,
-            "over_max": len(long),
-        },
-        "long_captions": long,
+        "tokens": captions.tokens,
+        "long_captions": captions.long,
         "errors": errors,
         "warnings": warnings,
         "ok": not errors,
     }
     return CheckResult(report=report, entries=entries, thumbnails=thumbnails)
-
-
-def format_table(report: dict[str, Any], listed: int = 10) -> str:
-    """The report as plain text for the terminal (the JSON has every file name)."""
-    c, s, t = report["counts"], report["settings"], report["tokens"]
-    lines = [
-        f"dataset   {report['dataset']}",
-        f"images    {c['images']} readable of {c['rows']} rows ({c['missing']} missing, {c['unreadable']} unreadable)",
-        f"captions  {c['captioned']} captioned, {c['empty_captions']} empty, {c['duplicate_captions']} duplicated, "
-        f"{c['long_captions']} over {s['max_tokens']} tokens",
-        f"tokens    max {t['max']}, mean {t['mean']} ("
-        + ("CLIP tokenizer" if t["counted_by"] == "tokenizer" else "estimated; pass --tokenizer for exact counts")
-        + ")",
-        "",
-        "shorter side   images",
-        *(f"  {label:<12}{n:>7}" for label, n in report["sizes"]["bins"].items()),
-        "",
-        f"bucket       images  batches  leftover   one batch = {s['global_batch']} "
-        f"(batch {s['batch_size']} × devices {s['devices']} × accumulate {s['accumulate']})",
-        *(
-            f"  {b['bucket']:<11}{b['images']:>6}{b['batches']:>9}{b['leftover']:>10}"
-            + ("" if b["ok"] else "   ERROR: fewer than one batch")
-            for b in report["buckets"]
-        ),
-    ]
-    if s["global_batch"] == 1:
-        lines.append("  (pass --batch-size/--devices/--accumulate to check bucket fill against your batch)")
-    for kind in ("errors", "warnings"):
-        issues = report[kind]
-        if issues:
-            lines += ["", f"{kind} ({len(issues)}):"]
-            lines += [f"  - {issue['message']}" for issue in issues[:listed]]
-            if len(issues) > listed:
-                lines.append(f"  ... {len(issues) - listed} more in the JSON report")
-    return "\n".join(lines)
-
-
-def write_report(report: dict[str, Any], path: str | Path) -> Path:
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
 
 
 def _positive_int(text: str) -> int:

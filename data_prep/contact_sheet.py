@@ -10,8 +10,7 @@ import html
 from collections import defaultdict
 from pathlib import Path
 
-from data_prep.dataset import Entry
-from sdtune.data.buckets import parse_bucket
+from data_prep.dataset import Entry, bucket_order
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; background: #fafafa; color: #222; }
@@ -24,11 +23,6 @@ figcaption { font-size: 0.85em; margin-top: 4px; overflow-wrap: anywhere; }
 .meta { color: #666; font-size: 0.8em; } .empty { color: #c00; font-style: italic; }
 .problem { color: #c00; }
 """
-
-
-def _bucket_order(bucket: str) -> tuple[float, str]:
-    width, height = parse_bucket(bucket)
-    return width / height, bucket
 
 
 def _card(entry: Entry, thumbnail: str) -> str:
@@ -57,7 +51,7 @@ def render_contact_sheet(entries: list[Entry], thumbnails: dict[int, str], title
     problems = [entry for entry in entries if entry.problem]
     readable = sum(1 for entry in entries if not entry.problem)
     shown = sum(len(group) for group in groups.values())
-    order = sorted(groups, key=lambda b: _bucket_order(b) if b != "?" else (float("inf"), b))
+    order = sorted(groups, key=lambda b: bucket_order(b) if b != "?" else (float("inf"), b))
 
     parts = [
         "<!DOCTYPE html>",

@@ -2,7 +2,8 @@
 
 Every tool after `build` reads a DST through here. A DST from elsewhere may be a plain imagefolder whose rows only
 have `file_name` and `text` (or `caption`); the stored image's width, height and bucket are then read from the image
-header (EXIF orientation applied, as training applies it) and the bucket computed for `area`.
+header (EXIF orientation applied, as training applies it) and the bucket computed for `area`. `load_folder` also
+reads folders without metadata.jsonl (a metadata.csv, or images with .txt / .caption sidecars), for `cache`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from sdtune.data.buckets import Bucket, assign_bucket, format_bucket, make_buckets, parse_bucket
-from sdtune.data.records import read_text
+from sdtune.data.records import _jsonl_rows, discover_records
 from sdtune.errors import SdtuneError
 
 METADATA = "metadata.jsonl"
@@ -65,19 +66,10 @@ def metadata_path(dst: str | Path) -> Path:
 def read_rows(dst: str | Path) -> list[dict[str, Any]]:
     """The JSON objects of DST/metadata.jsonl in file order (blank lines skipped); each must have a `file_name`."""
     path = metadata_path(dst)
-    rows = []
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SdtuneError(f"{path}: line {number} is not valid JSON ({err.msg})") from err
-        if not isinstance(row, dict):
-            raise SdtuneError(f"{path}: line {number} is not a JSON object")
+    rows = _jsonl_rows(path, setting=str(path.parent))
+    for number, row in enumerate(rows, start=1):
         if not isinstance(row.get("file_name"), str) or not row["file_name"].strip():
-            raise SdtuneError(f"{path}: line {number} has no 'file_name'")
-        rows.append(row)
+            raise SdtuneError(f"{path}: row {number} has no 'file_name'")
     return rows
 
 
@@ -123,6 +115,18 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+def _entry(index: int, root: Path, file_name: str, text: str, row: dict[str, Any]) -> Entry:
+    return Entry(
+        index=index,
+        file_name=file_name,
+        path=root / file_name,
+        text=text,
+        row=row,
+        width=_int(row.get("width")),
+        height=_int(row.get("height")),
+    )
+
+
 def load_entries(dst: str | Path, area: int | None = None, read_headers: bool = True) -> list[Entry]:
     """Every row of DST/metadata.jsonl as an `Entry`, in file order.
 
@@ -137,29 +141,49 @@ def load_entries(dst: str | Path, area: int | None = None, read_headers: bool = 
     key = caption_key(rows)
     entries = []
     for index, row in enumerate(rows):
-        file_name = row["file_name"]
-        entry = Entry(
-            index=index,
-            file_name=file_name,
-            path=root / file_name,
-            text=str(row.get(key) or "").strip(),
-            row=row,
-            width=_int(row.get("width")),
-            height=_int(row.get("height")),
-        )
+        entry = _entry(index, root, row["file_name"], str(row.get(key) or "").strip(), row)
         if not entry.path.is_file():
             entry.problem = "missing"
-            entries.append(entry)
-            continue
-        if (entry.width is None or entry.height is None) and read_headers:
-            try:
-                with Image.open(entry.path) as image:
-                    entry.width, entry.height = upright_size(image)
-            except IMAGE_ERRORS as err:
-                entry.problem = f"unreadable ({_first_line(err)})"
-        fill_bucket(entry, buckets, recompute=area is not None)
+        else:
+            if (entry.width is None or entry.height is None) and read_headers:
+                read_size(entry)
+            fill_bucket(entry, buckets, recompute=area is not None)
         entries.append(entry)
     return entries
+
+
+def load_folder(dst: str | Path, setting: str = "DST") -> list[Entry]:
+    """Every image of a folder in any layout `discover_records` reads, sorted by file name.
+
+    The layouts: metadata.jsonl or metadata.csv rows, or image files with optional .txt / .caption sidecars. When
+    metadata.jsonl has a row for the image, `row` is that row (with its bucket, width and height), else just
+    file_name and text. Reads no image. Raises SdtuneError as `discover_records` does (missing files, no images)
+    and for a saved `datasets` folder, which has no image files.
+    """
+    root = Path(dst).expanduser()
+    records = discover_records(root, setting=setting)
+    if any(record.table is not None for record in records):
+        raise SdtuneError(
+            f"{setting} '{dst}' is a saved datasets folder; it needs image files (run sdtune prep build)"
+        )
+    stored = {}
+    if (root / METADATA).is_file():
+        stored = {Path(row["file_name"]).as_posix(): row for row in read_rows(root)}
+    entries = []
+    for index, record in enumerate(records):
+        file_name = Path(record.path).relative_to(root).as_posix()
+        row = stored.get(file_name) or {"file_name": file_name, "text": record.caption}
+        entries.append(_entry(index, root, file_name, record.caption, row))
+    return entries
+
+
+def read_size(entry: Entry) -> None:
+    """Set the upright width and height from the image header, or `problem` when the image cannot be read."""
+    try:
+        with Image.open(entry.path) as image:
+            entry.width, entry.height = upright_size(image)
+    except IMAGE_ERRORS as err:
+        entry.problem = f"unreadable ({first_line(err)})"
 
 
 def fill_bucket(entry: Entry, buckets: list[Bucket], recompute: bool = False) -> None:
@@ -179,6 +203,19 @@ def fill_bucket(entry: Entry, buckets: list[Bucket], recompute: bool = False) ->
         entry.bucket = None
 
 
-def _first_line(err: BaseException) -> str:
+def bucket_order(bucket: str) -> tuple[float, str]:
+    """Sort key of "WxH" buckets: tall to wide, then by name."""
+    width, height = parse_bucket(bucket)
+    return width / height, bucket
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message for a one-line report: its first line, or its type when it has none."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def quote_names(names: Sequence[str], shown: int = 5) -> str:
+    """The first `shown` file names, comma-separated, and how many more there are."""
+    text = ", ".join(names[:shown])
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")

@@ -7,13 +7,18 @@ are compared and a build stays linear in the number of images for small d.
 
 A matching perceptual hash alone is not enough: flat or smooth images (solid colours, gradients) have nearly constant
 hashes whatever their colour, so candidates must also agree on an 8x8 colour thumbnail.
+
+The hashes and thumbnail are computed by `pixel_hash` and `perceptual_hash` below, in the decoding workers
+(`data_prep.images`); the index itself lives in the main process.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 HASH_BITS = 64
 # Mean absolute difference (0..255) of the 8x8 RGB thumbnails above which two images are never near-duplicates.
@@ -87,3 +92,46 @@ class DuplicateIndex:
         if self.max_distance >= 0:
             for table, key in self._keys(phash):
                 table.setdefault(key, []).append(index)
+
+
+# --- hashes --------------------------------------------------------------------------------------------------------
+
+
+def pixel_hash(image: Image.Image) -> bytes:
+    """128 bits, equal for exactly equal decoded pixels whatever the file format or metadata.
+
+    xxHash3 (installed with `datasets`) hashes a 768x768 image in ~0.03 ms, blake2b in ~1.7 ms: a third of a JPEG
+    decode. Collisions are not a concern at 128 bits; nothing here needs resistance to crafted inputs.
+    """
+    digest = _new_digest()
+    digest.update(f"{image.mode} {image.width}x{image.height}".encode())
+    digest.update(image.tobytes())
+    return digest.digest()
+
+
+try:
+    import xxhash
+
+    def _new_digest():
+        return xxhash.xxh3_128()
+
+except ImportError:  # pragma: no cover - datasets depends on xxhash
+
+    def _new_digest():
+        return hashlib.blake2b(digest_size=16)
+
+
+def perceptual_hash(image: Image.Image) -> tuple[int, bytes]:
+    """64-bit difference hash (dHash) and an 8x8 RGB thumbnail.
+
+    dHash: greyscale shrunk to 9x8, one bit per horizontal neighbour pair (is the right one brighter?). Rescaling
+    and recompression move at most a bit or two, while unrelated images are ~32 bits apart. (A DCT pHash moved up
+    to 8 bits on blocky images under a 6% resize.) Box-reducing to >=144 px first keeps it cheap on big images.
+    """
+    factor = min(image.size) // 144
+    small = image.reduce(factor) if factor > 1 else image
+    grey = np.asarray(small.convert("L").resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
+    bits = (grey[:, 1:] > grey[:, :-1]).ravel()
+    dhash = int.from_bytes(np.packbits(bits).tobytes(), "big")
+    thumb = small.resize((8, 8), Image.Resampling.BOX).tobytes()
+    return dhash, thumb

@@ -13,7 +13,6 @@ from the header, before any pixel is decoded.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import re
 import warnings
@@ -23,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from data_prep.dedupe import perceptual_hash, pixel_hash
+
 WHITE = (255, 255, 255)
 ORIENTATION = 0x0112
 # Formats PIL may try. Anything else (EPS runs Ghostscript, PDF, PSD, ...) is "not an image" here.
@@ -31,6 +32,7 @@ JPEG_SUFFIXES = (".jpg", ".jpeg")
 JPEG_QUALITY = 95
 PNG_COMPRESS_LEVEL = 3  # zlib level 6 (PIL's default) is ~3x slower for ~5% smaller files
 MODES_WITH_RGB_PROFILE = ("RGB", "RGBA", "RGBa", "P", "PA")  # an ICC profile of these still fits the RGB output
+BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 @dataclass(frozen=True)
@@ -49,12 +51,21 @@ class Processed:
     warnings: list[str] = field(default_factory=list)
     data: bytes = b""
     suffix: str = ""  # of the stored file: the source's own when it fits the stored format, else .png / .jpg
-    copied: bool = False  # `data` is the source file, byte for byte
     width: int = 0
     height: int = 0
     pixel_hash: bytes = b""  # of the decoded, normalised pixels (before --max-side)
     phash: int = 0  # 64-bit perceptual hash (dHash)
     thumb: bytes = b""  # 8x8 RGB, to tell apart images whose phash agrees but whose colours do not
+
+
+@dataclass
+class _Decoded:
+    """An upright 8-bit RGB image and what deciding how to store it needs to know about its source."""
+
+    rgb: Image.Image
+    jpeg: bool  # the source was a JPEG (or MPO), so the stored file is one too
+    clean: bool  # the source bytes already are this image, so they can be stored as they are
+    icc: bytes | None  # the source's colour profile, carried into a re-encoded file
 
 
 def process_image(path: str | Path, rel: str, settings: DecodeSettings) -> Processed:
@@ -68,84 +79,103 @@ def process_image(path: str | Path, rel: str, settings: DecodeSettings) -> Proce
 
 
 def _process(path: Path, rel: str, settings: DecodeSettings) -> Processed:
+    """Read, decode, hash and (when it must change) re-encode; a string from a step is the rejection reason."""
+    data = _read(path, settings.max_pixels)
+    if isinstance(data, str):
+        return Processed(rel, reason=data)
+    result = Processed(rel)
+    decoded = _decode(data, settings, result.warnings)
+    if isinstance(decoded, str):
+        return Processed(rel, reason=decoded)
+    rgb = decoded.rgb
+    result.pixel_hash = pixel_hash(rgb)
+    result.phash, result.thumb = perceptual_hash(rgb)
+    clean = decoded.clean
+    if settings.max_side and max(rgb.size) > settings.max_side:
+        rgb = downscale(rgb, settings.max_side)
+        clean = False
+    result.width, result.height = rgb.size
+    result.suffix = stored_suffix(rel, decoded.jpeg)
+    result.data = data if clean else encode(rgb, "JPEG" if decoded.jpeg else "PNG", decoded.icc)
+    return result
+
+
+def _read(path: Path, max_pixels: int) -> bytes | str:
+    """The file's bytes, or why they were not read: a file bigger than any image within the limit is not loaded."""
     try:
         size = path.stat().st_size
         # No image within the pixel limit is this big (16 bytes a pixel is float RGBA); a video named .jpg would be.
-        if size > settings.max_pixels * 16 + (64 << 20):
-            return Processed(rel, reason=f"too large: a {size / 1e9:.1f} GB file, above --max-pixels")
+        if size > max_pixels * 16 + (64 << 20):
+            return f"too large: a {size / 1e9:.1f} GB file, above --max-pixels"
         data = path.read_bytes()
     except OSError as err:
-        return Processed(rel, reason=f"could not be read ({err.strerror or _first_line(err)})")
-    if not data:
-        return Processed(rel, reason="zero bytes")
-    result = Processed(rel)
+        return f"could not be read ({err.strerror or _first_line(err)})"
+    return data or "zero bytes"
+
+
+def _decode(data: bytes, settings: DecodeSettings, notes: list[str]) -> _Decoded | str:
+    """The image upright in 8-bit RGB, or why not. Size limits are checked on the header, before decoding."""
     with _pixel_limit(settings.max_pixels), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's chatter about odd EXIF and the like is not the user's problem
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data), formats=_formats())
         except UnidentifiedImageError:
-            return Processed(rel, reason=f"not an image ({sniff(data)})")
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            return Processed(rel, reason=_bomb_reason(err, settings.max_pixels))
-        except Exception as err:  # noqa: BLE001 - a broken or cut-off header
-            return Processed(rel, reason=_load_failure(err))
+            return f"not an image ({sniff(data)})"
+        except Exception as err:  # noqa: BLE001 - a broken or cut-off header, or a bomb
+            return _failure(err, settings.max_pixels)
         with image:
-            width, height = image.size
-            if width * height > settings.max_pixels:
-                return Processed(rel, reason=_too_large(width, height, settings.max_pixels))
-            if min(width, height) < settings.min_side:
-                return Processed(
-                    rel, reason=f"too small: {width}x{height}, shorter side below --min-side {settings.min_side}"
-                )
-            source_format, source_mode = image.format, image.mode
-            try:
-                animated = bool(getattr(image, "is_animated", False))
-            except Exception:  # noqa: BLE001 - a broken second frame; the first may still be fine
-                animated = False
-            if animated and source_format != "MPO":  # MPO's second frame is a depth map or stereo pair
-                kind = "multi-page" if source_format == "TIFF" else "animated"
-                result.warnings.append(f"{kind} {source_format}: kept the first frame only")
-            clean = _is_clean(image, animated)
-            try:
-                image.load()
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-                return Processed(rel, reason=_bomb_reason(err, settings.max_pixels))
-            except Exception as err:  # noqa: BLE001
-                return Processed(rel, reason=_load_failure(err))
-            orientation = image.getexif().get(ORIENTATION, 1)
-            icc = image.info.get("icc_profile") if source_mode in MODES_WITH_RGB_PROFILE else None
-            if orientation not in (None, 1):
-                clean = False
-                image = ImageOps.exif_transpose(image)
-            rgb = to_rgb(image, result.warnings)
+            return _size_problem(image.size, settings) or _normalise(image, settings.max_pixels, notes)
 
-    if rgb is not image:
-        clean = False
-    result.pixel_hash = pixel_hash(rgb)
-    result.phash, result.thumb = perceptual_hash(rgb)
-    if settings.max_side and max(rgb.size) > settings.max_side:
-        rgb = downscale(rgb, settings.max_side)
-        clean = False
-    result.width, result.height = rgb.size
 
-    jpeg = source_format in ("JPEG", "MPO")
+def _size_problem(size: tuple[int, int], settings: DecodeSettings) -> str | None:
+    """Why an image of this size (from its header) is rejected; None when it is fine."""
+    width, height = size
+    if width * height > settings.max_pixels:
+        pixels, limit = _megapixels(width * height), _megapixels(settings.max_pixels)
+        return f"too large: {width}x{height} = {pixels}, above --max-pixels {limit}"
+    if min(width, height) < settings.min_side:
+        return f"too small: {width}x{height}, shorter side below --min-side {settings.min_side}"
+    return None
+
+
+def _normalise(image: Image.Image, max_pixels: int, notes: list[str]) -> _Decoded | str:
+    """Decode the first frame, apply EXIF orientation, convert to RGB; note what the user may not expect."""
+    source_format = image.format
+    try:
+        animated = bool(getattr(image, "is_animated", False))
+    except Exception:  # noqa: BLE001 - a broken second frame; the first may still be fine
+        animated = False
+    if animated and source_format != "MPO":  # MPO's second frame is a depth map or stereo pair
+        kind = "multi-page" if source_format == "TIFF" else "animated"
+        notes.append(f"{kind} {source_format}: kept the first frame only")
+    clean = _is_clean(image, animated)
+    source_mode = image.mode
+    try:
+        image.load()
+    except Exception as err:  # noqa: BLE001 - truncated or corrupt pixel data, or a bomb
+        return _failure(err, max_pixels)
+    icc = image.info.get("icc_profile") if source_mode in MODES_WITH_RGB_PROFILE else None
+    if image.getexif().get(ORIENTATION, 1) not in (None, 1):
+        clean = False
+        image = ImageOps.exif_transpose(image)
+    rgb = to_rgb(image, notes)
+    return _Decoded(rgb, jpeg=source_format in ("JPEG", "MPO"), clean=clean and rgb is image, icc=icc)
+
+
+def stored_suffix(rel: str, jpeg: bool) -> str:
+    """The source's own suffix when it names the stored format (.jpeg and .JPG stay), else .jpg or .png."""
     suffix = Path(rel).suffix
     if jpeg:
-        result.suffix = suffix if suffix.lower() in JPEG_SUFFIXES else ".jpg"
-    else:
-        result.suffix = suffix if suffix.lower() == ".png" else ".png"
-    if clean:
-        result.data, result.copied = data, True
-    else:
-        result.data = encode(rgb, "JPEG" if jpeg else "PNG", icc)
-    return result
+        return suffix if suffix.lower() in JPEG_SUFFIXES else ".jpg"
+    return suffix if suffix.lower() == ".png" else ".png"
 
 
 # --- decoding helpers ----------------------------------------------------------------------------------------------
 
 
 def _formats() -> list[str]:
+    """SAFE_FORMATS this Pillow build can open: format sniffing must never reach a plugin that runs a program."""
     Image.init()
     return [name for name in SAFE_FORMATS if name in Image.OPEN]
 
@@ -162,20 +192,16 @@ def _pixel_limit(max_pixels: int):
 
 
 def _megapixels(pixels: int) -> str:
+    """'120 MP', '2.5 MP': as precise as a rejection reason needs."""
     return f"{pixels / 1e6:.0f} MP" if pixels >= 10e6 else f"{pixels / 1e6:.1f} MP"
 
 
-def _too_large(width: int, height: int, max_pixels: int) -> str:
-    return f"too large: {width}x{height} = {_megapixels(width * height)}, above --max-pixels {_megapixels(max_pixels)}"
-
-
-def _bomb_reason(err: Exception, max_pixels: int) -> str:
-    found = re.search(r"\((\d+) pixels\)", str(err))
-    size = f" {_megapixels(int(found.group(1)))}," if found else ""
-    return f"too large:{size} above --max-pixels {_megapixels(max_pixels)} (not decoded)"
-
-
-def _load_failure(err: Exception) -> str:
+def _failure(err: Exception, max_pixels: int) -> str:
+    """Why PIL could not open or load a file: over the pixel limit, truncated, or otherwise corrupt."""
+    if isinstance(err, BOMB_ERRORS):
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        size = f" {_megapixels(int(found.group(1)))}," if found else ""
+        return f"too large:{size} above --max-pixels {_megapixels(max_pixels)} (not decoded)"
     message = _first_line(err)
     lowered = message.lower()
     if isinstance(err, EOFError) or "truncated" in lowered or "broken data stream" in lowered or "eof" in lowered:
@@ -184,6 +210,7 @@ def _load_failure(err: Exception) -> str:
 
 
 def _first_line(err: BaseException) -> str:
+    """An exception in at most 200 characters of one line, so a report stays readable."""
     text = str(err).strip().splitlines()
     return (text[0] if text else type(err).__name__)[:200]
 
@@ -225,8 +252,10 @@ def _is_clean(image: Image.Image, animated: bool) -> bool:
 # --- normalisation -------------------------------------------------------------------------------------------------
 
 
-def to_rgb(image: Image.Image, notes: list[str] | None = None) -> Image.Image:
-    """8-bit RGB; the image itself when it already is. Transparency becomes white, 16-bit values are scaled."""
+def to_rgb(image: Image.Image, notes: list[str]) -> Image.Image:
+    """8-bit RGB; the image itself when it already is. Transparency becomes white, 16-bit values are scaled.
+
+    `notes` gets a line when values had to be stretched, which changes how the image looks."""
     mode = image.mode
     if mode == "RGB" and "transparency" not in image.info:
         return image
@@ -248,7 +277,7 @@ def to_rgb(image: Image.Image, notes: list[str] | None = None) -> Image.Image:
     return image.convert("RGB")
 
 
-def _to_uint8(values: np.ndarray, mode: str, notes: list[str] | None) -> np.ndarray:
+def _to_uint8(values: np.ndarray, mode: str, notes: list[str]) -> np.ndarray:
     """Greyscale of any depth to 0..255, using the range the format implies rather than clipping."""
     if mode.startswith("I;16"):
         return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
@@ -259,8 +288,7 @@ def _to_uint8(values: np.ndarray, mode: str, notes: list[str] | None) -> np.ndar
         return np.rint(values).astype(np.uint8)
     if 0 <= low and high <= 65535:
         return np.rint(values.astype(np.float64) / 257.0).astype(np.uint8)
-    if notes is not None:
-        notes.append(f"{mode} values {low:g}..{high:g} stretched to 0..255")
+    notes.append(f"{mode} values {low:g}..{high:g} stretched to 0..255")
     span = high - low or 1.0
     return np.rint((values.astype(np.float64) - low) * (255.0 / span)).astype(np.uint8)
 
@@ -283,12 +311,15 @@ def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
 
 
 def downscale(image: Image.Image, max_side: int) -> Image.Image:
+    """LANCZOS to a longer side of `max_side`; reducing_gap=3 box-reduces by whole factors first, which is faster
+    and (per Pillow's docs) in most cases indistinguishable from plain resampling."""
     scale = max_side / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
 def encode(image: Image.Image, fmt: str, icc_profile: bytes | None = None) -> bytes:
+    """The bytes of a re-encoded file: JPEG sources stay JPEG (quality 95), all others become lossless PNG."""
     buffer = io.BytesIO()
     extra = {"icc_profile": icc_profile} if icc_profile else {}
     if fmt == "JPEG":
@@ -296,46 +327,3 @@ def encode(image: Image.Image, fmt: str, icc_profile: bytes | None = None) -> by
     else:
         image.save(buffer, "PNG", compress_level=PNG_COMPRESS_LEVEL, **extra)
     return buffer.getvalue()
-
-
-# --- hashes --------------------------------------------------------------------------------------------------------
-
-
-def pixel_hash(image: Image.Image) -> bytes:
-    """128 bits, equal for exactly equal decoded pixels whatever the file format or metadata.
-
-    xxHash3 (installed with `datasets`) hashes a 768x768 image in ~0.03 ms, blake2b in ~1.7 ms: a third of a JPEG
-    decode. Collisions are not a concern at 128 bits; nothing here needs resistance to crafted inputs.
-    """
-    digest = _new_digest()
-    digest.update(f"{image.mode} {image.width}x{image.height}".encode())
-    digest.update(image.tobytes())
-    return digest.digest()
-
-
-try:
-    import xxhash
-
-    def _new_digest():
-        return xxhash.xxh3_128()
-
-except ImportError:  # pragma: no cover - datasets depends on xxhash
-
-    def _new_digest():
-        return hashlib.blake2b(digest_size=16)
-
-
-def perceptual_hash(image: Image.Image) -> tuple[int, bytes]:
-    """64-bit difference hash (dHash) and an 8x8 RGB thumbnail.
-
-    dHash: greyscale shrunk to 9x8, one bit per horizontal neighbour pair (is the right one brighter?). Rescaling
-    and recompression move at most a bit or two, while unrelated images are ~32 bits apart. (A DCT pHash moved up
-    to 8 bits on blocky images under a 6% resize.) Box-reducing to >=144 px first keeps it cheap on big images.
-    """
-    factor = min(image.size) // 144
-    small = image.reduce(factor) if factor > 1 else image
-    grey = np.asarray(small.convert("L").resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
-    bits = (grey[:, 1:] > grey[:, :-1]).ravel()
-    dhash = int.from_bytes(np.packbits(bits).tobytes(), "big")
-    thumb = small.resize((8, 8), Image.Resampling.BOX).tobytes()
-    return dhash, thumb

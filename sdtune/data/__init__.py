@@ -1,8 +1,23 @@
-"""Captioned image data: record discovery, subsets, caption augmentation, transforms and the DataModule."""
+"""Captioned image data: record discovery, subsets, caption augmentation, transforms and the DataModule.
 
-from sdtune.data.captions import process_caption
-from sdtune.data.datamodule import CaptionDataModule
-from sdtune.data.dataset import CaptionDataset, EpochSampler
-from sdtune.data.subsets import Subset
+The names below load on first use: the dataset tools import `sdtune.data.buckets` or `records` without paying for
+Lightning and torch at start-up.
+"""
 
-__all__ = ["CaptionDataModule", "CaptionDataset", "EpochSampler", "Subset", "process_caption"]
+from importlib import import_module
+
+_LAZY = {
+    "CaptionDataModule": "sdtune.data.datamodule",
+    "CaptionDataset": "sdtune.data.dataset",
+    "EpochSampler": "sdtune.data.dataset",
+    "Subset": "sdtune.data.subsets",
+    "process_caption": "sdtune.data.captions",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sdtune.data' has no attribute '{name}'")

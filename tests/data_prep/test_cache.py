@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 
 import data_prep.cache as cache
-from data_prep.cache import CacheSettings, build_cache, load_cache_entry, open_cache, sample_latents
+import data_prep.cache_encode as cache_encode
+from data_prep.cache import CacheSettings, build_cache
+from data_prep.cache_index import load_cache_entry, open_cache, sample_latents
 from sdtune.cli import main as sdtune_main
 from sdtune.data.buckets import assign_bucket, make_buckets
 from sdtune.errors import SdtuneError
@@ -255,7 +257,7 @@ def test_another_or_changed_model_gets_a_new_key(tmp_path, tiny_model_dir):
 def test_interrupted_run_resumes_with_complete_entries_only(tmp_path, tiny_model_dir, monkeypatch):
     dst = make_dst(tmp_path / "dst")
     settings = CacheSettings(area=AREA, bucket_step=STEP, batch_size=1)
-    real_encode, calls = cache._encode_latents, []
+    real_encode, calls = cache_encode._encode_latents, []
 
     def crash_after_two(vae, pixels):
         if len(calls) == 2:
@@ -263,7 +265,7 @@ def test_interrupted_run_resumes_with_complete_entries_only(tmp_path, tiny_model
         calls.append(1)
         return real_encode(vae, pixels)
 
-    monkeypatch.setattr(cache, "_encode_latents", crash_after_two)
+    monkeypatch.setattr(cache_encode, "_encode_latents", crash_after_two)
     with pytest.raises(RuntimeError, match="simulated crash"):
         build_cache(dst, str(tiny_model_dir), settings=settings)
     model_dir = next((dst / "cache").iterdir())
@@ -273,7 +275,7 @@ def test_interrupted_run_resumes_with_complete_entries_only(tmp_path, tiny_model
     assert not (model_dir / "index.jsonl").exists()  # no index for a run that did not finish
     (model_dir / "latents" / ".deadbeef.12345.tmp").write_bytes(b"half an entry from a killed run")
 
-    monkeypatch.setattr(cache, "_encode_latents", real_encode)
+    monkeypatch.setattr(cache_encode, "_encode_latents", real_encode)
     index = build_cache(dst, str(tiny_model_dir), settings=settings)
     assert index.counts["latents_computed"] == 2 and index.counts["latents_reused"] == 2
     assert sorted(p.name for p in model_dir.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")) == []

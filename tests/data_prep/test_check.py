@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data_prep.check import check_dataset, estimate_tokens, format_table
+from data_prep.check import check_dataset, format_table
+from data_prep.check_captions import estimate_tokens
 from data_prep.dataset import load_entries
 from sdtune.cli import main
 from sdtune.data.buckets import assign_bucket, format_bucket, make_buckets
