@@ -1,4 +1,4 @@
-"""The `sdtune` command: `fit` and `validate` through LightningCLI, plus `ls`, `cp` and `demo`."""
+"""The `sdtune` command: `fit` and `validate` through LightningCLI, plus `ls`, `cp`, `sample`, `demo` and `prep`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ commands:
   cp          copy a packaged recipe to edit it
   fit         train with a recipe (LightningCLI)
   validate    compute the validation loss of a model/adapter (LightningCLI)
+  sample      images from a model + adapters: text-to-image, image-to-image, inpainting
   demo        offline end-to-end demo on a tiny model (CPU, a few minutes)
   prep        dataset tools: build, check, caption, cache, shapes (`sdtune prep --help`)
 
@@ -28,6 +29,8 @@ examples:
   sdtune fit --config sd15/lora --model.pretrained stable-diffusion-v1-5/stable-diffusion-v1-5 \\
              --data.root ./my_dataset --trainer.max_steps 1500 --trainer.default_root_dir runs/my_lora
   sdtune fit --config sd15/lora ... --ckpt_path last        # resume that run
+  sdtune sample --model stable-diffusion-v1-5/stable-diffusion-v1-5 --adapter runs/my_lora/adapter:0.8 \\
+                --prompt "a photo of sks dog" --seed 0 --seed 1 --out samples/my_lora
 
 Run `sdtune <command> --help` for a command's options.
 """
@@ -110,6 +113,12 @@ def cmd_lightning(subcommand: str, args: list[str]) -> int:
     return 0
 
 
+def cmd_sample(args: list[str]) -> int:
+    from sdtune.sample_cli import main as sample_main
+
+    return sample_main(args)
+
+
 def cmd_demo(args: list[str]) -> int:
     from sdtune.demo import main as demo_main
 
@@ -134,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"ls": cmd_ls, "cp": cmd_cp, "demo": cmd_demo, "prep": cmd_prep}
+    commands = {"ls": cmd_ls, "cp": cmd_cp, "sample": cmd_sample, "demo": cmd_demo, "prep": cmd_prep}
     try:
         if command in ("fit", "validate"):
             return cmd_lightning(command, rest)

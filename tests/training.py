@@ -22,3 +22,19 @@ def fit(model, data, steps, tmp_path, ckpt_path=None, **trainer):
 
 def trainable(model):
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def trained_adapter(tiny_model_dir, out, std=0.1, **settings):
+    """A 'trained' adapter folder: a LoRAFineTune with every LoRA B made non-zero, saved in the diffusers format."""
+    import torch
+
+    from sdtune.finetune import LoRAFineTune
+
+    model = LoRAFineTune(str(tiny_model_dir), **settings)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    model.save_weights(out)
+    return out

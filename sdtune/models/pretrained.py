@@ -118,3 +118,24 @@ def load_inference_scheduler(pretrained: str, revision: str | None = None):
     config = _load(DDPMScheduler.load_config, source, "scheduler", revision=revision)
     scheduler_class = getattr(diffusers, config.get("_class_name") or "DDPMScheduler", DDPMScheduler)
     return _load(scheduler_class, source, "scheduler", revision=revision)
+
+
+def load_pipeline(
+    pretrained: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+):
+    """A StableDiffusionPipeline for sampling: every component in `dtype` (on `device`), the checkpoint's own inference
+    scheduler, no safety checker. Built from the same one-line-error loaders as training, so a missing directory,
+    an uncached Hub id offline or a missing subfolder is one clear line, never a traceback."""
+    from diffusers import StableDiffusionPipeline
+
+    parts = load_stable_diffusion(pretrained, revision=revision, variant=variant, dtype=dtype)
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+        scheduler=load_inference_scheduler(pretrained, revision=revision),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    return pipe.to(device) if device is not None else pipe
