@@ -1,7 +1,8 @@
 """LightningCLI wiring for `sdtune fit` and `sdtune validate`.
 
 What sdtune adds to a plain LightningCLI: a ModelCheckpoint (`--checkpoint.*`, `save_last` on) writing to the fixed
-folder `<run dir>/checkpoints`, a SaveAdapter callback (`--adapter.*`), TensorBoard logs in `<run dir>/logs`, the
+folder `<run dir>/checkpoints`, a SaveAdapter callback (`--adapter.*`), a SampleImages callback (`--samples.*`, off
+unless the config's `samples:` block or `--samples.enabled true` turns it on), TensorBoard logs in `<run dir>/logs`, the
 resolved config in `<run dir>/config.yaml` (rewritten on resume), and the model's `pretrained` linked to the data
 module so both use the same tokenizer.
 """
@@ -21,8 +22,9 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 
-from sdtune.callbacks import SaveAdapter, SaveRunConfig
+from sdtune.callbacks import SampleImages, SaveAdapter, SaveRunConfig
 from sdtune.errors import SdtuneError
 
 
@@ -71,6 +73,8 @@ class SdtuneCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1, "checkpoint.every_n_train_steps": 500})
         parser.add_lightning_class_args(SaveAdapter, "adapter")
+        parser.add_lightning_class_args(SampleImages, "samples")
+        parser.set_defaults({"samples.enabled": False})
         parser.link_arguments("model.init_args.pretrained", "data.init_args.pretrained")
         parser.link_arguments("model.init_args.revision", "data.init_args.revision")
 
@@ -92,6 +96,12 @@ class SdtuneCLI(LightningCLI):
         checkpoint: ModelCheckpoint = config.checkpoint
         if checkpoint.dirpath is None:
             checkpoint.dirpath = os.path.realpath(root / "checkpoints")
+        if checkpoint.monitor is not None and checkpoint._every_n_train_steps:
+            # A step-triggered save runs before that step's validation and would be scored with the previous
+            # val/loss; saving when validation ends scores every checkpoint by its own.
+            checkpoint._every_n_train_steps = 0
+            checkpoint._every_n_epochs = max(1, checkpoint._every_n_epochs)
+            rank_zero_info(f"checkpoint.monitor={checkpoint.monitor}: checkpoints are saved after each validation")
         if config.trainer.logger in (None, True):
             kwargs["logger"] = TensorBoardLogger(save_dir=str(root), name="logs", version="")
         return super().instantiate_trainer(**kwargs)

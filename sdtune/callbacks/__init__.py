@@ -1,6 +1,7 @@
 """Optional behaviour around training, one callback a file; each can be switched off alone."""
 
+from sdtune.callbacks.sample_images import SampleImages
 from sdtune.callbacks.save_adapter import SaveAdapter
 from sdtune.callbacks.save_config import SaveRunConfig
 
-__all__ = ["SaveAdapter", "SaveRunConfig"]
+__all__ = ["SampleImages", "SaveAdapter", "SaveRunConfig"]
