@@ -193,10 +193,12 @@ class DiffusionFineTune(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["pixel_values"].shape[0])
         return loss
 
+    def validation_generator(self, batch_idx: int) -> torch.Generator:
+        """Fixed noise and timesteps per validation batch, so validation curves (and adapters) compare like with like."""
+        return torch.Generator(self.device).manual_seed(1_000_003 + batch_idx)
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        # Fixed noise and timesteps per batch, so validation curves compare like with like.
-        generator = torch.Generator(self.device).manual_seed(1_000_003 + batch_idx)
-        loss = self.diffusion_loss(batch, generator)
+        loss = self.diffusion_loss(batch, self.validation_generator(batch_idx))
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["pixel_values"].shape[0])
         return loss
 
