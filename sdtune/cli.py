@@ -1,4 +1,4 @@
-"""The `sdtune` command: `fit` and `validate` through LightningCLI, plus `ls`, `cp`, `sample`, `demo` and `prep`."""
+"""The `sdtune` command: `fit` and `validate` through LightningCLI, plus `ls`, `cp`, `sample`, `evaluate`, `demo` and `prep`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ commands:
   fit         train with a recipe (LightningCLI)
   validate    compute the validation loss of a model/adapter (LightningCLI)
   sample      images from a model + adapters: text-to-image, image-to-image, inpainting
+  evaluate    base vs adapters on the same prompts and seeds: grid, CLIP score, validation loss, report
   demo        offline end-to-end demo on a tiny model (CPU, a few minutes)
   prep        dataset tools: build, check, caption, cache, shapes (`sdtune prep --help`)
 
@@ -113,6 +114,12 @@ def cmd_lightning(subcommand: str, args: list[str]) -> int:
     return 0
 
 
+def cmd_evaluate(args: list[str]) -> int:
+    from sdtune.evaluate_cli import main as evaluate_main
+
+    return evaluate_main(args)
+
+
 def cmd_sample(args: list[str]) -> int:
     from sdtune.sample_cli import main as sample_main
 
@@ -143,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"ls": cmd_ls, "cp": cmd_cp, "sample": cmd_sample, "demo": cmd_demo, "prep": cmd_prep}
+    commands = {"ls": cmd_ls, "cp": cmd_cp, "sample": cmd_sample, "evaluate": cmd_evaluate, "demo": cmd_demo, "prep": cmd_prep}
     try:
         if command in ("fit", "validate"):
             return cmd_lightning(command, rest)

@@ -42,18 +42,13 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one `sdtune: error:` line like every other bad input."""
 
     def error(self, message: str):
-        raise SdtuneError(f"{message} (see `sdtune sample --help`)")
+        raise SdtuneError(f"{message} (see `{self.prog} --help`)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model, adapters, prompts and sampling settings: what `sample` and `evaluate` share."""
     from sdtune.sampling import SCHEDULERS
 
-    parser = _Parser(
-        prog="sdtune sample",
-        description=__doc__,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True, metavar="PRETRAINED", help="diffusers model directory or Hub id")
     model.add_argument("--revision", help="Hub revision (branch, tag or commit)")
@@ -73,7 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--height", type=int, help="image height (default: the UNet's native size)")
     run.add_argument("--clip-skip", type=int, default=1, help="use the k-th last text-encoder layer (1 = last; 2 for NovelAI-style models)")
     run.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available, else cpu")
-    run.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (the VAE always decodes in float32)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="sdtune sample",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_arguments(parser)
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (the VAE always decodes in float32)")
     image = parser.add_argument_group("image-to-image and inpainting")
     image.add_argument("--init-image", metavar="IMG", help="start from this image (resized to --width × --height)")
     image.add_argument("--strength", type=float,
@@ -119,6 +124,42 @@ def read_prompts_file(path: Path, negative_prompt: str | None) -> list[PromptSpe
     if not out:
         raise SdtuneError(f"--prompts-file {path} has no prompts")
     return out
+
+
+def check_common(ns: argparse.Namespace) -> tuple[list[PromptSpec], list[int]]:
+    """Prompts and seeds from the shared flags, and the checks that need no model."""
+    if ns.prompt and ns.prompts_file:
+        raise SdtuneError("pass --prompt or --prompts-file, not both")
+    if ns.prompts_file:
+        prompts = read_prompts_file(Path(ns.prompts_file), ns.negative_prompt)
+    elif ns.prompt:
+        prompts = [PromptSpec(p, ns.negative_prompt) for p in ns.prompt]
+    else:
+        raise SdtuneError("no prompt: pass --prompt TEXT or --prompts-file FILE")
+    if ns.steps < 1:
+        raise SdtuneError(f"--steps must be at least 1, got {ns.steps}")
+    if ns.clip_skip < 1:
+        raise SdtuneError(f"--clip-skip must be at least 1 (1 = the last layer), got {ns.clip_skip}")
+    for flag, value in (("--width", ns.width), ("--height", ns.height)):
+        if value is not None and value < 1:
+            raise SdtuneError(f"{flag} must be positive, got {value}")
+    return prompts, ns.seed if ns.seed is not None else [0]
+
+
+def image_size(pipe, ns: argparse.Namespace) -> tuple[int, int]:
+    """--width/--height or the UNet's native size, checked against the VAE factor and the text encoder's depth."""
+    from sdtune.sampling import default_size, vae_scale_factor
+
+    factor = vae_scale_factor(pipe)
+    native_width, native_height = default_size(pipe)
+    width, height = ns.width or native_width, ns.height or native_height
+    for flag, value in (("--width", width), ("--height", height)):
+        if value % factor:
+            raise SdtuneError(f"{flag} {value} is not a multiple of {factor} (this model's VAE factor); try {max(factor, value // factor * factor)}")
+    layers = pipe.text_encoder.config.num_hidden_layers
+    if ns.clip_skip > layers:
+        raise SdtuneError(f"--clip-skip {ns.clip_skip} is more than the text encoder's {layers} layers")
+    return width, height
 
 
 def parse_adapter(text: str):
@@ -182,22 +223,7 @@ def main(args: list[str]) -> int:
     ns = build_parser().parse_args(args)
 
     # Everything that can be checked without the model is checked first: a typo fails in a second, not after a load.
-    if ns.prompt and ns.prompts_file:
-        raise SdtuneError("pass --prompt or --prompts-file, not both")
-    if ns.prompts_file:
-        prompts = read_prompts_file(Path(ns.prompts_file), ns.negative_prompt)
-    elif ns.prompt:
-        prompts = [PromptSpec(p, ns.negative_prompt) for p in ns.prompt]
-    else:
-        raise SdtuneError("no prompt: pass --prompt TEXT or --prompts-file FILE")
-    seeds = ns.seed if ns.seed is not None else [0]
-    if ns.steps < 1:
-        raise SdtuneError(f"--steps must be at least 1, got {ns.steps}")
-    if ns.clip_skip < 1:
-        raise SdtuneError(f"--clip-skip must be at least 1 (1 = the last layer), got {ns.clip_skip}")
-    for flag, value in (("--width", ns.width), ("--height", ns.height)):
-        if value is not None and value < 1:
-            raise SdtuneError(f"{flag} must be positive, got {value}")
+    prompts, seeds = check_common(ns)
     adapters = [parse_adapter(text) for text in ns.adapter]
     if ns.mask is not None and ns.init_image is None:
         raise SdtuneError("--mask needs --init-image (the image to inpaint)")
@@ -226,20 +252,12 @@ def main(args: list[str]) -> int:
     import torch
 
     from sdtune.models.pretrained import load_pipeline
-    from sdtune.sampling import default_size, iter_images, load_adapters, make_scheduler, prepare_condition, vae_scale_factor
+    from sdtune.sampling import iter_images, load_adapters, make_scheduler, prepare_condition
 
     pipe = load_pipeline(ns.model, revision=ns.revision, variant=ns.variant, dtype=getattr(torch, ns.dtype), device=device)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = make_scheduler(ns.scheduler, pipe.scheduler.config)
-    factor = vae_scale_factor(pipe)
-    native_width, native_height = default_size(pipe)
-    image_width, image_height = ns.width or native_width, ns.height or native_height
-    for flag, value in (("--width", image_width), ("--height", image_height)):
-        if value % factor:
-            raise SdtuneError(f"{flag} {value} is not a multiple of {factor} (this model's VAE factor); try {max(factor, value // factor * factor)}")
-    layers = pipe.text_encoder.config.num_hidden_layers
-    if ns.clip_skip > layers:
-        raise SdtuneError(f"--clip-skip {ns.clip_skip} is more than the text encoder's {layers} layers")
+    image_width, image_height = image_size(pipe, ns)
     adapter_names = load_adapters(pipe, adapters)
     condition = None
     if init_image is not None:

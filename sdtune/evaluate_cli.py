@@ -1,0 +1,162 @@
+"""`sdtune evaluate`: the base model and each adapter side by side, on the same prompts and seeds.
+
+Writes one labelled grid (rows: prompt × model, columns: seeds), the images, `metrics.json` (CLIP score with
+--clip-model, validation loss on a dataset with --data) and `report.html` showing both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import shlex
+from pathlib import Path
+
+from sdtune.errors import SdtuneError
+from sdtune.sample_cli import _Parser, add_common_arguments, check_common, image_size, parse_adapter, slug
+
+EPILOG = """examples:
+  sdtune evaluate --model stable-diffusion-v1-5/stable-diffusion-v1-5 --adapter runs/my_lora/adapter \\
+                  --adapter runs/my_lora/adapter/step_000500 --prompts-file prompts.txt --seed 0 --seed 1 \\
+                  --clip-model openai/clip-vit-large-patch14 --data data/my_dog_val --out eval/my_lora
+  sdtune evaluate --model ./my_model --adapter a.safetensors --adapter b.safetensors:0.7 --prompt "sks dog" --out eval/ab
+
+Every model sees the same prompts, seeds and scheduler. --clip-model adds the CLIP score (100 · cosine of image and
+prompt embeddings, averaged); --data adds the validation loss on a dataset at fixed noise and timesteps (the same
+draws for every model, as `val/loss` in training). --adapter PATH[:SCALE] is repeatable; each is compared alone.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sdtune evaluate", description=__doc__, epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_common_arguments(parser)
+    metrics = parser.add_argument_group("metrics")
+    metrics.add_argument("--clip-model", metavar="PATH_OR_ID", help="CLIP model for the CLIP score (e.g. openai/clip-vit-large-patch14)")
+    metrics.add_argument("--data", metavar="DST", help="dataset folder for the validation loss (any layout data.root reads)")
+    metrics.add_argument("--resolution", type=int, help="validation-loss crop size (default: the sample width)")
+    metrics.add_argument("--batch-size", type=int, default=4, help="validation-loss batch size (default: 4)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", required=True, metavar="DIR", help="folder for grid.png, images/, metrics.json, report.html")
+    out.add_argument("--overwrite", action="store_true", help="replace a previous evaluation in --out")
+    return parser
+
+
+def main(args: list[str]) -> int:
+    ns = build_parser().parse_args(args)
+    prompts, seeds = check_common(ns)
+    adapters = [parse_adapter(text) for text in ns.adapter]
+    if not adapters:
+        raise SdtuneError("no --adapter to compare with the base model (pass one or more)")
+    if ns.data is not None and not Path(ns.data).is_dir():
+        raise SdtuneError(f"--data {ns.data} is not a folder")
+    out = Path(ns.out)
+    if (out / "metrics.json").exists() and not ns.overwrite:
+        raise SdtuneError(f"{out} already holds an evaluation; pass --overwrite or choose another --out")
+
+    import torch
+
+    from sdtune.finetune.base import DiffusionFineTune
+    from sdtune.grid import make_grid
+    from sdtune.sampling import generate, load_adapters, make_scheduler, pipeline_from_parts
+
+    device = "cuda" if ns.device == "auto" and torch.cuda.is_available() else ("cpu" if ns.device == "auto" else ns.device)
+    # One copy of the weights: the loss module's parts are the pipeline's, so an adapter loaded into the pipeline
+    # is the adapter the validation loss sees.
+    module = DiffusionFineTune(ns.model, revision=ns.revision, variant=ns.variant, clip_skip=ns.clip_skip).to(device)
+    scheduler = make_scheduler(ns.scheduler, module.noise_scheduler.config)
+    pipe = pipeline_from_parts(module.vae, module.text_encoder, module.tokenizer, module.unet, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    width, height = image_size(pipe, ns)
+    clip = _load_clip(ns.clip_model, device)
+    batches = _validation_batches(ns, module, width) if ns.data else None
+
+    variants = [("base", None)] + [(f"{a.path.name}" + (f" @{a.scale:g}" if a.scale != 1 else ""), a) for a in adapters]
+    results, rows, labels = [], [[] for _ in prompts], [[] for _ in prompts]
+    out.mkdir(parents=True, exist_ok=True)
+    for number, (name, adapter) in enumerate(variants):
+        pipe.unload_lora_weights()
+        if adapter is not None:
+            load_adapters(pipe, [adapter])
+        images = generate(
+            pipe, [p.prompt for p in prompts], seeds, steps=ns.steps, guidance_scale=ns.guidance, height=height,
+            width=width, negative_prompt=ns.negative_prompt, clip_skip=ns.clip_skip,
+        )  # fmt: skip
+        result = {"name": name, "adapter": str(adapter.path) if adapter else None, "scale": adapter.scale if adapter else None,
+                  "images": []}  # fmt: skip
+        folder = out / "images" / f"{number}_{slug(name)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for p, row in enumerate(images):
+            rows[p].append(row)
+            labels[p].append(f"{name}: {prompts[p].prompt}")
+            for seed, image in zip(seeds, row):
+                path = folder / f"{p}_s{seed}.png"
+                image.save(path)
+                result["images"].append({"prompt": prompts[p].prompt, "seed": seed, "file": str(path.relative_to(out))})
+        if clip is not None:
+            from sdtune.metrics import clip_scores
+
+            flat = [(prompts[p].prompt, image) for p, row in enumerate(images) for image in row]
+            scores = clip_scores(*clip, [image for _, image in flat], [prompt for prompt, _ in flat])
+            result["clip_score"] = sum(scores) / len(scores)
+        if batches is not None:
+            from sdtune.evaluation import dataset_loss
+
+            result["val_loss"] = dataset_loss(module, batches)
+        results.append(result)
+        print(f"{name}: " + ", ".join(f"{k} {result[k]:.4f}" for k in ("clip_score", "val_loss") if k in result), flush=True)
+    pipe.unload_lora_weights()
+
+    grid_rows = [row for p in range(len(prompts)) for row in rows[p]]
+    grid_labels = [label for p in range(len(prompts)) for label in labels[p]]
+    make_grid(grid_rows, grid_labels, [f"seed {s}" for s in seeds]).save(out / "grid.png")
+    metrics = {
+        "command": shlex.join(["sdtune", "evaluate", *args]),
+        "model": {"pretrained": ns.model, "revision": ns.revision, "variant": ns.variant},
+        "settings": {"steps": ns.steps, "guidance": ns.guidance, "scheduler": ns.scheduler, "width": width,
+                     "height": height, "clip_skip": ns.clip_skip, "seeds": seeds, "clip_model": ns.clip_model,
+                     "data": ns.data, "negative_prompt": ns.negative_prompt},  # fmt: skip
+        "prompts": [p.prompt for p in prompts],
+        "models": results,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    (out / "report.html").write_text(_report(metrics), encoding="utf-8")
+    print(f"wrote grid.png, metrics.json and report.html to {out}")
+    return 0
+
+
+def _load_clip(source: str | None, device: str):
+    if source is None:
+        return None
+    from sdtune.metrics import load_clip
+
+    return load_clip(source, device)
+
+
+def _validation_batches(ns: argparse.Namespace, module, width: int) -> list:
+    """The dataset's batches, loaded once: centre crops, captions as written (the val_dataloader of training)."""
+    from sdtune.data import CaptionDataModule
+
+    if ns.batch_size < 1:
+        raise SdtuneError(f"--batch-size must be at least 1, got {ns.batch_size}")
+    data = CaptionDataModule(root=ns.data, val_root=ns.data, resolution=ns.resolution or width,
+                             batch_size=ns.batch_size, pretrained=ns.model, revision=ns.revision)  # fmt: skip
+    data.setup("validate")
+    return list(data.val_dataloader())
+
+
+def _report(metrics: dict) -> str:
+    """A one-file HTML page: the metrics table and the grid."""
+    columns = [k for k in ("clip_score", "val_loss") if any(k in m for m in metrics["models"])]
+    head = "".join(f"<th>{html.escape(c.replace('_', ' '))}</th>" for c in columns)
+    rows = "".join(
+        f"<tr><td>{html.escape(m['name'])}</td>" + "".join(f"<td>{m[c]:.4f}</td>" for c in columns) + "</tr>"
+        for m in metrics["models"]
+    )
+    settings = html.escape(json.dumps(metrics["settings"]))
+    return (
+        "<!doctype html><meta charset='utf-8'><title>sdtune evaluate</title>"
+        f"<h1>{html.escape(metrics['model']['pretrained'])}</h1><p><code>{html.escape(metrics['command'])}</code></p>"
+        f"<table border=1 cellpadding=4><tr><th>model</th>{head}</tr>{rows}</table>"
+        f"<p><small>{settings}</small></p><img src='grid.png' alt='grid: prompt × model rows, seed columns'>\n"
+    )
