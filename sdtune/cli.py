@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -144,7 +145,14 @@ def one_line(err: SdtuneError) -> str:
     return lines[-1].removeprefix(f"{SdtuneError.__module__}.{SdtuneError.__name__}: ") if lines else type(err).__name__
 
 
+# Notices about optional backends sdtune does not use (torchvision image processors, bitsandbytes' 4-bit CPU
+# kernels): printed on every command otherwise, and nothing a user can act on.
+QUIET_LOGGERS = ("transformers.utils.import_utils", "bitsandbytes.backends.cpu.ops")
+
+
 def main(argv: list[str] | None = None) -> int:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)

@@ -112,6 +112,7 @@ QUIET = [
     r".*module\(s\) in eval mode at the start of training.*",
     r"Total length of .* across ranks is zero.*",
     r".*LightningCLI's args parameter is intended to run from within Python.*",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # inside Lightning's own pytree helpers
 ]
 
 
