@@ -1,4 +1,4 @@
-"""`sdtune prep cache`: precompute VAE latent distributions and text-encoder outputs so training skips both encoders.
+"""`sdtune prep cache`: precompute VAE latent distributions and text-encoder outputs, for training to skip both encoders.
 
 Per image, the VAE posterior's mean and std (unscaled: no scaling or shift factor applied; stored as float32) at
 the image's bucket size (resized with LANCZOS to cover the bucket, then centre-cropped), and with `flip` also for the

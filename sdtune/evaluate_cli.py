@@ -13,7 +13,7 @@ import shlex
 from pathlib import Path
 
 from sdtune.errors import SdtuneError
-from sdtune.sample_cli import _Parser, add_common_arguments, check_common, image_size, parse_adapter, slug
+from sdtune.sample_cli import _device, _Parser, add_common_arguments, check_common, image_size, parse_adapter, slug
 
 EPILOG = """examples:
   sdtune evaluate --model stable-diffusion-v1-5/stable-diffusion-v1-5 --adapter runs/my_lora/adapter \\
@@ -54,16 +54,15 @@ def main(args: list[str]) -> int:
     if (out / "metrics.json").exists() and not ns.overwrite:
         raise SdtuneError(f"{out} already holds an evaluation; pass --overwrite or choose another --out")
 
-    import torch
-
     from sdtune.finetune.base import DiffusionFineTune
     from sdtune.grid import make_grid
-    from sdtune.sampling import generate, load_adapters, make_scheduler, pipeline_from_parts
+    from sdtune.sampling import iter_images, load_adapters, make_scheduler, pipeline_from_parts
 
-    device = "cuda" if ns.device == "auto" and torch.cuda.is_available() else ("cpu" if ns.device == "auto" else ns.device)
+    device = _device(ns.device)
     # One copy of the weights: the loss module's parts are the pipeline's, so an adapter loaded into the pipeline
     # is the adapter the validation loss sees.
     module = DiffusionFineTune(ns.model, revision=ns.revision, variant=ns.variant, clip_skip=ns.clip_skip).to(device)
+    module.eval()  # diffusers pipelines never switch modes; LoRA dropout must stay off while sampling
     scheduler = make_scheduler(ns.scheduler, module.noise_scheduler.config)
     pipe = pipeline_from_parts(module.vae, module.text_encoder, module.tokenizer, module.unet, scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -78,10 +77,12 @@ def main(args: list[str]) -> int:
         pipe.unload_lora_weights()
         if adapter is not None:
             load_adapters(pipe, [adapter])
-        images = generate(
+        images: list[list] = [[] for _ in prompts]
+        for p, _, image in iter_images(
             pipe, [p.prompt for p in prompts], seeds, steps=ns.steps, guidance_scale=ns.guidance, height=height,
-            width=width, negative_prompt=ns.negative_prompt, clip_skip=ns.clip_skip,
-        )  # fmt: skip
+            width=width, negative_prompts=[p.negative_prompt for p in prompts], clip_skip=ns.clip_skip,
+        ):  # fmt: skip
+            images[p].append(image)
         result = {"name": name, "adapter": str(adapter.path) if adapter else None, "scale": adapter.scale if adapter else None,
                   "images": []}  # fmt: skip
         folder = out / "images" / f"{number}_{slug(name)}"
@@ -116,7 +117,7 @@ def main(args: list[str]) -> int:
         "settings": {"steps": ns.steps, "guidance": ns.guidance, "scheduler": ns.scheduler, "width": width,
                      "height": height, "clip_skip": ns.clip_skip, "seeds": seeds, "clip_model": ns.clip_model,
                      "data": ns.data, "negative_prompt": ns.negative_prompt},  # fmt: skip
-        "prompts": [p.prompt for p in prompts],
+        "prompts": [{"prompt": p.prompt, "negative_prompt": p.negative_prompt} for p in prompts],
         "models": results,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

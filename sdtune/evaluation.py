@@ -17,7 +17,7 @@ def dataset_loss(module: DiffusionFineTune, batches: Iterable[dict[str, Any]]) -
     The same data and seed give the same draws for every set of weights, so the numbers of two adapters differ
     only by what the adapters learned.
     """
-    was_training = module.training
+    modes = {submodule: submodule.training for submodule in module.modules()}
     module.eval()
     total, count = 0.0, 0
     try:
@@ -27,7 +27,8 @@ def dataset_loss(module: DiffusionFineTune, batches: Iterable[dict[str, Any]]) -
             total += module.diffusion_loss(batch, module.validation_generator(index)).item() * size
             count += size
     finally:
-        module.train(was_training)
+        for submodule, training in modes.items():
+            submodule.training = training
     if count == 0:
         raise ValueError("no batches to evaluate")
     return total / count

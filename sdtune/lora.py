@@ -142,9 +142,6 @@ def add_lora(model: torch.nn.Module, settings: LoraShape) -> None:
             param.data = param.data.float()
 
 
-def add_unet_lora(unet: torch.nn.Module, settings: LoraSettings) -> None:
-    add_lora(unet, settings)
-
 
 def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors in peft naming (`…to_q.lora_A.weight`), without a model prefix.

@@ -30,7 +30,7 @@ EPILOG = """examples:
 --prompts-file: .txt (one prompt a line; blank lines and lines starting with # are skipped) or .jsonl
 ({"prompt": "...", "negative_prompt": "..."} a line; negative_prompt is optional and overrides --negative-prompt).
 --adapter PATH[:SCALE]: an adapter folder (pytorch_lora_weights.safetensors inside, as `sdtune fit` writes) or a
-LoRA .safetensors file; SCALE defaults to 1.0, 0 gives exactly the base model. Repeat it to mix adapters.
+LoRA .safetensors file; SCALE defaults to 1.0; 0 gives exactly the base model (LoRA; not DoRA). Repeat it to mix adapters.
 --mask: white = repaint, black = keep. Existing files in --out are never replaced unless --overwrite.
 """
 

@@ -31,6 +31,7 @@ def test_evaluate_compares_base_and_adapters_on_the_same_seeds(evaluation):
     metrics = json.loads((out / "metrics.json").read_text())
     base, adapter, zero = metrics["models"]
     assert [m["name"] for m in metrics["models"]] == ["base", "my_lora", "my_lora @0"]
+    assert metrics["prompts"][0] == {"prompt": "a red circle", "negative_prompt": None}
     assert adapter["val_loss"] != pytest.approx(base["val_loss"], rel=1e-4)  # the adapter changes the loss
     assert zero["val_loss"] == base["val_loss"]  # scale 0 is the base model, and adapters do not leak between runs
     for b, z in zip(base["images"], zero["images"]):

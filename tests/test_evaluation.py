@@ -26,5 +26,7 @@ def test_dataset_loss_matches_validate_and_moves_only_with_the_weights(tiny_mode
                 param.normal_(std=0.05)
     assert dataset_loss(model, data.val_dataloader()) != pytest.approx(ours, rel=1e-4)
     model.train()
+    modes = {name: m.training for name, m in model.named_modules()}
     dataset_loss(model, data.val_dataloader())
-    assert model.unet.training and not model.vae.training
+    assert {name: m.training for name, m in model.named_modules()} == modes  # every submodule as it was
+    assert not model.vae.training

@@ -10,7 +10,7 @@ import torch
 
 from sdtune.errors import SdtuneError
 from sdtune.finetune import LoRAFineTune, LRSchedule
-from sdtune.lora import LoraSettings, add_unet_lora
+from sdtune.lora import LoraSettings, add_lora
 from training import fit
 from training import make_data as small_data
 
@@ -106,7 +106,7 @@ def test_lora_params_are_fp32_on_a_half_precision_unet(tiny_model_dir):
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet", torch_dtype=torch.bfloat16)
-    add_unet_lora(unet, LoraSettings(rank=2, alpha=2))
+    add_lora(unet, LoraSettings(rank=2, alpha=2))
     dtypes = {p.dtype for p in unet.parameters() if p.requires_grad}
     assert dtypes == {torch.float32}
     assert {p.dtype for p in unet.parameters() if not p.requires_grad} == {torch.bfloat16}

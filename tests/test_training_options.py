@@ -146,6 +146,11 @@ def test_text_encoder_lora_trains_only_with_gradients_through_the_encoder(tiny_m
     assert not frozen.text_encoder.training and not frozen.text_encoder_trains
 
 
+def test_clip_skip_beyond_the_text_encoder_is_a_one_line_error(tiny_model_dir):
+    with pytest.raises(SdtuneError, match="model.clip_skip 9 is more than the text encoder's"):
+        LoRAFineTune(str(tiny_model_dir), clip_skip=9)
+
+
 def test_full_fine_tune_trains_every_unet_weight_in_fp32(tiny_model_dir):
     model = FullFineTune(str(tiny_model_dir), weight_dtype="bfloat16")
     unet = list(model.unet.parameters())

@@ -106,6 +106,7 @@ class SampleImages(L.Callback):
                 raise SdtuneError(
                     f"samples: {type(pl_module).__name__} has no {', '.join(missing)}; set samples.enabled false"
                 )
+            self.resolution(trainer, pl_module)  # a size sampling cannot use fails now, not at the first sampling
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A resumed run already has the samples of the step it resumes from.
@@ -147,7 +148,11 @@ class SampleImages(L.Callback):
         if not isinstance(default, int):
             vae_factor = 2 ** (len(pl_module.vae.config.block_out_channels) - 1)
             default = pl_module.unet.config.sample_size * vae_factor
-        return self.width or default, self.height or default
+        width, height = self.width or default, self.height or default
+        for name, value in (("width", width), ("height", height)):
+            if value % 8:  # diffusers' pipelines refuse other sizes
+                raise SdtuneError(f"samples.{name} {value} (from data.resolution) is not a multiple of 8; set samples.{name}")
+        return width, height
 
     def generate(
         self, pl_module: L.LightningModule, width: int, height: int, precision: str | None = None

@@ -4,6 +4,7 @@ NovelAI's scheme, as kohya sd-scripts uses it: for a target area (512² for SD1.
 (width, height) whose sides are multiples of `step`, lie within [min_side, max_side] and whose area does not exceed
 the target; each image goes to the bucket whose aspect ratio is closest to its own (in log space, so 2:1 and 1:2
 are equally far from 1:1). The image is then resized to cover the bucket and centre- or randomly cropped.
+`sdtune prep build`, `check` and `cache` assign buckets; the training DataModule still crops squares.
 """
 
 from __future__ import annotations

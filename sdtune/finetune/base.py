@@ -111,6 +111,9 @@ class DiffusionFineTune(L.LightningModule):
         self.vae, self.text_encoder, self.unet = parts.vae, parts.text_encoder, parts.unet
         self.tokenizer = parts.tokenizer
         self.noise_scheduler = parts.noise_scheduler
+        layers = self.text_encoder.config.num_hidden_layers
+        if clip_skip > layers:
+            raise SdtuneError(f"model.clip_skip {clip_skip} is more than the text encoder's {layers} layers")
         for frozen in (self.vae, self.text_encoder, self.unet):
             frozen.requires_grad_(False)
         self.vae.eval()
