@@ -23,7 +23,8 @@ EPILOG = """examples:
 
 Every model sees the same prompts, seeds and scheduler. --clip-model adds the CLIP score (100 · cosine of image and
 prompt embeddings, averaged); --data adds the validation loss on a dataset at fixed noise and timesteps (the same
-draws for every model, as `val/loss` in training). --adapter PATH[:SCALE] is repeatable; each is compared alone.
+draws for every model, as `val/loss` in training; pass the run's --clip-skip, --max-token-length and
+--prediction-type when it changed them). --adapter PATH[:SCALE] is repeatable; each is compared alone.
 """
 
 
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--data", metavar="DST", help="dataset folder for the validation loss (any layout data.root reads)")
     metrics.add_argument("--resolution", type=int, help="validation-loss crop size (default: the sample width)")
     metrics.add_argument("--batch-size", type=int, default=4, help="validation-loss batch size (default: 4)")
+    metrics.add_argument("--max-token-length", type=int, default=75, help="caption tokens, as data.max_token_length in training (75, 150, 225)")
+    metrics.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
+                         help="loss target, as model.objective.prediction_type in training (default: the scheduler's)")  # fmt: skip
     out = parser.add_argument_group("output")
     out.add_argument("--out", required=True, metavar="DIR", help="folder for grid.png, images/, metrics.json, report.html")
     out.add_argument("--overwrite", action="store_true", help="replace a previous evaluation in --out")
@@ -55,13 +59,16 @@ def main(args: list[str]) -> int:
         raise SdtuneError(f"{out} already holds an evaluation; pass --overwrite or choose another --out")
 
     from sdtune.finetune.base import DiffusionFineTune
+    from sdtune.finetune.objective import Objective
     from sdtune.grid import make_grid
     from sdtune.sampling import iter_images, load_adapters, make_scheduler, pipeline_from_parts
 
     device = _device(ns.device)
     # One copy of the weights: the loss module's parts are the pipeline's, so an adapter loaded into the pipeline
     # is the adapter the validation loss sees.
-    module = DiffusionFineTune(ns.model, revision=ns.revision, variant=ns.variant, clip_skip=ns.clip_skip).to(device)
+    objective = Objective(prediction_type=ns.prediction_type)
+    module = DiffusionFineTune(ns.model, revision=ns.revision, variant=ns.variant, objective=objective,
+                               clip_skip=ns.clip_skip).to(device)  # fmt: skip
     module.eval()  # diffusers pipelines never switch modes; LoRA dropout must stay off while sampling
     scheduler = make_scheduler(ns.scheduler, module.noise_scheduler.config)
     pipe = pipeline_from_parts(module.vae, module.text_encoder, module.tokenizer, module.unet, scheduler)
@@ -116,7 +123,8 @@ def main(args: list[str]) -> int:
         "model": {"pretrained": ns.model, "revision": ns.revision, "variant": ns.variant},
         "settings": {"steps": ns.steps, "guidance": ns.guidance, "scheduler": ns.scheduler, "width": width,
                      "height": height, "clip_skip": ns.clip_skip, "seeds": seeds, "clip_model": ns.clip_model,
-                     "data": ns.data, "negative_prompt": ns.negative_prompt},  # fmt: skip
+                     "data": ns.data, "negative_prompt": ns.negative_prompt, "max_token_length": ns.max_token_length,
+                     "prediction_type": module.prediction_type},  # fmt: skip
         "prompts": [{"prompt": p.prompt, "negative_prompt": p.negative_prompt} for p in prompts],
         "models": results,
     }
@@ -141,7 +149,8 @@ def _validation_batches(ns: argparse.Namespace, module, width: int) -> list:
     if ns.batch_size < 1:
         raise SdtuneError(f"--batch-size must be at least 1, got {ns.batch_size}")
     data = CaptionDataModule(root=ns.data, val_root=ns.data, resolution=ns.resolution or width,
-                             batch_size=ns.batch_size, pretrained=ns.model, revision=ns.revision)  # fmt: skip
+                             batch_size=ns.batch_size, max_token_length=ns.max_token_length, pretrained=ns.model,
+                             revision=ns.revision)  # fmt: skip
     data.setup("validate")
     return list(data.val_dataloader())
 

@@ -62,3 +62,16 @@ def test_evaluate_refuses_to_overwrite_and_needs_an_adapter(evaluation, tiny_mod
     assert (out / "metrics.json").read_bytes() == before
     assert main(["evaluate", "--model", str(tiny_model_dir), "--prompt", "x", "--out", str(out / "x")]) == 2
     assert "no --adapter" in capsys.readouterr().err
+
+
+def test_evaluate_scores_the_loss_with_the_runs_prediction_type(tiny_model_dir, shapes_dir, evaluation, tmp_path):
+    _, out, _, _ = evaluation
+    adapter = out.parent / "my_lora"
+    common = ["evaluate", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--prompt", "a red circle",
+              "--steps", "1", "--width", "32", "--height", "32", "--data", str(shapes_dir)]
+    assert main([*common, "--out", str(tmp_path / "eps")]) == 0
+    assert main([*common, "--prediction-type", "v_prediction", "--out", str(tmp_path / "v")]) == 0
+    eps = json.loads((tmp_path / "eps" / "metrics.json").read_text())
+    v = json.loads((tmp_path / "v" / "metrics.json").read_text())
+    assert (eps["settings"]["prediction_type"], v["settings"]["prediction_type"]) == ("epsilon", "v_prediction")
+    assert eps["models"][0]["val_loss"] != pytest.approx(v["models"][0]["val_loss"], rel=1e-3)
