@@ -21,8 +21,8 @@ from typing import Any
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from data_prep.dataset import IMAGE_ERRORS, caption_key, first_line, load_entries, quote_names, write_rows
-from sdtune.errors import SdtuneError
+from data_prep.dataset import IMAGE_ERRORS, caption_key, load_entries, quote_names, write_rows
+from sdtune.errors import SdtuneError, first_line
 
 EXAMPLES = """examples:
   sdtune prep caption data/my_dog --model Salesforce/blip-image-captioning-large --prefix "sks dog"

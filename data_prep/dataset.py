@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from sdtune.data.buckets import Bucket, assign_bucket, format_bucket, make_buckets, parse_bucket
 from sdtune.data.records import _jsonl_rows, discover_records
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, first_line
 
 METADATA = "metadata.jsonl"
 DEFAULT_AREA = 512 * 512
@@ -207,12 +207,6 @@ def bucket_order(bucket: str) -> tuple[float, str]:
     """Sort key of "WxH" buckets: tall to wide, then by name."""
     width, height = parse_bucket(bucket)
     return width / height, bucket
-
-
-def first_line(err: BaseException) -> str:
-    """An exception's message for a one-line report: its first line, or its type when it has none."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def quote_names(names: Sequence[str], shown: int = 5) -> str:

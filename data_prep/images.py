@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data_prep.dedupe import perceptual_hash, pixel_hash
+from sdtune.errors import first_line
 
 WHITE = (255, 255, 255)
 ORIENTATION = 0x0112
@@ -211,8 +212,7 @@ def _failure(err: Exception, max_pixels: int) -> str:
 
 def _first_line(err: BaseException) -> str:
     """An exception in at most 200 characters of one line, so a report stays readable."""
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:200]
+    return first_line(err)[:200]
 
 
 def sniff(data: bytes) -> str:

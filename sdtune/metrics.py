@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import AutoProcessor, CLIPModel
 
 from sdtune.models.pretrained import HUB_ID, _offline_hint
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, first_line
 
 
 def load_clip(source: str, device: str | torch.device = "cpu") -> tuple[CLIPModel, object]:
@@ -24,8 +24,7 @@ def load_clip(source: str, device: str | torch.device = "cpu") -> tuple[CLIPMode
         processor = AutoProcessor.from_pretrained(source)
     except (OSError, ValueError) as err:
         where = "" if HUB_ID.match(source) else " (not a folder with a saved CLIPModel)"
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise SdtuneError(f"--clip-model '{source}' could not be loaded{where}{_offline_hint()}: {first}") from err
+        raise SdtuneError(f"--clip-model '{source}' could not be loaded{where}{_offline_hint()}: {first_line(err)}") from err
     return model, processor
 
 

@@ -34,7 +34,7 @@ from diffusers import (
 )
 from PIL import Image, ImageFilter
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, first_line
 from sdtune.lora import ADAPTER_WEIGHTS
 from sdtune.models.clip import encode_text
 from sdtune.text import text_token_ids, tokenize_chunks
@@ -314,8 +314,7 @@ def load_adapters(pipe: StableDiffusionPipeline, adapters: Sequence[Adapter]) ->
         try:
             pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=name)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise SdtuneError(f"--adapter {adapter.path}: could not be loaded into this model: {first}") from err
+            raise SdtuneError(f"--adapter {adapter.path}: could not be loaded into this model: {first_line(err)}") from err
         loaded = {n for names_ in pipe.get_list_adapters().values() for n in names_}
         if name not in loaded:
             raise SdtuneError(f"--adapter {adapter.path}: no LoRA weights matching this model's UNet or text encoder")

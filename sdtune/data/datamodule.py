@@ -13,11 +13,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from sdtune.data.captions import with_prefix
-from sdtune.data.dataset import UNREADABLE, CaptionDataset, EpochSampler, collate, derive_seed, first_line
+from sdtune.data.dataset import UNREADABLE, CaptionDataset, EpochSampler, collate, derive_seed
 from sdtune.data.records import Record
 from sdtune.data.subsets import Subset, check_subsets, load_subsets
 from sdtune.data.transforms import has_alpha
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, first_line
 from sdtune.models.pretrained import load_tokenizer
 from sdtune.text import chunk_count, text_token_ids
 

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Sampler
 from sdtune.data.captions import process_caption
 from sdtune.data.records import Record
 from sdtune.data.transforms import Geometry, load_image, load_mask, mask_to_tensor, to_tensor
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, first_line
 from sdtune.text import tokenize_chunks
 
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -54,10 +54,6 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     def __len__(self) -> int:
         return self.num_samples
-
-
-def first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 class CaptionDataset(Dataset):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, first_line
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # PNG first: the lossless format masks are usually in
@@ -158,8 +158,7 @@ def _from_saved_dataset(root: Path, setting: str) -> list[Record]:
     try:
         loaded = datasets.load_from_disk(str(root))
     except (OSError, ValueError) as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise SdtuneError(f"{setting} '{root}' could not be loaded as a saved dataset ({first_line})") from err
+        raise SdtuneError(f"{setting} '{root}' could not be loaded as a saved dataset ({first_line(err)})") from err
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
             raise SdtuneError(f"{setting} '{root}' has no 'train' split (splits: {', '.join(loaded)})")

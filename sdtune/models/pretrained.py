@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, first_line
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -72,8 +72,7 @@ def _load(cls, pretrained: str, subfolder: str, **kwargs):
     try:
         return load(pretrained, subfolder=subfolder, **kwargs)
     except (OSError, ValueError, EnvironmentError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SdtuneError(f"model.pretrained '{pretrained}': {subfolder}/ could not be loaded{_offline_hint()}: {first_line}") from err
+        raise SdtuneError(f"model.pretrained '{pretrained}': {subfolder}/ could not be loaded{_offline_hint()}: {first_line(err)}") from err
 
 
 def load_tokenizer(pretrained: str, revision: str | None = None) -> CLIPTokenizer:
