@@ -152,6 +152,14 @@ def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(model)
 
 
+def text_encoder_module_prefix(text_encoder: torch.nn.Module) -> str:
+    """"text_model." when the CLIP text encoder's module names lack it (transformers ≥ 5), else "".
+
+    Files name text-encoder layers `text_model.encoder.layers.N…` as transformers 4 does; a file without the prefix
+    loads here but not into a transformers-4 pipeline, A1111 or ComfyUI."""
+    return "" if hasattr(text_encoder, "text_model") else "text_model."
+
+
 def save_diffusers_adapter(
     unet: torch.nn.Module,
     out_dir: str | Path,
@@ -160,14 +168,14 @@ def save_diffusers_adapter(
 ) -> Path:
     """Write `out_dir/pytorch_lora_weights.safetensors`, loadable by `pipeline.load_lora_weights(out_dir)`."""
 
-    def layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v.detach().to("cpu", dtype).contiguous() for k, v in lora_state_dict(model).items()}
+    def layers(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+        return {prefix + k: v.detach().to("cpu", dtype).contiguous() for k, v in lora_state_dict(model).items()}
 
     out_dir = Path(out_dir)
     extra = {}
     if text_encoder is not None:
         extra = {
-            "text_encoder_lora_layers": layers(text_encoder),
+            "text_encoder_lora_layers": layers(text_encoder, text_encoder_module_prefix(text_encoder)),
             "text_encoder_lora_adapter_metadata": text_encoder.peft_config["default"].to_dict(),
         }
     StableDiffusionPipeline.save_lora_weights(

@@ -297,7 +297,35 @@ class Adapter:
 
     @property
     def weights_file(self) -> Path:
-        return self.path / ADAPTER_WEIGHTS if self.path.is_dir() else self.path
+        return adapter_file(self.path)
+
+
+def adapter_file(path: Path) -> Path:
+    """The weights file of an adapter given as its folder or as the file itself."""
+    return path / ADAPTER_WEIGHTS if path.is_dir() else path
+
+
+def load_lora_file(pipe: StableDiffusionPipeline, path: Path, name: str, what: str = "--adapter") -> None:
+    """Load one LoRA file — diffusers or kohya/A1111 format, which diffusers converts — as adapter `name`, with
+    one-line errors for a missing, truncated or foreign file."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = adapter_file(path)
+    if not weights.is_file():
+        where = f"{path} has no {ADAPTER_WEIGHTS}" if path.is_dir() else f"{path} does not exist"
+        raise SdtuneError(f"{what}: {where} (pass an adapter folder or its .safetensors file)")
+    try:
+        with safe_open(str(weights), "pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise SdtuneError(f"{what} {path}: not a readable .safetensors file (truncated or corrupt?): {first_line(err)}") from err
+    try:
+        pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=name)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+        raise SdtuneError(f"{what} {path}: could not be loaded into this model: {first_line(err)}") from err
+    loaded = {n for names_ in pipe.get_list_adapters().values() for n in names_}
+    if name not in loaded:
+        raise SdtuneError(f"{what} {path}: no LoRA weights matching this model's UNet or text encoder")
 
 
 def load_adapters(pipe: StableDiffusionPipeline, adapters: Sequence[Adapter]) -> list[str]:
@@ -306,19 +334,8 @@ def load_adapters(pipe: StableDiffusionPipeline, adapters: Sequence[Adapter]) ->
     The scale multiplies the LoRA update, so scale 0 gives the base model's output exactly."""
     names = []
     for i, adapter in enumerate(adapters):
-        weights = adapter.weights_file
-        if not weights.is_file():
-            where = f"{adapter.path} has no {ADAPTER_WEIGHTS}" if adapter.path.is_dir() else f"{adapter.path} does not exist"
-            raise SdtuneError(f"--adapter: {where} (pass an adapter folder or its .safetensors file)")
-        name = f"a{i}"
-        try:
-            pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=name)
-        except (OSError, ValueError, KeyError, RuntimeError) as err:
-            raise SdtuneError(f"--adapter {adapter.path}: could not be loaded into this model: {first_line(err)}") from err
-        loaded = {n for names_ in pipe.get_list_adapters().values() for n in names_}
-        if name not in loaded:
-            raise SdtuneError(f"--adapter {adapter.path}: no LoRA weights matching this model's UNet or text encoder")
-        names.append(name)
+        names.append(f"a{i}")
+        load_lora_file(pipe, adapter.path, names[-1])
     if names:
         pipe.set_adapters(names, [adapter.scale for adapter in adapters])
     return names
