@@ -21,6 +21,7 @@ commands:
   validate    compute the validation loss of a model/adapter (LightningCLI)
   sample      images from a model + adapters: text-to-image, image-to-image, inpainting
   evaluate    base vs adapters on the same prompts and seeds: grid, CLIP score, validation loss, report
+  export      write an adapter for diffusers, peft or A1111/ComfyUI (kohya), or merge it; checked on write
   demo        offline end-to-end demo on a tiny model (CPU, a few minutes)
   prep        dataset tools: build, check, caption, cache, shapes (`sdtune prep --help`)
 
@@ -33,6 +34,7 @@ examples:
   sdtune fit --config sd15/lora ... --ckpt_path last        # resume that run
   sdtune sample --model stable-diffusion-v1-5/stable-diffusion-v1-5 --adapter runs/my_lora/adapter:0.8 \\
                 --prompt "a photo of sks dog" --seed 0 --seed 1 --out samples/my_lora
+  sdtune export runs/my_lora --format kohya --out loras/my_lora.safetensors
 
 Run `sdtune <command> --help` for a command's options.
 """
@@ -127,6 +129,12 @@ def cmd_sample(args: list[str]) -> int:
     return sample_main(args)
 
 
+def cmd_export(args: list[str]) -> int:
+    from sdtune.export.cli import main as export_main
+
+    return export_main(args)
+
+
 def cmd_demo(args: list[str]) -> int:
     from sdtune.demo import main as demo_main
 
@@ -148,17 +156,29 @@ def one_line(err: SdtuneError) -> str:
 # Notices about optional backends sdtune does not use (torchvision image processors, bitsandbytes' 4-bit CPU
 # kernels): printed on every command otherwise, and nothing a user can act on.
 QUIET_LOGGERS = ("transformers.utils.import_utils", "bitsandbytes.backends.cpu.ops")
+# diffusers messages that hold no information: an adapter without text-encoder layers, a cast with nothing to keep.
+NOISE = {
+    "diffusers.loaders.lora_base": "No LoRA keys associated to",
+    "diffusers.loaders.peft": "No LoRA keys associated to",
+    "diffusers.models.modeling_utils": "should be kept in float32: [].",
+}
+
+
+def _drop_noise() -> None:
+    for name, text in NOISE.items():
+        logging.getLogger(name).addFilter(lambda record, text=text: text not in record.getMessage())
 
 
 def main(argv: list[str] | None = None) -> int:
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    _drop_noise()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"ls": cmd_ls, "cp": cmd_cp, "sample": cmd_sample, "evaluate": cmd_evaluate, "demo": cmd_demo, "prep": cmd_prep}
+    commands = {"ls": cmd_ls, "cp": cmd_cp, "sample": cmd_sample, "evaluate": cmd_evaluate, "export": cmd_export, "demo": cmd_demo, "prep": cmd_prep}
     try:
         if command in ("fit", "validate"):
             return cmd_lightning(command, rest)

@@ -1,0 +1,136 @@
+"""`sdtune export`: write a trained adapter for diffusers, peft or A1111/ComfyUI/Forge (kohya), or merge it into a
+full pipeline — and check every file by loading it back with its consumer before calling it done."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+from sdtune.errors import SdtuneError
+
+# Arguments are checked before torch, diffusers and peft are imported (seconds), so a typo fails at once.
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+FORMATS = ("diffusers", "peft", "kohya")
+
+EPILOG = """examples:
+  sdtune export runs/my_lora --format kohya --out loras/my_lora.safetensors          # A1111, ComfyUI, Forge
+  sdtune export runs/my_lora --format diffusers --out export/my_lora --dtype fp16     # load_lora_weights
+  sdtune export runs/my_lora --format peft --out export/my_lora_peft                  # PeftModel.from_pretrained
+  sdtune export runs/my_lora --merge --scale 0.8 --out models/my_model                # a full diffusers pipeline
+  sdtune export runs/my_lora/checkpoints/last.ckpt --format kohya --out last.safetensors
+  sdtune export some_lora.safetensors --model ./sd15 --format diffusers --out export/converted
+
+SOURCE is a run directory (its adapter/, or checkpoints/last.ckpt when training did not finish), a checkpoint, or
+an adapter folder or file (diffusers or kohya). The base model is the run's, unless --model is given.
+Every file is loaded back by its consumer and its UNet output compared with the adapter's; a file that does not
+match is renamed *.invalid and the command fails.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdtune export",
+        description="Export a trained LoRA as a diffusers, peft or kohya (A1111/ComfyUI) file, or merge it into the model.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("source", help="run directory, checkpoint (.ckpt), or adapter folder / .safetensors file")
+    parser.add_argument("--out", required=True, help="output folder (diffusers, peft, --merge) or .safetensors file (kohya)")
+    parser.add_argument("--format", choices=FORMATS, default=None, help="adapter format (default diffusers)")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the written weights (default fp32, the trained dtype)")
+    parser.add_argument("--merge", action="store_true", help="fold the adapter into the UNet/text encoder and write a full pipeline")
+    parser.add_argument("--scale", type=float, default=None, help="with --merge: strength of the folded adapter (default 1)")
+    parser.add_argument("--model", help="base model (diffusers folder or Hub id) instead of the run's")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists (only once the new export has passed its check)")
+    return parser
+
+
+def _check_arguments(ns: argparse.Namespace) -> Path:
+    out = Path(ns.out).expanduser()
+    if ns.merge and ns.format is not None:
+        raise SdtuneError("--merge writes a full diffusers pipeline; drop --format")
+    if ns.scale is not None and not ns.merge:
+        raise SdtuneError("--scale only applies with --merge (adapter files are scaled when they are loaded)")
+    if ns.format == "kohya" and out.suffix != ".safetensors":
+        raise SdtuneError(f"--format kohya writes one file: --out must end in .safetensors, got {out}")
+    if ns.format != "kohya" and out.suffix == ".safetensors":
+        raise SdtuneError(f"--format {ns.format or 'diffusers'}{' --merge' if ns.merge else ''} writes a folder: --out {out} names a .safetensors file")
+    if out.exists() and not ns.force:
+        raise SdtuneError(f"{out} already exists; pass --force to replace it")
+    return out
+
+
+def _staging(out: Path) -> Path:
+    """A sibling path to write to; it becomes `out` only after the check passes."""
+    staging = out.parent / f".{out.stem}.partial{out.suffix}"
+    _remove(staging)
+    return staging
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def export(ns: argparse.Namespace) -> Path:
+    out = _check_arguments(ns)
+    if not Path(ns.source).expanduser().exists():
+        raise SdtuneError(f"{ns.source} does not exist (pass a run directory, a checkpoint or an adapter)")
+    import torch
+
+    from sdtune.export.check import Probe, compare, count_lora_layers, reference, unet_output
+    from sdtune.export.formats import WRITERS, load_back, write_merged
+    from sdtune.export.source import load_source
+
+    dtype = getattr(torch, DTYPES[ns.dtype])
+    kind = "merged" if ns.merge else ns.format or "diffusers"
+    scale = 1.0 if ns.scale is None else ns.scale
+    started = time.perf_counter()
+    adapted = load_source(ns.source, ns.model)
+    print(f"exporting {adapted.described} on {adapted.pretrained} as {kind}")
+
+    probe = Probe.for_pipeline(adapted.pipe)
+    adapted.pipe.set_adapters(["default"], [scale])
+    # Adapter files are compared with the adapter rounded as stored; a merged model's rounding is in the tolerance.
+    ref = reference(adapted.pipe, probe, dtype, rounded=not ns.merge)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = _staging(out)
+    try:
+        if ns.merge:
+            write_merged(adapted, staging, dtype, scale)
+        else:
+            WRITERS[kind](adapted, staging, dtype)
+        pretrained, revision = adapted.pretrained, adapted.revision
+        del adapted  # one copy of the model at a time
+        loaded = load_back(kind, pretrained, revision, staging)
+        verdict = compare(ref, unet_output(loaded, probe), dtype if ns.merge else torch.float32,
+                          None if ns.merge else count_lora_layers(loaded))  # fmt: skip
+    except BaseException:
+        _remove(staging)
+        raise
+    if not verdict.ok:
+        invalid = out.with_name(out.name + ".invalid")
+        _remove(invalid)
+        staging.rename(invalid)
+        raise SdtuneError(f"export check failed: {kind} reloaded by its consumer does not match the adapter: {verdict.describe()}; kept as {invalid}")
+    _remove(out)
+    staging.rename(out)
+    print(f"wrote {out} ({kind}, {ns.dtype}) in {time.perf_counter() - started:.0f} s; checked: {verdict.describe()}")
+    return out
+
+
+def main(args: list[str]) -> int:
+    ns = _parser().parse_args(args)
+    import diffusers
+    import transformers
+
+    # Loading and saving whole models prints progress bars; the export reports what it did in one line.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    export(ns)
+    return 0

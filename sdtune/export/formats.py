@@ -1,0 +1,109 @@
+"""The export formats: how each is written, and how its consumer loads it back for the check.
+
+| format    | written                                              | consumer that re-reads it                      |
+| diffusers | pytorch_lora_weights.safetensors                     | diffusers `load_lora_weights`                  |
+| peft      | adapter_config.json + adapter_model.safetensors      | peft `PeftModel.from_pretrained`               |
+|           | (text encoder in text_encoder/)                      |                                                |
+| kohya     | one .safetensors, lora_unet_/lora_te_ keys, metadata | diffusers' kohya converter (as A1111 reads it) |
+| merged    | a complete diffusers pipeline folder                 | `StableDiffusionPipeline.from_pretrained`      |
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from sdtune.errors import SdtuneError, first_line
+from sdtune.export import kohya
+from sdtune.export.source import ADAPTER, Adapted
+from sdtune.models.tokenizer_files import save_tokenizer
+from sdtune.lora import lora_state_dict, save_diffusers_adapter
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+def write_diffusers(adapted: Adapted, out: Path, dtype: torch.dtype) -> None:
+    save_diffusers_adapter(adapted.pipe.unet, out, text_encoder=adapted.text_encoder, dtype=dtype)
+
+
+def _write_peft_model(model: torch.nn.Module, out: Path, dtype: torch.dtype, base: str) -> None:
+    """peft's own layout. Keys follow the module names of the installed libraries (peft maps nothing), so the
+    text encoder's read back only into the same major transformers version."""
+    config = model.peft_config[ADAPTER]
+    config.base_model_name_or_path = base
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    tensors = {f"base_model.model.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in lora_state_dict(model).items()}
+    save_file(tensors, str(out / PEFT_WEIGHTS), metadata={"format": "pt"})
+
+
+def write_peft(adapted: Adapted, out: Path, dtype: torch.dtype) -> None:
+    _write_peft_model(adapted.pipe.unet, out, dtype, f"{adapted.pretrained}/unet")
+    if adapted.text_encoder is not None:
+        _write_peft_model(adapted.text_encoder, out / "text_encoder", dtype, f"{adapted.pretrained}/text_encoder")
+
+
+def write_kohya(adapted: Adapted, out: Path, dtype: torch.dtype) -> None:
+    kohya.save_kohya(out, adapted.pipe.unet, adapted.text_encoder, adapted.info, dtype)
+
+
+def write_merged(adapted: Adapted, out: Path, dtype: torch.dtype, scale: float) -> None:
+    """Fold the adapter into the weights at `scale` and save the whole pipeline (this consumes `adapted`)."""
+    pipe = adapted.pipe
+    components = ["unet"] + (["text_encoder"] if adapted.text_encoder is not None else [])
+    pipe.set_adapters([ADAPTER], [1.0])  # fuse_lora's scale multiplies the active weight: apply `scale` once
+    pipe.fuse_lora(components=components, lora_scale=scale, adapter_names=[ADAPTER])
+    pipe.unload_lora_weights()
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    save_tokenizer(pipe.tokenizer, out / "tokenizer")
+
+
+WRITERS = {"diffusers": write_diffusers, "peft": write_peft, "kohya": write_kohya}
+
+
+# --- consumers ---------------------------------------------------------------------------------------------------
+
+
+def load_with_diffusers(base, path: Path):
+    pipe = base()
+    weights = path if path.is_file() else path / "pytorch_lora_weights.safetensors"
+    pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name="check")
+    return pipe
+
+
+def load_with_peft(base, path: Path):
+    from peft import PeftModel
+
+    pipe = base()
+    PeftModel.from_pretrained(pipe.unet, str(path))  # injects the layers into pipe.unet in place
+    if (path / "text_encoder").is_dir():
+        PeftModel.from_pretrained(pipe.text_encoder, str(path / "text_encoder"))
+    return pipe
+
+
+def load_merged(base, path: Path):
+    from sdtune.models.pretrained import load_pipeline
+
+    return load_pipeline(str(path))
+
+
+CONSUMERS = {"diffusers": load_with_diffusers, "kohya": load_with_diffusers, "peft": load_with_peft, "merged": load_merged}
+
+
+def load_back(kind: str, pretrained: str, revision: str | None, path: Path):
+    """`path` as its consumer loads it: adapter files onto a fresh copy of the base model."""
+    from sdtune.models.pretrained import load_pipeline
+
+    def base():
+        return load_pipeline(pretrained, revision=revision)
+
+    try:
+        return CONSUMERS[kind](base, path)
+    except SdtuneError:
+        raise
+    except Exception as err:  # whatever the consumer raises, the file is unusable: report it in one line
+        raise SdtuneError(f"the exported {kind} file does not load back: {first_line(err)}") from err

@@ -1,0 +1,141 @@
+"""The kohya (sd-scripts) LoRA format that AUTOMATIC1111, Forge and ComfyUI read.
+
+One entry per adapted layer, named after its diffusers module path with dots turned into underscores:
+`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight` (A),
+`….lora_up.weight` (B) and `….alpha` (a scalar: the update is alpha / rank · up · down). Text-encoder layers are
+`lora_te_text_model_encoder_layers_0_self_attn_q_proj…`. Metadata (`ss_*`, `modelspec.*`) describe the training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import torch
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import save, save_file
+
+from sdtune.errors import SdtuneError
+from sdtune.lora import text_encoder_module_prefix
+
+UNET_PREFIX = "lora_unet_"
+TEXT_ENCODER_PREFIX = "lora_te_"
+
+
+def lora_layers(model: torch.nn.Module, adapter: str = "default") -> dict[str, LoraLayer]:
+    """Module path → peft LoRA layer carrying `adapter`."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
+
+
+def kohya_tensors(
+    model: torch.nn.Module, prefix: str, dtype: torch.dtype, adapter: str = "default", module_prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """The adapter of `model` as kohya tensors. DoRA and rsLoRA cannot be written: the kohya format has no place for
+    their magnitudes or scaling rule that every reader applies the same way."""
+    out = {}
+    for name, layer in lora_layers(model, adapter).items():
+        if adapter in layer.lora_magnitude_vector:
+            raise SdtuneError(
+                "--format kohya cannot hold a DoRA adapter (A1111, ComfyUI and diffusers disagree on how to apply its "
+                "magnitudes); export it with --format diffusers or peft, or --merge it"
+            )
+        rank, alpha = layer.r[adapter], layer.lora_alpha[adapter]
+        if abs(layer.scaling[adapter] - alpha / rank) > 1e-6 * max(1.0, alpha / rank):
+            raise SdtuneError(f"--format kohya needs scale alpha/rank; {name} uses another rule (rsLoRA?)")
+        key = prefix + (module_prefix + name).replace(".", "_")
+        out[f"{key}.lora_down.weight"] = layer.lora_A[adapter].weight.detach().to("cpu", dtype).contiguous()
+        out[f"{key}.lora_up.weight"] = layer.lora_B[adapter].weight.detach().to("cpu", dtype).contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    return out
+
+
+def adapter_tensors(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    tensors = kohya_tensors(unet, UNET_PREFIX, dtype)
+    if text_encoder is not None:
+        tensors |= kohya_tensors(text_encoder, TEXT_ENCODER_PREFIX, dtype, module_prefix=text_encoder_module_prefix(text_encoder))
+    return tensors
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the file's tensor bytes after the header, which is what A1111 shows as the LoRA's hash
+    (`sshs_model_hash`); metadata does not change it."""
+    blob = save(tensors)
+    header = int.from_bytes(blob[:8], "little")
+    return hashlib.sha256(blob[8 + header :]).hexdigest()
+
+
+@dataclass
+class TrainingInfo:
+    """What the metadata says about how the adapter was made; unknown values are left out of the file."""
+
+    base_model: str
+    title: str
+    v2: bool = False
+    prediction_type: str = "epsilon"
+    resolution: tuple[int, int] | None = None
+    steps: int | None = None
+    trigger_words: list[str] = field(default_factory=list)
+    clip_skip: int | None = None
+    learning_rate: float | None = None
+    text_encoder_lr: float | None = None
+    optimizer: str | None = None
+    config_sha256: str | None = None
+    date: str | None = None  # ISO 8601
+
+
+def metadata(info: TrainingInfo, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, model_hash: str) -> dict[str, str]:
+    """kohya `ss_*` keys (shown by A1111's metadata viewer and the Civitai uploader) and the Stability AI model spec."""
+    layers = lora_layers(unet)
+    conv = {n: m for n, m in layers.items() if isinstance(m.lora_A["default"], torch.nn.Conv2d) and m.lora_A["default"].kernel_size != (1, 1)}
+    linear = [m for n, m in layers.items() if n not in conv]
+    first = (linear or list(layers.values()))[0]
+    network_args = {}
+    if conv:
+        any_conv = next(iter(conv.values()))
+        network_args = {"conv_dim": str(any_conv.r["default"]), "conv_alpha": str(any_conv.lora_alpha["default"])}
+    family = "stable-diffusion-v2" if info.v2 else "stable-diffusion-v1"
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(first.r["default"]),
+        "ss_network_alpha": str(first.lora_alpha["default"]),
+        "ss_network_args": json.dumps(network_args),
+        "ss_base_model_version": "sd_v2" if info.v2 else "sd_v1",
+        "ss_v2": str(info.v2),
+        "ss_v_parameterization": str(info.prediction_type == "v_prediction"),
+        "ss_sd_model_name": info.base_model,
+        "ss_output_name": info.title,
+        "ss_network_train_unet_only": str(text_encoder is None),
+        "sshs_model_hash": model_hash,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{family}/lora",
+        "modelspec.implementation": "https://github.com/huggingface/diffusers",
+        "modelspec.title": info.title,
+        "modelspec.prediction_type": "v" if info.prediction_type == "v_prediction" else "epsilon",
+        "modelspec.hash_sha256": f"0x{model_hash}",
+    }
+    optional = {
+        "ss_resolution": f"({info.resolution[0]}, {info.resolution[1]})" if info.resolution else None,
+        "modelspec.resolution": f"{info.resolution[0]}x{info.resolution[1]}" if info.resolution else None,
+        "ss_max_train_steps": info.steps,
+        "ss_steps": info.steps,
+        "ss_clip_skip": info.clip_skip,
+        "ss_learning_rate": info.learning_rate,
+        "ss_unet_lr": info.learning_rate,
+        "ss_text_encoder_lr": info.text_encoder_lr if text_encoder is not None else None,
+        "ss_optimizer": info.optimizer,
+        "modelspec.trigger_phrase": ", ".join(info.trigger_words) or None,
+        "modelspec.date": info.date,
+        "sdtune_config_sha256": info.config_sha256,
+    }
+    meta |= {key: str(value) for key, value in optional.items() if value is not None}
+    return meta
+
+
+def save_kohya(
+    path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, info: TrainingInfo, dtype: torch.dtype = torch.float32
+) -> int:
+    """Write the adapter(s) as one kohya .safetensors file; returns the number of adapted layers."""
+    tensors = adapter_tensors(unet, text_encoder, dtype)
+    save_file(tensors, str(path), metadata=metadata(info, unet, text_encoder, tensors_sha256(tensors)))
+    return sum(key.endswith(".alpha") for key in tensors)

@@ -1,0 +1,198 @@
+"""What `sdtune export` reads: a run directory, a training checkpoint, or an adapter file/folder — turned into the
+base pipeline with the adapter attached (peft adapter "default" on the UNet and, if trained, the text encoder),
+plus what is known about the training for the file's metadata."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from sdtune.errors import SdtuneError, first_line
+from sdtune.export.kohya import TrainingInfo, lora_layers
+from sdtune.lora import ADAPTER_WEIGHTS
+
+ADAPTER = "default"
+# A last.ckpt this much newer than adapter/ comes from training that went on after the adapter was written.
+UNFINISHED_AFTER_S = 60
+
+
+@dataclass
+class Adapted:
+    """The base pipeline with the adapter under export attached, and where it came from."""
+
+    pipe: object  # StableDiffusionPipeline
+    pretrained: str
+    revision: str | None
+    described: str  # "runs/x/checkpoints/last.ckpt (step 300)", for messages
+    info: TrainingInfo
+
+    @property
+    def text_encoder(self):
+        """The text encoder if it carries the adapter, else None."""
+        return self.pipe.text_encoder if lora_layers(self.pipe.text_encoder, ADAPTER) else None
+
+
+@dataclass
+class RunRecord:
+    """The run a source belongs to: its saved config (config.yaml) and checkpoint, when they exist."""
+
+    config: dict
+    config_path: Path | None
+    checkpoint: Path | None
+
+    @classmethod
+    def around(cls, path: Path) -> RunRecord:
+        """Look for `config.yaml` in `path` and up to two parents (adapter/step_000500/ sits two below the run)."""
+        for folder in [path, *path.parents[:3]]:
+            config = folder / "config.yaml"
+            if config.is_file():
+                try:
+                    loaded = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+                except yaml.YAMLError:
+                    continue
+                if isinstance(loaded, dict) and "model" in loaded:
+                    last = folder / "checkpoints" / "last.ckpt"
+                    return cls(loaded, config, last if last.is_file() else None)
+        return cls({}, None, None)
+
+    def get(self, *keys, default=None):
+        value = self.config
+        for key in keys:
+            if not isinstance(value, dict) or key not in value:
+                return default
+            value = value[key]
+        return value
+
+    def model_arg(self, key, default=None):
+        return self.get("model", "init_args", key, default=default)
+
+
+def _read_checkpoint(path: Path) -> dict:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and weights-only errors have no common base class
+        raise SdtuneError(f"{path}: not a readable checkpoint ({first_line(err)})") from err
+    if not isinstance(checkpoint, dict) or "_class_path" not in checkpoint.get("hyper_parameters", {}):
+        raise SdtuneError(f"{path}: not an sdtune training checkpoint (no recorded model class)")
+    return checkpoint
+
+
+def _module_from_checkpoint(checkpoint: dict, path: Path, pretrained: str | None):
+    hparams = dict(checkpoint["hyper_parameters"])
+    module_path, _, class_name = hparams.pop("_class_path").rpartition(".")
+    cls = getattr(importlib.import_module(module_path), class_name)
+    from sdtune.finetune import LoRAFineTune
+
+    if not issubclass(cls, LoRAFineTune):
+        raise SdtuneError(f"{path} is a {class_name} checkpoint: a full fine-tune has no adapter to export (its model/ folder is a diffusers pipeline)")
+    hparams.update(weight_dtype="float32", gradient_checkpointing=False)  # export and check at full precision
+    if pretrained is not None:
+        hparams["pretrained"] = pretrained
+    module = cls(**hparams)
+    module.on_load_checkpoint(checkpoint)  # one-line error when the tensors do not fit
+    module.load_state_dict(checkpoint["state_dict"], strict=False)
+    return module
+
+
+def _pipeline_of(module):
+    from sdtune.models.pretrained import load_inference_scheduler
+    from sdtune.sampling import pipeline_from_parts
+
+    scheduler = load_inference_scheduler(module.pretrained, module.revision)
+    if module.objective.prediction_type:
+        scheduler.register_to_config(prediction_type=module.objective.prediction_type)
+    return pipeline_from_parts(module.vae, module.text_encoder, module.tokenizer, module.unet, scheduler)
+
+
+def _info(run: RunRecord, pretrained: str, title: str, steps: int | None, prediction_type: str) -> TrainingInfo:
+    resolution = run.get("data", "init_args", "resolution")
+    subsets = run.get("data", "init_args", "subsets") or []
+    triggers = [s["prefix"] for s in subsets if isinstance(s, dict) and s.get("prefix")]
+    te_lora = run.model_arg("text_encoder_lora") or {}
+    config_sha = hashlib.sha256(run.config_path.read_bytes()).hexdigest() if run.config_path else None
+    when = run.config_path.stat().st_mtime if run.config_path else None
+    optimizer = run.model_arg("optimizer") or {}
+    return TrainingInfo(
+        base_model=pretrained,
+        title=title,
+        prediction_type=prediction_type,
+        resolution=(resolution, resolution) if isinstance(resolution, int) else None,
+        steps=steps,
+        trigger_words=triggers,
+        clip_skip=run.model_arg("clip_skip"),
+        learning_rate=optimizer.get("init_args", {}).get("lr") if isinstance(optimizer, dict) else None,
+        text_encoder_lr=te_lora.get("lr") if isinstance(te_lora, dict) else None,
+        optimizer=optimizer.get("class_path") if isinstance(optimizer, dict) else None,
+        config_sha256=config_sha,
+        date=datetime.datetime.fromtimestamp(when, datetime.timezone.utc).isoformat(timespec="seconds") if when else None,
+    )
+
+
+def _pick_in_run(run_dir: Path) -> Path:
+    """A run's final adapter; its last checkpoint when there is no adapter or the checkpoint was written well after
+    it (a resumed run that did not finish). Lightning writes last.ckpt just after the adapter at a normal end."""
+    adapter = run_dir / "adapter" / ADAPTER_WEIGHTS
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if (run_dir / "model" / "model_index.json").is_file() and not adapter.is_file():
+        raise SdtuneError(f"{run_dir} is a full fine-tune: its model/ folder already is a diffusers pipeline")
+    if adapter.is_file() and (not last.is_file() or last.stat().st_mtime < adapter.stat().st_mtime + UNFINISHED_AFTER_S):
+        return adapter
+    if last.is_file():
+        return last
+    raise SdtuneError(f"{run_dir} has neither adapter/{ADAPTER_WEIGHTS} nor checkpoints/last.ckpt")
+
+
+def load_source(source: str | Path, model: str | None = None) -> Adapted:
+    """Resolve SOURCE (run dir, .ckpt, adapter folder or .safetensors file) into an `Adapted`."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise SdtuneError(f"{source} does not exist (pass a run directory, a checkpoint or an adapter)")
+    run = RunRecord.around(path if path.is_dir() else path.parent)
+    if path.is_dir() and (path / "config.yaml").is_file():
+        path = _pick_in_run(path)
+    elif path.is_dir():
+        if not (path / ADAPTER_WEIGHTS).is_file():
+            raise SdtuneError(f"{source} has no {ADAPTER_WEIGHTS} (pass a run directory, a checkpoint or an adapter)")
+        path = path / ADAPTER_WEIGHTS
+    title = (run.config_path.parent.name if run.config_path else path.stem)
+    if path.suffix == ".ckpt":
+        checkpoint = _read_checkpoint(path)
+        module = _module_from_checkpoint(checkpoint, path, model)
+        step = checkpoint.get("global_step")
+        info = _info(run, module.pretrained, title, step, module.prediction_type)
+        return Adapted(_pipeline_of(module), module.pretrained, module.revision, f"{path} (step {step})", info)
+    return _from_adapter_file(path, run, model, title)
+
+
+def _steps_of(path: Path, run: RunRecord) -> int | None:
+    if path.parent.name.startswith("step_") and path.parent.name[5:].isdigit():
+        return int(path.parent.name[5:])
+    if run.checkpoint is not None:
+        try:
+            return torch.load(run.checkpoint, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+        except Exception:  # the step only feeds metadata; an unreadable checkpoint just leaves it out
+            return None
+    return run.get("trainer", "max_steps")
+
+
+def _from_adapter_file(path: Path, run: RunRecord, model: str | None, title: str) -> Adapted:
+    from sdtune.models.pretrained import load_pipeline
+    from sdtune.sampling import load_lora_file
+
+    pretrained = model or run.model_arg("pretrained")
+    if pretrained is None:
+        raise SdtuneError(f"{path} is not inside a run directory, so its base model is unknown: pass --model")
+    revision = run.model_arg("revision") if model is None else None
+    pipe = load_pipeline(pretrained, revision=revision)
+    prediction_type = (run.model_arg("objective") or {}).get("prediction_type")
+    if prediction_type:
+        pipe.scheduler.register_to_config(prediction_type=prediction_type)
+    load_lora_file(pipe, path, ADAPTER, what="SOURCE")
+    info = _info(run, pretrained, title, _steps_of(path, run), prediction_type or pipe.scheduler.config.prediction_type)
+    return Adapted(pipe, pretrained, revision, str(path), info)
