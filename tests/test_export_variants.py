@@ -1,9 +1,12 @@
 """Conv-LoRA (LoCon), DoRA and text-encoder adapters through every export format: each round-trips (checked on
 write) or is refused with a clear message; kohya files are read back by `sdtune sample` as adapters."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sdtune.cli import main
@@ -59,3 +62,23 @@ def test_sample_reads_a_kohya_file_like_the_adapter_it_came_from(variant, adapte
         images[name] = np.asarray(Image.open(next(out.glob("**/*.png"))), dtype=np.float32)
     assert np.abs(images["kohya"] - images["diffusers"]).mean() <= 1.0
     assert np.abs(images["diffusers"] - images["base"]).mean() > 2.0  # the adapter matters
+
+
+def test_text_encoder_layers_are_named_as_every_reader_expects(adapters):
+    keys = [k for k in load_file(adapters["text_encoder"] / "pytorch_lora_weights.safetensors") if k.startswith("text_encoder.")]
+    assert keys and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in keys)
+
+
+def test_a_v_prediction_run_carries_its_prediction_type_into_merged_and_kohya(adapters, tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    for file in adapters["conv"].iterdir():
+        (run / "adapter" / file.name).write_bytes(file.read_bytes())
+    config = {"model": {"init_args": {"pretrained": str(tiny_model_dir), "objective": {"prediction_type": "v_prediction"}}}}
+    (run / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+    assert main(["export", str(run), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    scheduler = json.loads((tmp_path / "merged" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+    assert main(["export", str(run), "--format", "kohya", "--out", str(tmp_path / "v.safetensors")]) == 0
+    meta = safe_open(str(tmp_path / "v.safetensors"), "pt").metadata()
+    assert meta["ss_v_parameterization"] == "True" and meta["modelspec.prediction_type"] == "v"
