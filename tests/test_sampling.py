@@ -104,13 +104,16 @@ def test_adapter_given_as_its_safetensors_file_and_two_adapters_mix(tiny_model_d
     assert mean_abs(sample(pipe)[0], base) > 1
 
 
-def test_missing_adapter_is_one_line(tiny_model_dir, tmp_path):
+def test_missing_or_truncated_adapter_is_one_line(tiny_model_dir, adapter_dir, tmp_path):
     pipe = fresh_pipe(tiny_model_dir)
     (tmp_path / "empty").mkdir()
-    for path in (tmp_path / "nope", tmp_path / "empty"):
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(Adapter(adapter_dir).weights_file.read_bytes()[:500])
+    for path in (tmp_path / "nope", tmp_path / "empty", truncated):
         with pytest.raises(SdtuneError) as err:
             load_adapters(pipe, [Adapter(path)])
         assert "\n" not in str(err.value) and str(path) in str(err.value)
+    assert "truncated or corrupt" in str(err.value)
 
 
 def test_image_to_image_at_small_strength_stays_at_the_init_image(pipe):
