@@ -219,6 +219,7 @@ def test_existing_output_is_kept_unless_forced(run_dir, tmp_path, capsys):
         (["{truncated}", "--model", "{model}", "--out", "{tmp}/x"], "truncated or corrupt"),
         (["{notckpt}", "--out", "{tmp}/x"], "not an sdtune training checkpoint"),
         (["{orphan}", "--out", "{tmp}/x"], "pass --model"),
+        (["{full}", "--out", "{tmp}/x"], "is a full fine-tune"),
     ],
 )
 def test_bad_input_is_one_line(args, message, run_dir, tiny_model_dir, tmp_path, capsys):
@@ -228,8 +229,12 @@ def test_bad_input_is_one_line(args, message, run_dir, tiny_model_dir, tmp_path,
     torch.save({"state_dict": {}}, notckpt)
     orphan = tmp_path / "orphan.safetensors"
     orphan.write_bytes((run_dir / "adapter" / "pytorch_lora_weights.safetensors").read_bytes())
+    full = tmp_path / "full_run"
+    (full / "model").mkdir(parents=True)
+    (full / "model" / "model_index.json").write_text("{}")
+    (full / "config.yaml").write_text("model: {}")
     values = dict(missing=tmp_path / "nope", run=run_dir, tmp=tmp_path, truncated=truncated, model=tiny_model_dir,
-                  notckpt=notckpt, orphan=orphan)  # fmt: skip
+                  notckpt=notckpt, orphan=orphan, full=full)  # fmt: skip
     assert main(["export", *[a.format(**values) for a in args]]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
