@@ -7,6 +7,7 @@ from typing import Any
 
 from sdtune.finetune.base import DiffusionFineTune, _as
 from sdtune.lora import LoraSettings, TextEncoderLora, add_lora, save_diffusers_adapter
+from sdtune.lora_init import load_init_adapter
 
 
 class LoRAFineTune(DiffusionFineTune):
@@ -17,6 +18,10 @@ class LoRAFineTune(DiffusionFineTune):
         pretrained: Diffusers model directory or Hugging Face Hub id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5.
         lora: UNet adapter: rank, alpha, dropout, targets, DoRA, conv rank/alpha (LoCon).
         text_encoder_lora: Text-encoder adapter with its own learning rate; null keeps the text encoder frozen.
+        init_adapter: A LoRA whose weights start training: an sdtune/diffusers adapter folder or
+            pytorch_lora_weights.safetensors, or a kohya/AUTOMATIC1111 .safetensors; its ranks must match model.lora
+            (and model.text_encoder_lora). Its alpha may differ: the weights are rescaled to the same update.
+            A checkpoint given with --ckpt_path overrides these weights.
         **kwargs: The options every fine-tune shares (pretrained, optimizer, lr_schedule, objective, …).
     """
 
@@ -27,15 +32,19 @@ class LoRAFineTune(DiffusionFineTune):
         pretrained: str,
         lora: LoraSettings = LoraSettings(),
         text_encoder_lora: TextEncoderLora | None = None,
+        init_adapter: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(pretrained=pretrained, **kwargs)
         self.lora = _as(LoraSettings, lora)
         self.text_encoder_lora = _as(TextEncoderLora, text_encoder_lora)
-        self._record_hparams(lora=self.lora, text_encoder_lora=self.text_encoder_lora)
+        self.init_adapter = None if init_adapter is None else str(init_adapter)
+        self._record_hparams(lora=self.lora, text_encoder_lora=self.text_encoder_lora, init_adapter=self.init_adapter)
         add_lora(self.unet, self.lora)
         if self.text_encoder_lora is not None:
             add_lora(self.text_encoder, self.text_encoder_lora)
+        if self.init_adapter is not None:
+            load_init_adapter(self.init_adapter, self.unet, self.text_encoder, self.lora, self.text_encoder_lora)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         groups = super().parameter_groups()
