@@ -120,6 +120,14 @@ class TextEncoderLora(LoraShape):
     lr: float | None = None
     """Learning rate of the text-encoder adapter; null uses the optimizer's lr. kohya users often take lr / 2."""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.use_dora:
+            raise SdtuneError(
+                f"{self.key}.use_dora: diffusers (with transformers 5) drops text-encoder DoRA magnitudes when it loads "
+                "an adapter, so it would be wrong wherever it is used; keep DoRA on the UNet (model.lora.use_dora)"
+            )
+
     def all_targets(self) -> list[str]:
         return list(self.target_modules)
 

@@ -315,10 +315,12 @@ def load_lora_file(pipe: StableDiffusionPipeline, path: Path, name: str, what: s
         where = f"{path} has no {ADAPTER_WEIGHTS}" if path.is_dir() else f"{path} does not exist"
         raise SdtuneError(f"{what}: {where} (pass an adapter folder or its .safetensors file)")
     try:
-        with safe_open(str(weights), "pt"):
-            pass
+        with safe_open(str(weights), "pt") as file:
+            keys = list(file.keys())
     except (SafetensorError, OSError) as err:
         raise SdtuneError(f"{what} {path}: not a readable .safetensors file (truncated or corrupt?): {first_line(err)}") from err
+    if any(k.startswith("text_encoder") and "lora_magnitude_vector" in k for k in keys):
+        raise SdtuneError(f"{what} {path}: a text-encoder DoRA adapter; diffusers (with transformers 5) drops its magnitudes when loading it")
     try:
         pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=name)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:

@@ -131,6 +131,8 @@ def test_lora_inits_leave_the_base_untouched_and_base_rewriting_ones_are_refused
             LoraSettings(init=init)
     with pytest.raises(SdtuneError, match="model.text_encoder_lora.rank"):
         TextEncoderLora(rank=0)
+    with pytest.raises(SdtuneError, match="model.text_encoder_lora.use_dora: diffusers .* drops text-encoder DoRA"):
+        TextEncoderLora(use_dora=True)
 
 
 def test_text_encoder_lora_trains_only_with_gradients_through_the_encoder(tiny_model_dir):
