@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+import torch
+from safetensors.torch import load_file, save_file
 
 from sdtune.cli import main
 from sdtune.lora import LoraSettings, TextEncoderLora
@@ -82,3 +83,29 @@ def test_a_v_prediction_run_carries_its_prediction_type_into_merged_and_kohya(ad
     assert main(["export", str(run), "--format", "kohya", "--out", str(tmp_path / "v.safetensors")]) == 0
     meta = safe_open(str(tmp_path / "v.safetensors"), "pt").metadata()
     assert meta["ss_v_parameterization"] == "True" and meta["modelspec.prediction_type"] == "v"
+
+
+def test_a_text_encoder_dora_file_is_refused_by_the_loaders(adapters, tmp_path, tiny_model_dir, capsys):
+    """diffusers drops text-encoder DoRA magnitudes when loading; such a file (from another tool) is refused
+    instead of giving silently wrong images."""
+    tensors = load_file(adapters["text_encoder"] / "pytorch_lora_weights.safetensors")
+    layer = next(k for k in tensors if k.startswith("text_encoder.") and k.endswith("q_proj.lora_A.weight"))
+    tensors[layer.replace("lora_A.weight", "lora_magnitude_vector")] = torch.ones(32)
+    save_file(tensors, str(tmp_path / "te_dora.safetensors"))
+    assert main(["sample", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "te_dora.safetensors"),
+                 "--prompt", "x", "--out", str(tmp_path / "s")]) == 2  # fmt: skip
+    assert "text-encoder DoRA" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_training_starts_from_an_exported_kohya_file(adapters, tiny_model_dir, tmp_path):
+    from sdtune.finetune import LoRAFineTune
+    from sdtune.lora import lora_state_dict
+
+    kohya = tmp_path / "lora.safetensors"
+    assert main(["export", str(adapters["text_encoder"]), "--model", str(tiny_model_dir), "--format", "kohya", "--out", str(kohya)]) == 0
+    source = LoRAFineTune(str(tiny_model_dir), init_adapter=str(adapters["text_encoder"]), **VARIANTS["text_encoder"])
+    resumed = LoRAFineTune(str(tiny_model_dir), init_adapter=str(kohya), **VARIANTS["text_encoder"])
+    for part in ("unet", "text_encoder"):
+        expected, got = lora_state_dict(getattr(source, part)), lora_state_dict(getattr(resumed, part))
+        assert expected.keys() == got.keys() and any(v.abs().max() > 0 for k, v in got.items() if "lora_B" in k)
+        assert all(torch.equal(expected[k], got[k]) for k in expected)

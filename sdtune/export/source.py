@@ -92,6 +92,7 @@ def _module_from_checkpoint(checkpoint: dict, path: Path, pretrained: str | None
     if not issubclass(cls, LoRAFineTune):
         raise SdtuneError(f"{path} is a {class_name} checkpoint: a full fine-tune has no adapter to export (its model/ folder is a diffusers pipeline)")
     hparams.update(weight_dtype="float32", gradient_checkpointing=False)  # export and check at full precision
+    hparams.pop("init_adapter", None)  # the checkpoint holds the trained weights; the starting file may be gone
     if pretrained is not None:
         hparams["pretrained"] = pretrained
     module = cls(**hparams)
