@@ -8,25 +8,14 @@ from safetensors import safe_open
 
 from sdtune.finetune import LoRAFineTune
 from sdtune.lora import ADAPTER_WEIGHTS, LoraSettings, TextEncoderLora
-
-
-def perturbed(model):
-    """Make every LoRA B (and DoRA magnitude) non-zero / moved, as after training."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_B." in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-            elif "lora_magnitude_vector" in name:
-                param.mul_(1 + 0.1 * torch.rand(param.shape, generator=generator))
-    return model.eval()
+from training import perturbed
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir):
     """A module with alpha/rank = 3 on attention, a 1×1 conv and a 3×3 conv."""
     lora = LoraSettings(rank=4, alpha=12.0, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"])
-    return perturbed(LoRAFineTune(str(tiny_model_dir), lora=lora))
+    return perturbed(LoRAFineTune(str(tiny_model_dir), lora=lora), std=0.05).eval()
 
 
 VARIANTS = {
@@ -78,7 +67,7 @@ def text_output(text_encoder):
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_adapter_variants_round_trip_through_diffusers(variant, tiny_model_dir, tmp_path):
-    model = perturbed(LoRAFineTune(str(tiny_model_dir), **VARIANTS[variant]))
+    model = perturbed(LoRAFineTune(str(tiny_model_dir), **VARIANTS[variant]), std=0.05).eval()
     model.save_weights(tmp_path / "adapter")
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
     base_unet, base_text = unet_output(pipe.unet, 32), text_output(pipe.text_encoder)

@@ -12,7 +12,7 @@ from sdtune.errors import SdtuneError
 from sdtune.finetune import LoRAFineTune
 from sdtune.lora import ADAPTER_WEIGHTS, LoraSettings, TextEncoderLora, lora_state_dict
 from test_cli import sdtune
-from training import fit, make_data, trainable, trained_adapter
+from training import fit, make_data, perturbed, trainable, trained_adapter
 
 FILE_LORA = dict(lora=LoraSettings(rank=4, alpha=8.0), text_encoder_lora=TextEncoderLora(rank=2, alpha=4.0))
 
@@ -33,18 +33,6 @@ def text_output(text_encoder):
 
 def build(tiny_model_dir, init_adapter=None, **settings):
     return LoRAFineTune(str(tiny_model_dir), init_adapter=None if init_adapter is None else str(init_adapter), **settings)
-
-
-def perturbed(model):
-    """As after training: every LoRA B non-zero, every DoRA magnitude moved."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_B." in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-            elif "lora_magnitude_vector" in name:
-                param.mul_(1 + 0.1 * torch.rand(param.shape, generator=generator))
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -24,17 +24,23 @@ def trainable(model):
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def trained_adapter(tiny_model_dir, out, std=0.1, **settings):
-    """A 'trained' adapter folder: a LoRAFineTune with every LoRA B made non-zero, saved in the diffusers format."""
+def perturbed(model, std=0.1):
+    """As after training: every LoRA B non-zero (normal, `std`), every DoRA magnitude moved by up to 10 %."""
     import torch
 
-    from sdtune.finetune import LoRAFineTune
-
-    model = LoRAFineTune(str(tiny_model_dir), **settings)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".lora_B." in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
-    model.save_weights(out)
+            elif "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.1 * torch.rand(param.shape, generator=generator))
+    return model
+
+
+def trained_adapter(tiny_model_dir, out, std=0.1, **settings):
+    """A 'trained' adapter folder: a perturbed LoRAFineTune saved in the diffusers format."""
+    from sdtune.finetune import LoRAFineTune
+
+    perturbed(LoRAFineTune(str(tiny_model_dir), **settings), std).save_weights(out)
     return out
