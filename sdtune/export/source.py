@@ -18,6 +18,7 @@ from sdtune.export.kohya import TrainingInfo, lora_layers
 from sdtune.lora import ADAPTER_WEIGHTS
 
 ADAPTER = "default"
+SD2_TEXT_WIDTH = 1024  # OpenCLIP ViT-H; SD1.x's CLIP ViT-L is 768
 # A last.ckpt this much newer than adapter/ comes from training that went on after the adapter was written.
 UNFINISHED_AFTER_S = 60
 
@@ -111,7 +112,7 @@ def _pipeline_of(module):
     return pipeline_from_parts(module.vae, module.text_encoder, module.tokenizer, module.unet, scheduler)
 
 
-def _info(run: RunRecord, pretrained: str, title: str, steps: int | None, prediction_type: str) -> TrainingInfo:
+def _info(run: RunRecord, pipe, pretrained: str, title: str, steps: int | None, prediction_type: str) -> TrainingInfo:
     resolution = run.get("data", "init_args", "resolution")
     subsets = run.get("data", "init_args", "subsets") or []
     triggers = [s["prefix"] for s in subsets if isinstance(s, dict) and s.get("prefix")]
@@ -122,6 +123,7 @@ def _info(run: RunRecord, pretrained: str, title: str, steps: int | None, predic
     return TrainingInfo(
         base_model=pretrained,
         title=title,
+        v2=pipe.text_encoder.config.hidden_size == SD2_TEXT_WIDTH,
         prediction_type=prediction_type,
         resolution=(resolution, resolution) if isinstance(resolution, int) else None,
         steps=steps,
@@ -166,8 +168,9 @@ def load_source(source: str | Path, model: str | None = None) -> Adapted:
         checkpoint = _read_checkpoint(path)
         module = _module_from_checkpoint(checkpoint, path, model)
         step = checkpoint.get("global_step")
-        info = _info(run, module.pretrained, title, step, module.prediction_type)
-        return Adapted(_pipeline_of(module), module.pretrained, module.revision, f"{path} (step {step})", info)
+        pipe = _pipeline_of(module)
+        info = _info(run, pipe, module.pretrained, title, step, module.prediction_type)
+        return Adapted(pipe, module.pretrained, module.revision, f"{path} (step {step})", info)
     return _from_adapter_file(path, run, model, title)
 
 
@@ -195,5 +198,5 @@ def _from_adapter_file(path: Path, run: RunRecord, model: str | None, title: str
     if prediction_type:
         pipe.scheduler.register_to_config(prediction_type=prediction_type)
     load_lora_file(pipe, path, ADAPTER, what="SOURCE")
-    info = _info(run, pretrained, title, _steps_of(path, run), prediction_type or pipe.scheduler.config.prediction_type)
+    info = _info(run, pipe, pretrained, title, _steps_of(path, run), prediction_type or pipe.scheduler.config.prediction_type)
     return Adapted(pipe, pretrained, revision, str(path), info)
