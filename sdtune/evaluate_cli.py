@@ -25,6 +25,7 @@ Every model sees the same prompts, seeds and scheduler. --clip-model adds the CL
 prompt embeddings, averaged); --data adds the validation loss on a dataset at fixed noise and timesteps (the same
 draws for every model, as `val/loss` in training; pass the run's --clip-skip, --max-token-length and
 --prediction-type when it changed them). --adapter PATH[:SCALE] is repeatable; each is compared alone.
+--model may be a single-file .safetensors/.ckpt checkpoint; --model-config then gives its configs, tokenizer and scheduler.
 """
 
 
@@ -67,8 +68,8 @@ def main(args: list[str]) -> int:
     # One copy of the weights: the loss module's parts are the pipeline's, so an adapter loaded into the pipeline
     # is the adapter the validation loss sees.
     objective = Objective(prediction_type=ns.prediction_type)
-    module = DiffusionFineTune(ns.model, revision=ns.revision, variant=ns.variant, objective=objective,
-                               clip_skip=ns.clip_skip).to(device)  # fmt: skip
+    module = DiffusionFineTune(ns.model, revision=ns.revision, variant=ns.variant, pretrained_config=ns.model_config,
+                               objective=objective, clip_skip=ns.clip_skip).to(device)  # fmt: skip
     module.eval()  # diffusers pipelines never switch modes; LoRA dropout must stay off while sampling
     scheduler = make_scheduler(ns.scheduler, module.noise_scheduler.config)
     pipe = pipeline_from_parts(module.vae, module.text_encoder, module.tokenizer, module.unet, scheduler)
@@ -120,7 +121,7 @@ def main(args: list[str]) -> int:
     make_grid(grid_rows, grid_labels, [f"seed {s}" for s in seeds]).save(out / "grid.png")
     metrics = {
         "command": shlex.join(["sdtune", "evaluate", *args]),
-        "model": {"pretrained": ns.model, "revision": ns.revision, "variant": ns.variant},
+        "model": {"pretrained": ns.model, "pretrained_config": ns.model_config, "revision": ns.revision, "variant": ns.variant},
         "settings": {"steps": ns.steps, "guidance": ns.guidance, "scheduler": ns.scheduler, "width": width,
                      "height": height, "clip_skip": ns.clip_skip, "seeds": seeds, "clip_model": ns.clip_model,
                      "data": ns.data, "negative_prompt": ns.negative_prompt, "max_token_length": ns.max_token_length,
@@ -150,7 +151,7 @@ def _validation_batches(ns: argparse.Namespace, module, width: int) -> list:
         raise SdtuneError(f"--batch-size must be at least 1, got {ns.batch_size}")
     data = CaptionDataModule(root=ns.data, val_root=ns.data, resolution=ns.resolution or width,
                              batch_size=ns.batch_size, max_token_length=ns.max_token_length, pretrained=ns.model,
-                             revision=ns.revision)  # fmt: skip
+                             revision=ns.revision, pretrained_config=ns.model_config)  # fmt: skip
     data.setup("validate")
     return list(data.val_dataloader())
 

@@ -4,7 +4,7 @@ What sdtune adds to a plain LightningCLI: a ModelCheckpoint (`--checkpoint.*`, `
 folder `<run dir>/checkpoints`, a SaveAdapter callback (`--adapter.*`), a SampleImages callback (`--samples.*`, off
 unless the config's `samples:` block or `--samples.enabled true` turns it on), TensorBoard logs in `<run dir>/logs`, the
 resolved config in `<run dir>/config.yaml` (rewritten on resume), and the model's `pretrained` linked to the data
-module so both use the same tokenizer.
+module (with `revision` and `pretrained_config`) so both use the same tokenizer.
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ class SdtuneCLI(LightningCLI):
         parser.set_defaults({"samples.enabled": False})
         parser.link_arguments("model.init_args.pretrained", "data.init_args.pretrained")
         parser.link_arguments("model.init_args.revision", "data.init_args.revision")
+        parser.link_arguments("model.init_args.pretrained_config", "data.init_args.pretrained_config")
 
     def instantiate_classes(self) -> None:
         """jsonargparse wraps errors raised in __init__ into a multi-line parse error; surface ours as they are."""

@@ -26,6 +26,8 @@ EPILOG = """examples:
                 --prompt "sks dog, watercolor" --negative-prompt "blurry" --clip-skip 2 --out samples/mix
   sdtune sample --model ./my_model --init-image photo.png --strength 0.5 --prompt "an oil painting" --out samples/img2img
   sdtune sample --model ./my_model --init-image photo.png --mask mask.png --prompt "a red hat" --out samples/inpaint
+  sdtune sample --model models/dreamshaper_8.safetensors --model-config stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+                --prompt "a lighthouse at dusk" --out samples/single_file
 
 --prompts-file: .txt (one prompt a line; blank lines and lines starting with # are skipped) or .jsonl
 ({"prompt": "...", "negative_prompt": "..."} a line; negative_prompt is optional and overrides --negative-prompt).
@@ -50,7 +52,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     from sdtune.sampling import SCHEDULERS
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", required=True, metavar="PRETRAINED", help="diffusers model directory or Hub id")
+    model.add_argument("--model", required=True, metavar="PRETRAINED",
+                       help="diffusers model directory, Hub id, or single-file .safetensors/.ckpt checkpoint (with --model-config)")  # fmt: skip
+    model.add_argument("--model-config", metavar="DIR_OR_ID",
+                       help="for a single-file --model: diffusers directory or Hub id with its configs, tokenizer and scheduler")  # fmt: skip
     model.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     model.add_argument("--variant", help='weight variant, e.g. "fp16"')
     model.add_argument("--adapter", action="append", default=[], metavar="PATH[:SCALE]",
@@ -254,7 +259,8 @@ def main(args: list[str]) -> int:
     from sdtune.models.pretrained import load_pipeline
     from sdtune.sampling import iter_images, load_adapters, make_scheduler, prepare_condition
 
-    pipe = load_pipeline(ns.model, revision=ns.revision, variant=ns.variant, dtype=getattr(torch, ns.dtype), device=device)
+    pipe = load_pipeline(ns.model, revision=ns.revision, variant=ns.variant, dtype=getattr(torch, ns.dtype), device=device,
+                         pretrained_config=ns.model_config)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = make_scheduler(ns.scheduler, pipe.scheduler.config)
     image_width, image_height = image_size(pipe, ns)
@@ -268,7 +274,7 @@ def main(args: list[str]) -> int:
     record = {
         "command": shlex.join(["sdtune", "sample", *args]),
         "mode": mode,
-        "model": {"pretrained": ns.model, "revision": ns.revision, "variant": ns.variant},
+        "model": {"pretrained": ns.model, "pretrained_config": ns.model_config, "revision": ns.revision, "variant": ns.variant},
         "adapters": [
             {"name": name, "path": str(a.path), "file": str(a.weights_file), "scale": a.scale}
             for name, a in zip(adapter_names, adapters)

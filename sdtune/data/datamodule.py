@@ -45,6 +45,7 @@ class CaptionDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pretrained: str | None = None,
         revision: str | None = None,
+        pretrained_config: str | None = None,
         val_root: str | None = None,
         val_fraction: float = 0.0,
         seed: int = 0,
@@ -75,7 +76,9 @@ class CaptionDataModule(L.LightningDataModule):
             alpha_mask: Use each image's alpha channel as its loss mask (opaque trains fully).
             num_workers: DataLoader worker processes; 0 loads in the training process.
             pretrained: Model whose tokenizer encodes the captions (the CLI links it from --model.pretrained).
-            revision: Hub revision of `pretrained`.
+            revision: Hub revision of `pretrained` (of `pretrained_config` for a single-file `pretrained`).
+            pretrained_config: For a single-file `pretrained`, the diffusers directory or Hub id whose tokenizer
+                it uses (the CLI links it from --model.pretrained_config).
             val_root: Held-out images for validation, in any layout `root` accepts.
             val_fraction: Without val_root (which takes precedence), hold out this fraction of the images for
                 validation; the split is fixed by seed.
@@ -116,6 +119,7 @@ class CaptionDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pretrained = pretrained
         self.revision = revision
+        self.pretrained_config = pretrained_config
         self.val_root = val_root
         self.val_fraction = val_fraction
         self.seed = seed
@@ -141,7 +145,7 @@ class CaptionDataModule(L.LightningDataModule):
             raise SdtuneError(
                 "data.pretrained is not set; pass --model.pretrained (the CLI links it) or --data.pretrained PATH"
             )
-        tokenizer = load_tokenizer(self.pretrained, self.revision)
+        tokenizer = load_tokenizer(self.pretrained, self.revision, self.pretrained_config)
         chunk_count(tokenizer, self.max_token_length)  # a bad length fails before anything is read
         if self.subsets is not None:
             settings = [f"data.subsets[{i}].root" for i in range(len(self.subsets))]

@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the written weights (default fp32, the trained dtype)")
     parser.add_argument("--merge", action="store_true", help="fold the adapter into the UNet/text encoder and write a full pipeline")
     parser.add_argument("--scale", type=float, default=None, help="with --merge: strength of the folded adapter (default 1)")
-    parser.add_argument("--model", help="base model (diffusers folder or Hub id) instead of the run's")
+    parser.add_argument("--model", help="base model (diffusers folder, Hub id or single-file checkpoint) instead of the run's")
+    parser.add_argument("--model-config", metavar="DIR_OR_ID", help="for a single-file --model: diffusers folder or Hub id with its configs")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists (only once the new export has passed its check)")
     return parser
 
@@ -57,6 +58,8 @@ def _check_arguments(ns: argparse.Namespace) -> Path:
         raise SdtuneError(f"--format kohya writes one file: --out must end in .safetensors, got {out}")
     if ns.format != "kohya" and out.suffix == ".safetensors":
         raise SdtuneError(f"--format {ns.format or 'diffusers'}{' --merge' if ns.merge else ''} writes a folder: --out {out} names a .safetensors file")
+    if ns.model_config and not ns.model:
+        raise SdtuneError("--model-config goes with --model (a run's own base model comes with its config)")
     if out.exists() and not ns.force:
         raise SdtuneError(f"{out} already exists; pass --force to replace it")
     return out
@@ -90,7 +93,7 @@ def export(ns: argparse.Namespace) -> Path:
     kind = "merged" if ns.merge else ns.format or "diffusers"
     scale = 1.0 if ns.scale is None else ns.scale
     started = time.perf_counter()
-    adapted = load_source(ns.source, ns.model)
+    adapted = load_source(ns.source, ns.model, ns.model_config)
     print(f"exporting {adapted.described} on {adapted.pretrained} as {kind}")
 
     probe = Probe.for_pipeline(adapted.pipe)
@@ -105,9 +108,9 @@ def export(ns: argparse.Namespace) -> Path:
             write_merged(adapted, staging, dtype, scale)
         else:
             WRITERS[kind](adapted, staging, dtype)
-        pretrained, revision = adapted.pretrained, adapted.revision
+        base_model = adapted.pretrained, adapted.revision, adapted.pretrained_config
         del adapted  # one copy of the model at a time
-        loaded = load_back(kind, pretrained, revision, staging)
+        loaded = load_back(kind, base_model, staging)
         verdict = compare(ref, unet_output(loaded, probe), dtype if ns.merge else torch.float32,
                           None if ns.merge else count_lora_layers(loaded))  # fmt: skip
     except BaseException:

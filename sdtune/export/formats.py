@@ -94,12 +94,14 @@ def load_merged(base, path: Path):
 CONSUMERS = {"diffusers": load_with_diffusers, "kohya": load_with_diffusers, "peft": load_with_peft, "merged": load_merged}
 
 
-def load_back(kind: str, pretrained: str, revision: str | None, path: Path):
-    """`path` as its consumer loads it: adapter files onto a fresh copy of the base model."""
+def load_back(kind: str, base_model: tuple[str, str | None, str | None], path: Path):
+    """`path` as its consumer loads it: adapter files onto a fresh copy of the base model
+    (`base_model`: pretrained, revision, pretrained_config)."""
     from sdtune.models.pretrained import load_pipeline
 
     def base():
-        return load_pipeline(pretrained, revision=revision)
+        pretrained, revision, config = base_model
+        return load_pipeline(pretrained, revision=revision, pretrained_config=config)
 
     try:
         return CONSUMERS[kind](base, path)

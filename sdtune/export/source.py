@@ -30,6 +30,7 @@ class Adapted:
     pipe: object  # StableDiffusionPipeline
     pretrained: str
     revision: str | None
+    pretrained_config: str | None  # configs of a single-file `pretrained`
     described: str  # "runs/x/checkpoints/last.ckpt (step 300)", for messages
     info: TrainingInfo
 
@@ -84,7 +85,7 @@ def _read_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-def _module_from_checkpoint(checkpoint: dict, path: Path, pretrained: str | None):
+def _module_from_checkpoint(checkpoint: dict, path: Path, pretrained: str | None, pretrained_config: str | None):
     hparams = dict(checkpoint["hyper_parameters"])
     module_path, _, class_name = hparams.pop("_class_path").rpartition(".")
     cls = getattr(importlib.import_module(module_path), class_name)
@@ -95,7 +96,7 @@ def _module_from_checkpoint(checkpoint: dict, path: Path, pretrained: str | None
     hparams.update(weight_dtype="float32", gradient_checkpointing=False)  # export and check at full precision
     hparams.pop("init_adapter", None)  # the checkpoint holds the trained weights; the starting file may be gone
     if pretrained is not None:
-        hparams["pretrained"] = pretrained
+        hparams.update(pretrained=pretrained, pretrained_config=pretrained_config)
     module = cls(**hparams)
     module.on_load_checkpoint(checkpoint)  # one-line error when the tensors do not fit
     module.load_state_dict(checkpoint["state_dict"], strict=False)
@@ -106,7 +107,7 @@ def _pipeline_of(module):
     from sdtune.models.pretrained import load_inference_scheduler
     from sdtune.sampling import pipeline_from_parts
 
-    scheduler = load_inference_scheduler(module.pretrained, module.revision)
+    scheduler = load_inference_scheduler(module.pretrained, module.revision, module.pretrained_config)
     if module.objective.prediction_type:
         scheduler.register_to_config(prediction_type=module.objective.prediction_type)
     return pipeline_from_parts(module.vae, module.text_encoder, module.tokenizer, module.unet, scheduler)
@@ -151,7 +152,7 @@ def _pick_in_run(run_dir: Path) -> Path:
     raise SdtuneError(f"{run_dir} has neither adapter/{ADAPTER_WEIGHTS} nor checkpoints/last.ckpt")
 
 
-def load_source(source: str | Path, model: str | None = None) -> Adapted:
+def load_source(source: str | Path, model: str | None = None, model_config: str | None = None) -> Adapted:
     """Resolve SOURCE (run dir, .ckpt, adapter folder or .safetensors file) into an `Adapted`."""
     path = Path(source).expanduser()
     if not path.exists():
@@ -166,12 +167,12 @@ def load_source(source: str | Path, model: str | None = None) -> Adapted:
     title = (run.config_path.parent.name if run.config_path else path.stem)
     if path.suffix == ".ckpt":
         checkpoint = _read_checkpoint(path)
-        module = _module_from_checkpoint(checkpoint, path, model)
+        module = _module_from_checkpoint(checkpoint, path, model, model_config)
         step = checkpoint.get("global_step")
         pipe = _pipeline_of(module)
         info = _info(run, pipe, module.pretrained, title, step, module.prediction_type)
-        return Adapted(pipe, module.pretrained, module.revision, f"{path} (step {step})", info)
-    return _from_adapter_file(path, run, model, title)
+        return Adapted(pipe, module.pretrained, module.revision, module.pretrained_config, f"{path} (step {step})", info)
+    return _from_adapter_file(path, run, model, model_config, title)
 
 
 def _steps_of(path: Path, run: RunRecord) -> int | None:
@@ -185,18 +186,18 @@ def _steps_of(path: Path, run: RunRecord) -> int | None:
     return run.get("trainer", "max_steps")
 
 
-def _from_adapter_file(path: Path, run: RunRecord, model: str | None, title: str) -> Adapted:
+def _from_adapter_file(path: Path, run: RunRecord, model: str | None, model_config: str | None, title: str) -> Adapted:
     from sdtune.models.pretrained import load_pipeline
     from sdtune.sampling import load_lora_file
 
     pretrained = model or run.model_arg("pretrained")
     if pretrained is None:
         raise SdtuneError(f"{path} is not inside a run directory, so its base model is unknown: pass --model")
-    revision = run.model_arg("revision") if model is None else None
-    pipe = load_pipeline(pretrained, revision=revision)
+    revision, config = (run.model_arg("revision"), run.model_arg("pretrained_config")) if model is None else (None, model_config)
+    pipe = load_pipeline(pretrained, revision=revision, pretrained_config=config)
     prediction_type = (run.model_arg("objective") or {}).get("prediction_type")
     if prediction_type:
         pipe.scheduler.register_to_config(prediction_type=prediction_type)
     load_lora_file(pipe, path, ADAPTER, what="SOURCE")
     info = _info(run, pipe, pretrained, title, _steps_of(path, run), prediction_type or pipe.scheduler.config.prediction_type)
-    return Adapted(pipe, pretrained, revision, str(path), info)
+    return Adapted(pipe, pretrained, revision, config, str(path), info)

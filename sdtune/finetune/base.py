@@ -56,9 +56,13 @@ class DiffusionFineTune(L.LightningModule):
     """Base of the fine-tuning modules: the UNet learns to predict the noise (or v) added to VAE latents.
 
     Args:
-        pretrained: Diffusers model directory or Hugging Face Hub id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5.
-        revision: Hub revision (branch, tag or commit) of `pretrained`.
-        variant: Weight file variant of `pretrained`, e.g. "fp16".
+        pretrained: Diffusers model directory or Hugging Face Hub id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5,
+            or a single-file checkpoint in the original layout (.safetensors or .ckpt, as AUTOMATIC1111 uses).
+        revision: Hub revision (branch, tag or commit) of `pretrained`, or of `pretrained_config` for a single file.
+        variant: Weight file variant of `pretrained`, e.g. "fp16" (not used for a single file).
+        pretrained_config: For a single-file `pretrained` only: the diffusers directory or Hub id whose configs,
+            tokenizer and scheduler describe it (same architecture), e.g. stable-diffusion-v1-5/stable-diffusion-v1-5.
+            Only its json/txt files are needed; the weights come from the file. Ignored for a directory or Hub id.
         optimizer: Optimizer (class_path + init_args): torch.optim.AdamW, bitsandbytes.optim.AdamW8bit,
             prodigyopt.Prodigy, transformers.optimization.Adafactor, …
         lr_schedule: Step-wise learning-rate schedule with warmup.
@@ -77,6 +81,7 @@ class DiffusionFineTune(L.LightningModule):
         pretrained: str,
         revision: str | None = None,
         variant: str | None = None,
+        pretrained_config: str | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_schedule: LRSchedule = LRSchedule(),
         objective: Objective = Objective(),
@@ -93,11 +98,11 @@ class DiffusionFineTune(L.LightningModule):
         if weight_dtype not in DTYPES:
             raise SdtuneError(f"model.weight_dtype must be one of {', '.join(DTYPES)}, got '{weight_dtype}'")
         self._hparams_common = {
-            "pretrained": pretrained, "revision": revision, "variant": variant, "lr_schedule": self.lr_schedule,
-            "objective": self.objective, "clip_skip": clip_skip, "weight_dtype": weight_dtype,
-            "gradient_checkpointing": gradient_checkpointing, "noise_seed": noise_seed,
+            "pretrained": pretrained, "revision": revision, "variant": variant, "pretrained_config": pretrained_config,
+            "lr_schedule": self.lr_schedule, "objective": self.objective, "clip_skip": clip_skip,
+            "weight_dtype": weight_dtype, "gradient_checkpointing": gradient_checkpointing, "noise_seed": noise_seed,
         }
-        self.pretrained, self.revision = pretrained, revision
+        self.pretrained, self.revision, self.pretrained_config = pretrained, revision, pretrained_config
         self.optimizer_factory = optimizer
         self.clip_skip = clip_skip
         self.weight_dtype = DTYPES[weight_dtype]
@@ -106,7 +111,8 @@ class DiffusionFineTune(L.LightningModule):
         self.strict_loading = False
 
         parts = load_stable_diffusion(
-            pretrained, revision=revision, variant=variant, dtype=self.weight_dtype, unet_dtype=self.unet_dtype
+            pretrained, revision=revision, variant=variant, dtype=self.weight_dtype, unet_dtype=self.unet_dtype,
+            pretrained_config=pretrained_config,
         )
         self.vae, self.text_encoder, self.unet = parts.vae, parts.text_encoder, parts.unet
         self.tokenizer = parts.tokenizer

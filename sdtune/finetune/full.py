@@ -17,7 +17,8 @@ class FullFineTune(DiffusionFineTune):
     `StableDiffusionPipeline.from_pretrained` loads, with the checkpoint's own inference scheduler.
 
     Args:
-        pretrained: Diffusers model directory or Hugging Face Hub id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5.
+        pretrained: Diffusers model directory or Hugging Face Hub id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5,
+            or a single-file checkpoint (.safetensors/.ckpt) together with pretrained_config.
         **kwargs: The options every fine-tune shares (pretrained, optimizer, lr_schedule, objective, …).
     """
 
@@ -35,7 +36,7 @@ class FullFineTune(DiffusionFineTune):
         return torch.float32
 
     def save_weights(self, out_dir: str | Path) -> Path:
-        scheduler = load_inference_scheduler(self.pretrained, self.revision)
+        scheduler = load_inference_scheduler(self.pretrained, self.revision, self.pretrained_config)
         if self.objective.prediction_type is not None:
             scheduler.register_to_config(prediction_type=self.prediction_type)
         pipeline = StableDiffusionPipeline(
