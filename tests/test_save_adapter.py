@@ -1,5 +1,6 @@
 """SaveAdapter as a Trainer callback: periodic step folders, the final folder, accumulation, full fine-tunes."""
 
+import json
 from functools import partial
 
 import torch
@@ -84,3 +85,7 @@ def test_full_finetune_saves_a_loadable_pipeline_in_model_dir(tiny_model_dir, sh
     for key in trained:
         torch.testing.assert_close(loaded[key], trained[key], rtol=0, atol=0, msg=key)
     assert any(not torch.equal(initial[k], trained[k]) for k in trained)  # and it is the trained UNet
+    # The tokenizer as SD checkpoints ship it, so transformers 4's CLIPTokenizer (what model_index.json names) reads it.
+    saved, shipped = tmp_path / "model" / "tokenizer", tiny_model_dir / "tokenizer"
+    assert json.loads((saved / "vocab.json").read_text()) == json.loads((shipped / "vocab.json").read_text())
+    assert (saved / "merges.txt").read_text() == (shipped / "merges.txt").read_text()

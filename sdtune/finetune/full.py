@@ -10,6 +10,7 @@ from diffusers import StableDiffusionPipeline
 
 from sdtune.finetune.base import DiffusionFineTune
 from sdtune.models.pretrained import load_inference_scheduler
+from sdtune.models.tokenizer_files import save_tokenizer
 
 
 class FullFineTune(DiffusionFineTune):
@@ -50,4 +51,5 @@ class FullFineTune(DiffusionFineTune):
             requires_safety_checker=False,
         )
         pipeline.save_pretrained(out_dir)
+        save_tokenizer(self.tokenizer, Path(out_dir) / "tokenizer")
         return Path(out_dir)
