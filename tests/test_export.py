@@ -124,6 +124,7 @@ A1111_UNET = [
     (r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
      lambda m: f"output_blocks_{int(m[0]) * 3 + int(m[2])}_{1 if m[1] == 'attentions' else 0}_{RESNET.get(m[3], m[3]) if m[1] == 'resnets' else m[3]}"),
     (r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", lambda m: f"input_blocks_{3 + int(m[0]) * 3}_0_op"),
+    # (SD1.5 layout: up block 0 has no attention, so its upsampler is the second module of its last output block)
     (r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv", lambda m: f"output_blocks_{2 + int(m[0]) * 3}_{2 if int(m[0]) > 0 else 1}_conv"),
 ]  # fmt: skip
 RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
@@ -138,15 +139,29 @@ def a1111_name(key: str) -> str | None:
     return f"transformer_text_model_encoder_layers_{match[1]}_{match[2]}" if match else None
 
 
-def test_kohya_file_has_a1111_names_alpha_and_training_metadata(run_dir, tmp_path):
+def ldm_module_names(model_dir) -> set[str]:
+    """Module names of the same model in the original layout, as A1111 names its layers (dots → underscores)."""
+    from ldm_checkpoint import ldm_state_dict
+
+    names = set()
+    for key in ldm_state_dict(model_dir):
+        module = key.rsplit(".", 1)[0]
+        for prefix, name in (("model.diffusion_model.", "diffusion_model."), ("cond_stage_model.", "")):
+            if module.startswith(prefix):
+                names.add((name + module[len(prefix):]).replace(".", "_"))
+    return names
+
+
+def test_kohya_file_has_a1111_names_alpha_and_training_metadata(run_dir, tiny_model_dir, tmp_path):
     out = tmp_path / "my_lora.safetensors"
     assert export(run_dir, "--format", "kohya", "--dtype", "fp16", "--out", out) == 0
     tensors = load_file(out)
+    ldm = ldm_module_names(tiny_model_dir)
     modules = {key.split(".")[0] for key in tensors}
     for module in modules:
         assert {f"{module}.lora_down.weight", f"{module}.lora_up.weight", f"{module}.alpha"} <= tensors.keys()
         assert tensors[f"{module}.lora_down.weight"].dtype == torch.float16
-        assert a1111_name(module) is not None, module
+        assert a1111_name(module) in ldm, module  # the layer A1111 patches exists in the checkpoint it loads
     unet = [m for m in modules if m.startswith("lora_unet_")]
     te = [m for m in modules if m.startswith("lora_te_text_model_encoder_layers_")]
     assert len(unet) + len(te) == len(modules) and te
