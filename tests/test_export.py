@@ -221,6 +221,10 @@ def test_existing_output_is_kept_unless_forced(run_dir, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err and out.read_bytes() == b"user data"
     assert export(run_dir, "--format", "kohya", "--out", out, "--force") == 0
     assert load_file(out)
+    (tmp_path / "photos" / "keep.jpg").parent.mkdir()
+    (tmp_path / "photos" / "keep.jpg").write_bytes(b"user data")
+    assert export(run_dir, "--out", tmp_path / "photos", "--force") == 2  # a folder that is not an export
+    assert "only replaces exports" in capsys.readouterr().err and (tmp_path / "photos" / "keep.jpg").is_file()
 
 
 @pytest.mark.parametrize(

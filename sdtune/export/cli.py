@@ -13,6 +13,9 @@ from sdtune.errors import SdtuneError
 # Arguments are checked before torch, diffusers and peft are imported (seconds), so a typo fails at once.
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 FORMATS = ("diffusers", "peft", "kohya")
+# What an export folder holds (adapter or pipeline); --force replaces a folder only if it holds nothing else.
+EXPORT_NAMES = {"pytorch_lora_weights.safetensors", "adapter_config.json", "adapter_model.safetensors", "README.md",
+                "model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"}  # fmt: skip
 
 EPILOG = """examples:
   sdtune export runs/my_lora --format kohya --out loras/my_lora.safetensors          # A1111, ComfyUI, Forge
@@ -62,6 +65,8 @@ def _check_arguments(ns: argparse.Namespace) -> Path:
         raise SdtuneError("--model-config goes with --model (a run's own base model comes with its config)")
     if out.exists() and not ns.force:
         raise SdtuneError(f"{out} already exists; pass --force to replace it")
+    if out.is_dir() and not {p.name for p in out.iterdir()} <= EXPORT_NAMES:
+        raise SdtuneError(f"{out} is a folder holding other files than an export; --force only replaces exports, pick another --out")
     return out
 
 
