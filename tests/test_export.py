@@ -179,6 +179,7 @@ def test_kohya_file_has_a1111_names_alpha_and_training_metadata(run_dir, tiny_mo
     assert meta["modelspec.trigger_phrase"] == "sks" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert meta["sdtune_config_sha256"] == hashlib.sha256((run_dir / "config.yaml").read_bytes()).hexdigest()
     assert meta["ss_network_train_unet_only"] == "False"
+    assert meta["ss_sd_model_name"] == tiny_model_dir.name  # a local path is not published with the file
     blob = out.read_bytes()
     header = int.from_bytes(blob[:8], "little")
     assert meta["sshs_model_hash"] == hashlib.sha256(blob[8 + header :]).hexdigest()  # what A1111 shows

@@ -16,6 +16,7 @@ import yaml
 from sdtune.errors import SdtuneError, first_line
 from sdtune.export.kohya import TrainingInfo, lora_layers
 from sdtune.lora import ADAPTER_WEIGHTS
+from sdtune.models.pretrained import HUB_ID
 
 ADAPTER = "default"
 SD2_TEXT_WIDTH = 1024  # OpenCLIP ViT-H; SD1.x's CLIP ViT-L is 768
@@ -122,7 +123,7 @@ def _info(run: RunRecord, pipe, pretrained: str, title: str, steps: int | None, 
     when = run.config_path.stat().st_mtime if run.config_path else None
     optimizer = run.model_arg("optimizer") or {}
     return TrainingInfo(
-        base_model=pretrained,
+        base_model=pretrained if HUB_ID.match(pretrained) and not Path(pretrained).exists() else Path(pretrained).name,
         title=title,
         v2=pipe.text_encoder.config.hidden_size == SD2_TEXT_WIDTH,
         prediction_type=prediction_type,
