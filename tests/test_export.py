@@ -269,3 +269,23 @@ def test_a_truncated_adapter_is_one_line_without_traceback_from_the_shell(run_di
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"sdtune: error: SOURCE {truncated}: not a readable .safetensors file"), lines
     assert not (tmp_path / "o.safetensors").exists() and truncated.stat().st_size == 1000  # the input is untouched
+
+
+def test_a_run_that_did_not_finish_exports_its_last_checkpoint(run_dir, tmp_path, capsys):
+    import os
+    import shutil
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(run_dir, unfinished)
+    last = unfinished / "checkpoints" / "last.ckpt"
+    adapter = unfinished / "adapter" / "pytorch_lora_weights.safetensors"
+    os.utime(last, (adapter.stat().st_mtime + 600,) * 2)  # training went on long after the adapter was written
+    assert export(unfinished, "--format", "kohya", "--out", tmp_path / "a.safetensors") == 0
+    assert f"exporting {last}" in capsys.readouterr().out
+    shutil.rmtree(unfinished / "adapter")  # killed before it ever wrote one
+    assert export(unfinished, "--format", "kohya", "--out", tmp_path / "b.safetensors") == 0
+    assert f"exporting {last}" in capsys.readouterr().out
+    shutil.copytree(run_dir / "adapter", unfinished / "adapter")  # a finished run: last.ckpt follows the adapter
+    os.utime(last, (adapter.stat().st_mtime + 1,) * 2)
+    assert export(unfinished, "--format", "kohya", "--out", tmp_path / "c.safetensors") == 0
+    assert f"exporting {unfinished / 'adapter'}" in capsys.readouterr().out
