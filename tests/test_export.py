@@ -240,6 +240,7 @@ def test_existing_output_is_kept_unless_forced(run_dir, tmp_path, capsys):
         (["{notckpt}", "--out", "{tmp}/x"], "not an sdtune training checkpoint"),
         (["{orphan}", "--out", "{tmp}/x"], "pass --model"),
         (["{full}", "--out", "{tmp}/x"], "is a full fine-tune"),
+        (["{foreign}", "--out", "{tmp}/x"], "its model class is os.system"),
     ],
 )
 def test_bad_input_is_one_line(args, message, run_dir, tiny_model_dir, tmp_path, capsys):
@@ -249,12 +250,14 @@ def test_bad_input_is_one_line(args, message, run_dir, tiny_model_dir, tmp_path,
     torch.save({"state_dict": {}}, notckpt)
     orphan = tmp_path / "orphan.safetensors"
     orphan.write_bytes((run_dir / "adapter" / "pytorch_lora_weights.safetensors").read_bytes())
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"hyper_parameters": {"_class_path": "os.system"}, "state_dict": {}}, foreign)
     full = tmp_path / "full_run"
     (full / "model").mkdir(parents=True)
     (full / "model" / "model_index.json").write_text("{}")
     (full / "config.yaml").write_text("model: {}")
     values = dict(missing=tmp_path / "nope", run=run_dir, tmp=tmp_path, truncated=truncated, model=tiny_model_dir,
-                  notckpt=notckpt, orphan=orphan, full=full)  # fmt: skip
+                  notckpt=notckpt, orphan=orphan, full=full, foreign=foreign)  # fmt: skip
     assert main(["export", *[a.format(**values) for a in args]]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err

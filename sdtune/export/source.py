@@ -88,11 +88,13 @@ def _read_checkpoint(path: Path) -> dict:
 
 def _module_from_checkpoint(checkpoint: dict, path: Path, pretrained: str | None, pretrained_config: str | None):
     hparams = dict(checkpoint["hyper_parameters"])
-    module_path, _, class_name = hparams.pop("_class_path").rpartition(".")
-    cls = getattr(importlib.import_module(module_path), class_name)
+    module_path, _, class_name = str(hparams.pop("_class_path")).rpartition(".")
+    if not module_path.startswith("sdtune."):  # never import what a file names outside sdtune
+        raise SdtuneError(f"{path}: not an sdtune training checkpoint (its model class is {module_path}.{class_name})")
     from sdtune.finetune import LoRAFineTune
 
-    if not issubclass(cls, LoRAFineTune):
+    cls = getattr(importlib.import_module(module_path), class_name, None)
+    if not isinstance(cls, type) or not issubclass(cls, LoRAFineTune):
         raise SdtuneError(f"{path} is a {class_name} checkpoint: a full fine-tune has no adapter to export (its model/ folder is a diffusers pipeline)")
     hparams.update(weight_dtype="float32", gradient_checkpointing=False)  # export and check at full precision
     hparams.pop("init_adapter", None)  # the checkpoint holds the trained weights; the starting file may be gone
