@@ -3,10 +3,10 @@ a caption, each saved as one safetensors file (float32, whatever the compute dty
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from safetensors.torch import save_file
@@ -23,13 +23,15 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclass
 class SourceImage:
-    """An image to cache: where it is, its caption, its bucket and the hash of its bytes."""
+    """An image to cache: where it is, its caption, its bucket and the hash of its bytes. `opened` is what
+    `PIL.Image.open` reads when that is not `path` (a row of a saved dataset: its bytes)."""
 
     file_name: str
     path: Path
     caption: str
     bucket: Bucket
     content: str
+    opened: Callable[[], str | IO[bytes]] | None = None
 
 
 def cover_geometry(size: tuple[int, int], bucket: Bucket, flip: bool = False) -> Geometry:
@@ -43,9 +45,9 @@ def cover_geometry(size: tuple[int, int], bucket: Bucket, flip: bool = False) ->
     return Geometry(resized, (left, top, left + bucket[0], top + bucket[1]), flip)
 
 
-def cache_pixels(path: str | Path, bucket: Bucket, flip: bool = False) -> torch.Tensor:
+def cache_pixels(path: str | Path | IO[bytes], bucket: Bucket, flip: bool = False) -> torch.Tensor:
     """The 3×H×W pixels in [-1, 1] that a cache entry encodes (alpha becomes white, as in training)."""
-    image, _ = load_image(str(path))
+    image, _ = load_image(path if hasattr(path, "read") else str(path))
     return to_tensor(cover_geometry(image.size, bucket, flip).apply(image))
 
 
@@ -100,7 +102,7 @@ def _batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
 
 def _pixels(image: SourceImage, bucket: Bucket, flip: bool) -> torch.Tensor:
     try:
-        return cache_pixels(image.path, bucket, flip)
+        return cache_pixels(image.opened() if image.opened else image.path, bucket, flip)
     except IMAGE_ERRORS as err:
         raise SdtuneError(f"prep cache: image '{image.file_name}' could not be read ({err}); fix or remove it") from err
 

@@ -144,7 +144,13 @@ def sample_latents(
 
 
 def cache_root(dst: Path, model_key: str) -> Path:
-    return dst / "cache" / model_key[:16]
+    """Where `prep cache` keeps DST's entries for one model."""
+    return model_cache(dst / "cache", model_key)
+
+
+def model_cache(cache_folder: Path, model_key: str) -> Path:
+    """One model's entries inside a cache folder (DST/cache, or a training run's data.cache_dir)."""
+    return cache_folder / model_key[:16]
 
 
 def _index_digest(index_text: str) -> str:

@@ -5,6 +5,7 @@ Samples, the sampler and the collate function live in `sdtune.data.dataset` (re-
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -12,6 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
+from sdtune.data.cached_dataset import CachePlan, check_cacheable
 from sdtune.data.captions import with_prefix
 from sdtune.data.dataset import UNREADABLE, CaptionDataset, EpochSampler, collate, derive_seed
 from sdtune.data.records import Record
@@ -43,9 +45,12 @@ class CaptionDataModule(L.LightningDataModule):
         mask_dir: str | None = None,
         alpha_mask: bool = False,
         num_workers: int = 0,
+        cache: bool = False,
+        cache_dir: str | None = None,
         pretrained: str | None = None,
         revision: str | None = None,
         pretrained_config: str | None = None,
+        clip_skip: int = 1,
         val_root: str | None = None,
         val_fraction: float = 0.0,
         seed: int = 0,
@@ -75,10 +80,17 @@ class CaptionDataModule(L.LightningDataModule):
                 white trains fully, black not at all. Images without a mask train with full weight.
             alpha_mask: Use each image's alpha channel as its loss mask (opaque trains fully).
             num_workers: DataLoader worker processes; 0 loads in the training process.
+            cache: Train from cached VAE latents and text-encoder outputs instead of encoding every step: the first
+                run computes what is missing (the entries `sdtune prep cache` writes, shared with it), later runs
+                only read. Needs center_crop, no tag shuffling or dropout, no masks and a frozen text encoder;
+                random_flip caches both orientations.
+            cache_dir: Where the cache lives; null: `cache/` inside data.root (or the first subset's root), where
+                `sdtune prep cache` puts it.
             pretrained: Model whose tokenizer encodes the captions (the CLI links it from --model.pretrained).
             revision: Hub revision of `pretrained` (of `pretrained_config` for a single-file `pretrained`).
             pretrained_config: For a single-file `pretrained`, the diffusers directory or Hub id whose tokenizer
                 it uses (the CLI links it from --model.pretrained_config).
+            clip_skip: Text-encoder layer the cached text outputs come from (the CLI links it from --model.clip_skip).
             val_root: Held-out images for validation, in any layout `root` accepts.
             val_fraction: Without val_root (which takes precedence), hold out this fraction of the images for
                 validation; the split is fixed by seed.
@@ -102,6 +114,8 @@ class CaptionDataModule(L.LightningDataModule):
             raise SdtuneError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if num_workers < 0:
             raise SdtuneError(f"data.num_workers must be 0 or more, got {num_workers}")
+        if cache:
+            check_cacheable(center_crop, shuffle_tags, tag_dropout, mask_dir, alpha_mask)
         self.save_hyperparameters()
         self.subsets = check_subsets(subsets) if subsets is not None else None
         self.root = root
@@ -120,6 +134,8 @@ class CaptionDataModule(L.LightningDataModule):
         self.pretrained = pretrained
         self.revision = revision
         self.pretrained_config = pretrained_config
+        self.cache, self.cache_dir, self.clip_skip = cache, cache_dir, clip_skip
+        self.cached: CachePlan | None = None  # the training samples' cache entries, once setup() has found them
         self.val_root = val_root
         self.val_fraction = val_fraction
         self.seed = seed
@@ -162,7 +178,19 @@ class CaptionDataModule(L.LightningDataModule):
         self.val_records = [record for record, _ in val_pairs]
         self._warn_about_long_captions(tokenizer, [record for record, _ in pairs])
         self._warn_about_missing_masks([record for record, _ in pairs])
+        if self.cache:
+            folder = self.cache_dir or str(Path(self.root or self.subsets[0].root).expanduser() / "cache")
+            self.cached = CachePlan.for_records(
+                self.train_records, folder, self.resolution, self.pretrained, self.revision, self.clip_skip,
+                self.max_token_length, self.random_flip,
+            )
         self.tokenizer = tokenizer
+
+    def prepare_data(self) -> None:
+        """With data.cache, compute the missing entries (once per node, before every rank's setup reads them)."""
+        if self.cache:
+            self.setup("fit")
+            self.cached.build()
 
     def _split(self, pairs: list[tuple[Record, int]]) -> tuple[list[tuple[Record, int]], list[tuple[Record, int]]]:
         """Hold out whole images (never one repeat of an image that is also trained on)."""
@@ -223,6 +251,8 @@ class CaptionDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
+        if self.cached is not None:
+            return self._loader(self.cached.dataset(self.random_flip, self.caption_dropout, self.seed), shuffle=True)
         dataset = CaptionDataset(
             self.train_records,
             self.tokenizer,

@@ -171,9 +171,20 @@ class DiffusionFineTune(L.LightningModule):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_encoder_trains):
             return encode_text(self.text_encoder, input_ids, self.clip_skip)
 
+    def sample_cached_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A cached posterior (data.cache) → scaled latents: the same draw `encode_images` makes from the VAE's."""
+        from data_prep.cache_index import sample_latents
+
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return sample_latents(mean, std, generator, self.vae.config.scaling_factor, shift)
+
     def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        latents = self.encode_images(batch["pixel_values"], generator).float()
-        text = self.encode_prompts(batch["input_ids"])
+        if "latent_mean" in batch:  # data.cache: no VAE or text-encoder forward
+            latents = self.sample_cached_latents(batch["latent_mean"], batch["latent_std"], generator).float()
+            text = batch["text_embeds"]
+        else:
+            latents = self.encode_images(batch["pixel_values"], generator).float()
+            text = self.encode_prompts(batch["input_ids"])
         noise, input_noise, timesteps = self.objective.draw(latents, self.num_train_timesteps, generator)
         noisy = losses.add_noise(self.alphas_cumprod, latents, input_noise, timesteps)
         prediction = self.unet(noisy.to(self.unet.dtype), timesteps, text.to(self.unet.dtype)).sample
@@ -191,6 +202,8 @@ class DiffusionFineTune(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self._make_generator(self.trainer.strategy.root_device)
+        if getattr(self.trainer.datamodule, "cache", False) and self.text_encoder_trains:
+            raise SdtuneError("data.cache stores the text encoder's outputs, but model.text_encoder_lora trains it: set one of them off")
 
     def on_fit_start(self) -> None:
         # from_pretrained returns modules in eval mode and Lightning keeps the mode it finds; LoRA dropout (and any
@@ -199,7 +212,7 @@ class DiffusionFineTune(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch, self._rng())
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["pixel_values"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["path"]))
         return loss
 
     def validation_generator(self, batch_idx: int) -> torch.Generator:
@@ -208,7 +221,7 @@ class DiffusionFineTune(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch, self.validation_generator(batch_idx))
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["pixel_values"].shape[0])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["path"]))
         return loss
 
     def parameter_groups(self) -> list[dict[str, Any]]:

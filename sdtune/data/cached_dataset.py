@@ -1,0 +1,107 @@
+"""Samples from the latent and text-embedding cache (`data.cache: true`): what `CaptionDataset` would give, already
+through the VAE and the text encoder.
+
+The per-sample random draws (caption dropout, flip) are `CaptionDataset`'s, from the same seed, so a cached run sees
+the same captions and orientations as an uncached one; the model samples the latents from the cached posterior with
+its own generator, as it samples the posterior it encodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import Dataset
+
+from sdtune.data.captions import process_caption
+from sdtune.data.dataset import derive_seed
+from sdtune.errors import SdtuneError, first_line
+
+
+class CachedCaptionDataset(Dataset):
+    """`(epoch, index)` → {"latent_mean", "latent_std" (C×h×w, unscaled), "text_embeds" (tokens×width), "caption",
+    "path"}. `keys[i]` (a `data_prep.cache_training.SampleKeys`) names record i's entries in `cache`."""
+
+    def __init__(
+        self, records: Sequence, keys: Sequence, captions: Sequence[str], cache: Any, random_flip: bool = False,
+        caption_dropout: float = 0.0, seed: int = 0,
+    ) -> None:  # fmt: skip
+        self.records, self.keys, self.captions, self.cache = list(records), list(keys), list(captions), cache
+        self.random_flip, self.caption_dropout, self.seed = random_flip, caption_dropout, seed
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, index))
+        drop_draw, flip_draw = torch.rand(2, generator=generator).tolist()  # CaptionDataset's first two draws
+        entries = self.keys[index]
+        dropped = drop_draw < self.caption_dropout
+        flipped = self.random_flip and flip_draw < 0.5
+        mean, std = self.cache.latents(entries.latent_flip if flipped else entries.latent)
+        return {
+            "latent_mean": mean,
+            "latent_std": std,
+            "text_embeds": self.cache.text(self.cache.empty_text if dropped else entries.text),
+            "caption": "" if dropped else self.captions[index],
+            "path": self.records[index].path,
+        }
+
+
+def check_cacheable(center_crop: bool, shuffle_tags: bool, tag_dropout: float, mask_dir: str | None, alpha_mask: bool) -> None:
+    """Settings that change a sample's pixels or caption every step cannot be served from a cache."""
+    problems = []
+    if not center_crop:
+        problems.append("data.center_crop: true (a random crop differs every step)")
+    if shuffle_tags or tag_dropout > 0:
+        problems.append("data.shuffle_tags: false and data.tag_dropout: 0 (the caption differs every step)")
+    if mask_dir is not None or alpha_mask:
+        problems.append("no data.mask_dir / data.alpha_mask (loss masks are not cached)")
+    if problems:
+        raise SdtuneError("data.cache needs " + "; ".join(problems) + ", or data.cache: false")
+
+
+@dataclass
+class CachePlan:
+    """Every training sample's cache entries: what `prepare_data` computes and the cached dataset reads."""
+
+    cache: Any  # data_prep.cache_training.TrainingCache
+    records: list
+    contents: list[str]
+    captions: list[str]
+    buckets: list[tuple[int, int]]
+    keys: list
+
+    @classmethod
+    def for_records(
+        cls, records: Sequence, folder: str, resolution: int, pretrained: str, revision: str | None, clip_skip: int,
+        max_token_length: int, flip: bool,
+    ) -> CachePlan:  # fmt: skip
+        from data_prep.cache_training import TrainingCache, content_hash
+
+        if Path(pretrained).expanduser().is_file():
+            raise SdtuneError("data.cache needs a diffusers directory or Hub id as model.pretrained, not a single file")
+        cache = TrainingCache(folder, pretrained, revision, clip_skip, max_token_length, flip)
+        hashes: dict[tuple[str, int], str] = {}
+        contents = []
+        for record in records:  # a record repeated by its subset is hashed once
+            if (record.path, record.row) not in hashes:
+                try:
+                    hashes[record.path, record.row] = content_hash(record)
+                except OSError as err:
+                    raise SdtuneError(f"image '{record.path}' could not be read ({first_line(err)}); fix or remove it") from err
+            contents.append(hashes[record.path, record.row])
+        captions = [process_caption(record.caption, prefix=record.prefix) for record in records]
+        buckets = [(resolution, resolution)] * len(records)
+        return cls(cache, list(records), contents, captions, buckets, cache.keys(contents, captions, buckets))
+
+    def build(self) -> None:
+        counts = self.cache.build(self.records, self.contents, self.captions, self.buckets)
+        rank_zero_info(f"data.cache: {self.cache.index.root}: computed {counts['computed']}, reused {counts['reused']} entries")
+
+    def dataset(self, random_flip: bool, caption_dropout: float, seed: int) -> CachedCaptionDataset:
+        return CachedCaptionDataset(self.records, self.keys, self.captions, self.cache, random_flip, caption_dropout, seed)
