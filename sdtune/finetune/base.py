@@ -70,6 +70,10 @@ class DiffusionFineTune(L.LightningModule):
         clip_skip: Use the text encoder's k-th hidden state from the end (1 = last layer, 2 for anime-style models).
         weight_dtype: Dtype of the frozen weights (VAE, text encoder, LoRA base UNet); trainable ones stay float32.
         gradient_checkpointing: Recompute UNet activations in the backward pass: less memory, ~30 % slower.
+        channels_last: Keep the UNet's (and VAE's) 4-D tensors in NHWC layout: faster convolutions on recent GPUs
+            (tensor cores), usually slower on CPU.
+        compile: `torch.compile` the UNet in place (names and saved files unchanged): faster steps on GPU after a
+            compilation of minutes at the first step; the attention already uses PyTorch's fused SDPA kernels.
         noise_seed: Seed of the generator for latents, noise and timesteps; null takes seed_everything's value.
     """
 
@@ -88,6 +92,8 @@ class DiffusionFineTune(L.LightningModule):
         clip_skip: int = 1,
         weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         gradient_checkpointing: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
         noise_seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -100,7 +106,8 @@ class DiffusionFineTune(L.LightningModule):
         self._hparams_common = {
             "pretrained": pretrained, "revision": revision, "variant": variant, "pretrained_config": pretrained_config,
             "lr_schedule": self.lr_schedule, "objective": self.objective, "clip_skip": clip_skip,
-            "weight_dtype": weight_dtype, "gradient_checkpointing": gradient_checkpointing, "noise_seed": noise_seed,
+            "weight_dtype": weight_dtype, "gradient_checkpointing": gradient_checkpointing,
+            "channels_last": channels_last, "compile": compile, "noise_seed": noise_seed,
         }
         self.pretrained, self.revision, self.pretrained_config = pretrained, revision, pretrained_config
         self.optimizer_factory = optimizer
@@ -126,6 +133,11 @@ class DiffusionFineTune(L.LightningModule):
         self.text_encoder.eval()
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        if compile:
+            self.unet.compile()  # nn.Module.compile: in place, so parameter names (and checkpoints) stay the same
         self.num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
         self.objective.timestep_range(self.num_train_timesteps)  # fail now, not at step 1
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
