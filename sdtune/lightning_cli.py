@@ -2,7 +2,8 @@
 
 What sdtune adds to a plain LightningCLI: a ModelCheckpoint (`--checkpoint.*`, `save_last` on) writing to the fixed
 folder `<run dir>/checkpoints`, a SaveAdapter callback (`--adapter.*`), a SampleImages callback (`--samples.*`, off
-unless the config's `samples:` block or `--samples.enabled true` turns it on), TensorBoard logs in `<run dir>/logs`, the
+unless the config's `samples:` block or `--samples.enabled true` turns it on), a Throughput callback (`--throughput.*`,
+`perf/*` speed and memory logs), TensorBoard logs in `<run dir>/logs`, the
 resolved config in `<run dir>/config.yaml` (rewritten on resume), and the model's `pretrained` linked to the data
 module (with `revision` and `pretrained_config`) so both use the same tokenizer.
 """
@@ -24,7 +25,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from sdtune.callbacks import SampleImages, SaveAdapter, SaveRunConfig
+from sdtune.callbacks import SampleImages, SaveAdapter, SaveRunConfig, Throughput
 from sdtune.errors import SdtuneError
 
 
@@ -72,12 +73,15 @@ class SdtuneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1, "checkpoint.every_n_train_steps": 500})
+        # Throughput before the other sdtune callbacks: its batch-end timing then stops before they save or sample.
+        parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(SaveAdapter, "adapter")
         parser.add_lightning_class_args(SampleImages, "samples")
         parser.set_defaults({"samples.enabled": False})
         parser.link_arguments("model.init_args.pretrained", "data.init_args.pretrained")
         parser.link_arguments("model.init_args.revision", "data.init_args.revision")
         parser.link_arguments("model.init_args.pretrained_config", "data.init_args.pretrained_config")
+        parser.link_arguments("model.init_args.clip_skip", "data.init_args.clip_skip")  # cached text outputs
 
     def instantiate_classes(self) -> None:
         """jsonargparse wraps errors raised in __init__ into a multi-line parse error; surface ours as they are."""

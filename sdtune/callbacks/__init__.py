@@ -3,5 +3,6 @@
 from sdtune.callbacks.sample_images import SampleImages
 from sdtune.callbacks.save_adapter import SaveAdapter
 from sdtune.callbacks.save_config import SaveRunConfig
+from sdtune.callbacks.throughput import Throughput
 
-__all__ = ["SampleImages", "SaveAdapter", "SaveRunConfig"]
+__all__ = ["SampleImages", "SaveAdapter", "SaveRunConfig", "Throughput"]
