@@ -39,17 +39,16 @@ DOWN_KEY = re.compile(r"(\.lora_A\.|\.lora\.down\.|_lora\.down\.|\.lora_linear_l
 
 def weights_file(path: str | Path) -> Path:
     """The .safetensors file `path` names: the file itself, or an adapter folder's pytorch_lora_weights.safetensors."""
+    from sdtune.sampling import adapter_file
+
     path = Path(path).expanduser()
-    if path.is_dir():
-        file = path / ADAPTER_WEIGHTS
-        if not file.is_file():
-            raise SdtuneError(f"{KEY}: {path} has no {ADAPTER_WEIGHTS} (pass an adapter folder or a .safetensors file)")
-        return file
-    if not path.exists():
-        raise SdtuneError(f"{KEY}: {path} does not exist (pass an adapter folder or a .safetensors file)")
-    if path.suffix != ".safetensors":
+    file = adapter_file(path)
+    if not file.is_file():
+        where = f"{path} has no {ADAPTER_WEIGHTS}" if path.is_dir() else f"{path} does not exist"
+        raise SdtuneError(f"{KEY}: {where} (pass an adapter folder or a .safetensors file)")
+    if file.suffix != ".safetensors":
         raise SdtuneError(f"{KEY}: {path} is not a .safetensors file (pass an adapter folder or a .safetensors file)")
-    return path
+    return file
 
 
 def read_tensors(file: Path) -> dict[str, torch.Tensor]:

@@ -69,8 +69,10 @@ WRITERS = {"diffusers": write_diffusers, "peft": write_peft, "kohya": write_kohy
 
 
 def load_with_diffusers(base, path: Path):
+    from sdtune.sampling import adapter_file
+
     pipe = base()
-    weights = path if path.is_file() else path / "pytorch_lora_weights.safetensors"
+    weights = adapter_file(path)
     pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name="check")
     return pipe
 
