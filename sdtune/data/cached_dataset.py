@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
 from sdtune.data.captions import process_caption
-from sdtune.data.dataset import derive_seed
+from sdtune.data.dataset import first_draws
 from sdtune.errors import SdtuneError, first_line
 
 
@@ -36,9 +35,7 @@ class CachedCaptionDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, index))
-        drop_draw, flip_draw = torch.rand(2, generator=generator).tolist()  # CaptionDataset's first two draws
+        index, _, drop_draw, flip_draw = first_draws(self.seed, key)
         entries = self.keys[index]
         dropped = drop_draw < self.caption_dropout
         flipped = self.random_flip and flip_draw < 0.5

@@ -32,6 +32,17 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def first_draws(seed: int, key: int | tuple[int, int]) -> tuple[int, torch.Generator, float, float]:
+    """(index, generator, caption-dropout draw, flip draw) of the sample `key` ((epoch, index), or an index in epoch 0).
+
+    Every dataset draws these first and in this order, so the cached and the encoded datasets drop and flip the
+    same samples; `CaptionDataset` goes on drawing from the generator."""
+    epoch, index = key if isinstance(key, tuple) else (0, key)
+    generator = torch.Generator().manual_seed(derive_seed(seed, epoch, index))
+    drop_draw, flip_draw = torch.rand(2, generator=generator).tolist()
+    return index, generator, drop_draw, flip_draw
+
+
 class EpochSampler(Sampler[tuple[int, int]]):
     """Yields `(epoch, index)`; the order is a pure function of (seed, epoch). Lightning calls `set_epoch`."""
 
@@ -100,12 +111,10 @@ class CaptionDataset(Dataset):
         return tokenize_chunks(self.tokenizer, caption, self.max_token_length)[0]
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+        index, generator, drop_draw, flip_draw = first_draws(self.seed, key)
         record = self.records[index]
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, index))
         # Drawn unconditionally and in this order (new draws go last), so switching one augmentation off leaves
         # the others unchanged.
-        drop_draw, flip_draw = torch.rand(2, generator=generator).tolist()
         crop_draws = tuple(torch.rand(2, generator=generator).tolist())
         caption = process_caption(
             record.caption,
