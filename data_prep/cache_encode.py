@@ -35,14 +35,8 @@ class SourceImage:
 
 
 def cover_geometry(size: tuple[int, int], bucket: Bucket, flip: bool = False) -> Geometry:
-    """Resize to cover `bucket` keeping the aspect ratio, centre-crop to it; a square bucket equals Geometry.plan."""
-    width, height = size
-    if bucket[0] == bucket[1]:
-        return Geometry.plan(size, bucket[0], True, flip, (0.5, 0.5))
-    scale = max(bucket[0] / width, bucket[1] / height)
-    resized = (max(bucket[0], round(width * scale)), max(bucket[1], round(height * scale)))
-    left, top = (resized[0] - bucket[0]) // 2, (resized[1] - bucket[1]) // 2
-    return Geometry(resized, (left, top, left + bucket[0], top + bucket[1]), flip)
+    """Resize to cover `bucket` keeping the aspect ratio, centre-crop to it: training's geometry with center_crop."""
+    return Geometry.plan(size, bucket, True, flip, (0.5, 0.5))
 
 
 def cache_pixels(path: str | Path | IO[bytes], bucket: Bucket, flip: bool = False) -> torch.Tensor:

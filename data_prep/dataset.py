@@ -19,13 +19,11 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from sdtune.data.buckets import Bucket, assign_bucket, format_bucket, make_buckets, parse_bucket
-from sdtune.data.records import _jsonl_rows, discover_records
+from sdtune.data.records import _jsonl_rows, discover_records, upright_size
 from sdtune.errors import SdtuneError, first_line
 
 METADATA = "metadata.jsonl"
 DEFAULT_AREA = 512 * 512
-# EXIF orientations that turn the stored pixels by 90°: the upright image has width and height swapped.
-_TRANSPOSED = frozenset({5, 6, 7, 8})
 # What PIL raises on files that are not (valid) images.
 IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -99,16 +97,6 @@ def write_rows(dst: str | Path, rows: list[dict[str, Any]]) -> Path:
         Path(handle.name).unlink(missing_ok=True)
         raise
     return path
-
-
-def upright_size(image: Image.Image) -> tuple[int, int]:
-    """(width, height) after EXIF orientation, which is how training sees the image; reads no pixels."""
-    width, height = image.size
-    try:
-        orientation = image.getexif().get(0x0112)
-    except IMAGE_ERRORS:
-        orientation = None
-    return (height, width) if orientation in _TRANSPOSED else (width, height)
 
 
 def _int(value: Any) -> int | None:

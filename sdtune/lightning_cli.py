@@ -78,6 +78,8 @@ class SdtuneCLI(LightningCLI):
         parser.add_lightning_class_args(SaveAdapter, "adapter")
         parser.add_lightning_class_args(SampleImages, "samples")
         parser.set_defaults({"samples.enabled": False})
+        # The DataModule's BucketBatchSampler splits batches between ranks; Lightning must not wrap it.
+        parser.set_defaults({"trainer.use_distributed_sampler": False})
         parser.link_arguments("model.init_args.pretrained", "data.init_args.pretrained")
         parser.link_arguments("model.init_args.revision", "data.init_args.revision")
         parser.link_arguments("model.init_args.pretrained_config", "data.init_args.pretrained_config")
@@ -118,6 +120,8 @@ QUIET = [
     r"Total length of .* across ranks is zero.*",
     r".*LightningCLI's args parameter is intended to run from within Python.*",
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # inside Lightning's own pytree helpers
+    # The DataModule saves the sampler's position itself (CaptionDataModule.state_dict), not the loader.
+    r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable.*",
 ]
 
 

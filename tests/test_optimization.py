@@ -115,12 +115,11 @@ def test_adamw8bit_default_min_size_keeps_tiny_tensors_32bit():
     assert opt.state[large]["state1"].dtype == torch.uint8
 
 
-@pytest.mark.xfail(strict=True, reason="the sampler restarts the epoch on resume; exact mid-epoch resume is issue 7/10")
 def test_resume_mid_epoch_matches_an_uninterrupted_run(tiny_model_dir, shapes_dir, tmp_path):
-    """A `last.ckpt` written mid-epoch must continue with the epoch's remaining batches, not replay its first ones.
+    """A checkpoint written mid-epoch continues with the epoch's remaining batches, not its first ones again.
 
-    Known failure: EpochSampler/the DataLoader have no state, so Lightning restarts the epoch's iterator from the
-    beginning on resume while counting on from batch 2 (batches 0–1 are seen twice, 2–3 never).
+    A plain DataLoader has no state, so Lightning would restart the epoch's iterator while counting on from batch 2
+    (batches 0–1 seen twice, 2–3 never); the DataModule saves the batch sampler's position instead.
     """
     def build():
         L.seed_everything(3)
@@ -142,7 +141,7 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(tiny_model_dir, shapes_di
     same_data = [torch.equal(a, b) for a, b in zip(resumed_batches, full_batches[2:])]
     assert all(same_data), (
         "resuming from a mid-epoch checkpoint replays the epoch's first batches instead of batches 2–3 "
-        "(sdtune/data: the train DataLoader/EpochSampler needs state_dict/load_state_dict)"
+        "(CaptionDataModule.state_dict/load_state_dict restore the BucketBatchSampler's position)"
     )
     final, after = trainable(full), trainable(resumed)
     assert all(torch.equal(after[name], final[name]) for name in final)

@@ -140,11 +140,16 @@ def test_flops_are_counted_on_meta_tensors_without_touching_the_model(tiny_model
 
 
 def test_gradient_accumulation_counts_every_micro_batch(tiny_model_dir, shapes_dir, tmp_path):
-    # 8 images in batches of 3: each epoch is 3 + 3 (one optimizer step) and 2 (the epoch's last, a step alone).
+    # 8 images in batches of 3, 3 and 2 (in shuffled order): each epoch is two batches (one optimizer step) and
+    # the epoch's last batch (a step alone).
     callback, logger = Throughput(warmup_steps=0, log_every_n_steps=2, flops=True), Recorder()
-    fit(make_model(tiny_model_dir), make_data(shapes_dir, tiny_model_dir, batch_size=3), 4, tmp_path,
+    model, sizes = make_model(tiny_model_dir), []
+    model.on_train_batch_start = lambda batch, idx: sizes.append(len(batch["path"]))
+    fit(model, make_data(shapes_dir, tiny_model_dir, batch_size=3), 4, tmp_path,
         callbacks=[callback], logger=logger, accumulate_grad_batches=2, log_every_n_steps=1)  # fmt: skip
-    assert [(step, samples) for step, _, samples, _ in callback.steps] == [(1, 6), (2, 2), (3, 6), (4, 2)]
+    assert len(sizes) == 6 and sorted(sizes[:3]) == sorted(sizes[3:]) == [2, 3, 3]
+    expected = [(1, sizes[0] + sizes[1]), (2, sizes[2]), (3, sizes[3] + sizes[4]), (4, sizes[5])]
+    assert [(step, samples) for step, _, samples, _ in callback.steps] == expected
     logged = logger.perf()
     assert sorted(logged) == [2, 4]  # the callback's every 2 steps, not the trainer's every step
     for step, window in ((2, callback.steps[0:2]), (4, callback.steps[2:4])):

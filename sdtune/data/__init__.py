@@ -7,9 +7,9 @@ Lightning and torch at start-up.
 from importlib import import_module
 
 _LAZY = {
+    "BucketBatchSampler": "sdtune.data.bucket_sampler",
     "CaptionDataModule": "sdtune.data.datamodule",
     "CaptionDataset": "sdtune.data.dataset",
-    "EpochSampler": "sdtune.data.dataset",
     "Subset": "sdtune.data.subsets",
     "process_caption": "sdtune.data.captions",
 }

@@ -237,8 +237,9 @@ def bucket_report(buckets: Sequence[Bucket], batch_size: int, drop_last: bool = 
     if len(counts) > limit:
         rest = counts[limit:]
         parts.append(f"… {len(rest)} more ×{sum(count for _, count in rest)} ({sum(batches[limit:])})")
+    plural = {"buckets": "s" if len(counts) != 1 else "", "samples": "s" if len(buckets) != 1 else ""}
     head = (
-        f"{len(counts)} bucket{'s' if len(counts) != 1 else ''}, {len(buckets)} samples, "
+        f"{len(counts)} bucket{plural['buckets']}, {len(buckets)} sample{plural['samples']}, "
         f"{sum(batches)} batch{'es' if sum(batches) != 1 else ''} of {'' if drop_last else 'up to '}{batch_size}"
     )
     return f"{head}: " + ", ".join(parts)

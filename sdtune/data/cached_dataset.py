@@ -75,9 +75,10 @@ class CachePlan:
 
     @classmethod
     def for_records(
-        cls, records: Sequence, folder: str, resolution: int, pretrained: str, revision: str | None, clip_skip: int,
-        max_token_length: int, flip: bool,
+        cls, records: Sequence, buckets: Sequence[tuple[int, int]], folder: str, pretrained: str, revision: str | None,
+        clip_skip: int, max_token_length: int, flip: bool,
     ) -> CachePlan:  # fmt: skip
+        """`buckets[i]` is the (width, height) record i is encoded at."""
         from data_prep.cache_training import TrainingCache, content_hash
 
         if Path(pretrained).expanduser().is_file():
@@ -93,7 +94,7 @@ class CachePlan:
                     raise SdtuneError(f"image '{record.path}' could not be read ({first_line(err)}); fix or remove it") from err
             contents.append(hashes[record.path, record.row])
         captions = [process_caption(record.caption, prefix=record.prefix) for record in records]
-        buckets = [(resolution, resolution)] * len(records)
+        buckets = [tuple(bucket) for bucket in buckets]
         return cls(cache, list(records), contents, captions, buckets, cache.keys(contents, captions, buckets))
 
     def build(self) -> None:

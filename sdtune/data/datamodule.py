@@ -1,6 +1,10 @@
 """The Lightning DataModule: finds the images once, splits off validation, and builds reproducible loaders.
 
-Samples, the sampler and the collate function live in `sdtune.data.dataset` (re-exported here).
+Samples and the collate function live in `sdtune.data.dataset`, the batch sampler in `sdtune.data.bucket_sampler`.
+Every loader batches through `BucketBatchSampler`: without `buckets` all samples share one square bucket. It splits
+batches between DDP ranks itself, so the CLI turns Lightning's `use_distributed_sampler` off, and its position in
+the epoch is saved in checkpoints (this module's `state_dict`), so a run resumed mid-epoch goes on with the batches
+it had not trained on.
 """
 
 from __future__ import annotations
@@ -10,12 +14,14 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from sdtune.data.bucket_sampler import BucketBatchSampler, bucket_report
+from sdtune.data.buckets import Bucket, assign_bucket, make_buckets
 from sdtune.data.cached_dataset import CachePlan, check_cacheable
 from sdtune.data.captions import with_prefix
-from sdtune.data.dataset import UNREADABLE, CaptionDataset, EpochSampler, collate, derive_seed
+from sdtune.data.dataset import UNREADABLE, CaptionDataset, collate, derive_seed
 from sdtune.data.records import Record
 from sdtune.data.subsets import Subset, check_subsets, load_subsets
 from sdtune.data.transforms import has_alpha
@@ -23,7 +29,7 @@ from sdtune.errors import SdtuneError, first_line
 from sdtune.models.pretrained import load_tokenizer
 from sdtune.text import chunk_count, text_token_ids
 
-__all__ = ["CaptionDataModule", "CaptionDataset", "EpochSampler", "collate", "derive_seed"]
+__all__ = ["CaptionDataModule", "CaptionDataset", "collate", "derive_seed"]
 
 
 class CaptionDataModule(L.LightningDataModule):
@@ -36,6 +42,10 @@ class CaptionDataModule(L.LightningDataModule):
         resolution: int = 512,
         batch_size: int = 1,
         center_crop: bool = False,
+        buckets: bool = False,
+        bucket_step: int = 64,
+        bucket_min_side: int | None = None,
+        bucket_max_side: int | None = None,
         random_flip: bool = False,
         caption_dropout: float = 0.0,
         shuffle_tags: bool = False,
@@ -64,9 +74,18 @@ class CaptionDataModule(L.LightningDataModule):
                 `<repeats>_<class words>` folders (e.g. `10_sks dog`). Give this or `subsets`, not both.
             subsets: Several folders, each `{root, repeats, prefix, default_caption}`: e.g. a few instance images
                 with repeats 10 and prefix "sks" next to regularisation images with repeats 1.
-            resolution: Side of the square training crop, in pixels (the shorter side is resized to it first).
+            resolution: Side of the square training crop, in pixels (the shorter side is resized to it first);
+                with `buckets`, the side of the square whose area every bucket has at most.
             batch_size: Images per batch on each device.
-            center_crop: Crop the middle instead of a random square.
+            center_crop: Crop the middle instead of a random square (or random bucket-sized box).
+            buckets: Aspect-ratio buckets (kohya's enable_bucket): each image trains at the size of about
+                resolution² pixels whose aspect ratio is closest to its own, instead of a resolution² square, so
+                wide and tall images keep their edges; it is resized to cover that size and cropped. Each batch
+                holds one bucket; the log lists the buckets and their batch counts.
+            bucket_step: Bucket sides are multiples of this many pixels (of 8, the VAE's downscaling; 64 is kohya's
+                default and keeps every UNet level of SD even).
+            bucket_min_side: Shortest bucket side; null: resolution / 2.
+            bucket_max_side: Longest bucket side; null: 2 × resolution.
             random_flip: Mirror half of the images horizontally (avoid for text or asymmetric subjects).
             caption_dropout: Fraction of captions replaced by "" so the model also learns the unconditional case
                 that classifier-free guidance needs.
@@ -119,6 +138,8 @@ class CaptionDataModule(L.LightningDataModule):
             raise SdtuneError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if num_workers < 0:
             raise SdtuneError(f"data.num_workers must be 0 or more, got {num_workers}")
+        if buckets:
+            self._check_bucket_settings(resolution, bucket_step, bucket_min_side, bucket_max_side)
         if cache:
             check_cacheable(center_crop, shuffle_tags, tag_dropout, mask_dir, alpha_mask)
         self.save_hyperparameters()
@@ -127,6 +148,8 @@ class CaptionDataModule(L.LightningDataModule):
         self.resolution = resolution
         self.batch_size = batch_size
         self.center_crop = center_crop
+        self.buckets, self.bucket_step = buckets, bucket_step
+        self.bucket_min_side, self.bucket_max_side = bucket_min_side, bucket_max_side
         self.random_flip = random_flip
         self.caption_dropout = caption_dropout
         self.shuffle_tags = shuffle_tags
@@ -149,7 +172,12 @@ class CaptionDataModule(L.LightningDataModule):
         # Samples per epoch: an image appears once per repeat of its subset. Validation has no repeats.
         self.train_records: list[Record] = []
         self.val_records: list[Record] = []
+        # The (width, height) each sample is cropped to, index for index with the records.
+        self.train_buckets: list[Bucket] = []
+        self.val_buckets: list[Bucket] = []
         self.tokenizer: Any = None
+        self._train_batches: BucketBatchSampler | None = None  # the training loader's, for state_dict()
+        self._resume: dict[str, int] | None = None  # from a checkpoint, until the training loader exists
 
     @property
     def record_count(self) -> int:
@@ -185,10 +213,14 @@ class CaptionDataModule(L.LightningDataModule):
         self.val_records = [record for record, _ in val_pairs]
         self._warn_about_long_captions(tokenizer, [record for record, _ in pairs])
         self._warn_about_missing_masks([record for record, _ in pairs])
+        self.train_buckets = self._assign_buckets(self.train_records)
+        self.val_buckets = self._assign_buckets(self.val_records)
+        if self.buckets:
+            rank_zero_info(f"data.buckets: {bucket_report(self.train_buckets, self.batch_size)}")
         if self.cache:
             folder = self.cache_dir or str(Path(self.root or self.subsets[0].root).expanduser() / "cache")
             self.cached = CachePlan.for_records(
-                self.train_records, folder, self.resolution, self.pretrained, self.revision, self.clip_skip,
+                self.train_records, self.train_buckets, folder, self.pretrained, self.revision, self.clip_skip,
                 self.max_token_length, self.random_flip,
             )
         self.tokenizer = tokenizer
@@ -198,6 +230,35 @@ class CaptionDataModule(L.LightningDataModule):
         if self.cache:
             self.setup("fit")
             self.cached.build()
+
+    @staticmethod
+    def _check_bucket_settings(resolution: int, step: int, min_side: int | None, max_side: int | None) -> None:
+        if step <= 0 or step % 8:
+            raise SdtuneError(f"data.bucket_step must be a positive multiple of 8 (the VAE's factor), got {step}")
+        for name, side in (("bucket_min_side", min_side), ("bucket_max_side", max_side)):
+            if side is not None and (side < step or side % step):
+                raise SdtuneError(f"data.{name} must be a multiple of data.bucket_step ({step}), got {side}")
+        if resolution < step:
+            raise SdtuneError(f"data.resolution {resolution} is smaller than data.bucket_step {step}; lower the step")
+        if min_side is not None and max_side is not None and min_side > max_side:
+            raise SdtuneError(f"data.bucket_min_side {min_side} is above data.bucket_max_side {max_side}")
+
+    def _assign_buckets(self, records: list[Record]) -> list[Bucket]:
+        """Each record's training size: its aspect-ratio bucket (from the image header) or the square."""
+        if not self.buckets:
+            return [(self.resolution, self.resolution)] * len(records)
+        table = make_buckets(self.resolution**2, self.bucket_step, self.bucket_min_side, self.bucket_max_side)
+        found: dict[tuple[str, int], Bucket] = {}
+        for record in records:  # a record repeated by its subset is opened once
+            if (record.path, record.row) not in found:
+                try:
+                    size = record.upright_size()
+                except UNREADABLE as err:
+                    raise SdtuneError(
+                        f"image '{record.path}' could not be read ({first_line(err)}); fix or remove it"
+                    ) from err
+                found[record.path, record.row] = assign_bucket(*size, table)
+        return [found[record.path, record.row] for record in records]
 
     def _split(self, pairs: list[tuple[Record, int]]) -> tuple[list[tuple[Record, int]], list[tuple[Record, int]]]:
         """Hold out whole images (never one repeat of an image that is also trained on)."""
@@ -245,12 +306,14 @@ class CaptionDataModule(L.LightningDataModule):
         except UNREADABLE as err:
             raise SdtuneError(f"image '{record.path}' could not be read ({first_line(err)}); fix or remove it") from err
 
-    def _loader(self, dataset: CaptionDataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Any, buckets: list[Bucket], train: bool) -> DataLoader:
+        """Batches of one bucket each. Training shuffles and splits the batches between DDP ranks; validation keeps
+        a fixed order and every rank sees all of it (so each rank's validation loss is the same)."""
+        replicas = (self.trainer.distributed_sampler_kwargs if train and self.trainer is not None else None) or {}
+        batches = BucketBatchSampler(buckets, self.batch_size, self.seed, shuffle=train, **replicas)
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
-            sampler=EpochSampler(len(dataset), self.seed, shuffle=shuffle),
-            drop_last=False,
+            batch_sampler=batches,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
@@ -260,8 +323,29 @@ class CaptionDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         if self.cached is not None:
-            return self._loader(self.cached.dataset(self.random_flip, self.caption_dropout, self.seed), shuffle=True)
-        dataset = CaptionDataset(
+            dataset = self.cached.dataset(self.random_flip, self.caption_dropout, self.seed)
+        else:
+            dataset = self._train_dataset()
+        loader = self._loader(dataset, self.train_buckets, train=True)
+        self._train_batches = loader.batch_sampler
+        if self._resume is not None:
+            self._train_batches.load_state_dict(self._resume)
+            self._resume = None
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training batches' position in the epoch, counted in batches trained (not fetched ahead)."""
+        if self._train_batches is None or self.trainer is None:
+            return {}
+        trained = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"train_batches": self._train_batches.state_dict(min(trained, len(self._train_batches)))}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning restores this before it asks for the training loader, which then starts where it stopped."""
+        self._resume = state_dict.get("train_batches")
+
+    def _train_dataset(self) -> CaptionDataset:
+        return CaptionDataset(
             self.train_records,
             self.tokenizer,
             self.resolution,
@@ -274,8 +358,8 @@ class CaptionDataModule(L.LightningDataModule):
             tag_dropout=self.tag_dropout,
             max_token_length=self.max_token_length,
             masks=self.masks,
+            buckets=self.train_buckets,
         )
-        return self._loader(dataset, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
         """Deterministic: center crop, no flip, every caption kept as written (plus its subset's prefix).
@@ -287,6 +371,6 @@ class CaptionDataModule(L.LightningDataModule):
             return []
         dataset = CaptionDataset(
             self.val_records, self.tokenizer, self.resolution, center_crop=True, seed=self.seed,
-            max_token_length=self.max_token_length, masks=self.masks,
+            max_token_length=self.max_token_length, masks=self.masks, buckets=self.val_buckets,
         )  # fmt: skip
-        return self._loader(dataset, shuffle=False)
+        return self._loader(dataset, self.val_buckets, train=False)

@@ -8,13 +8,14 @@ keeping a stale copy of the dataset, or on which worker happens to load which sa
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
+from sdtune.data.buckets import Bucket
 from sdtune.data.captions import process_caption
 from sdtune.data.records import Record
 from sdtune.data.transforms import Geometry, load_image, load_mask, mask_to_tensor, to_tensor
@@ -43,36 +44,13 @@ def first_draws(seed: int, key: int | tuple[int, int]) -> tuple[int, torch.Gener
     return index, generator, drop_draw, flip_draw
 
 
-class EpochSampler(Sampler[tuple[int, int]]):
-    """Yields `(epoch, index)`; the order is a pure function of (seed, epoch). Lightning calls `set_epoch`."""
-
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True) -> None:
-        self.num_samples = num_samples
-        self.seed = seed
-        self.shuffle = shuffle
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-            order = torch.randperm(self.num_samples, generator=generator).tolist()
-        else:
-            order = range(self.num_samples)
-        return iter([(self.epoch, index) for index in order])
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
 class CaptionDataset(Dataset):
     """Records -> dicts of pixel values, token ids, the caption actually used and, with masks, the loss mask.
 
     A record listed several times (subset repeats) is several samples: each index gets its own random draws.
     `max_token_length` None means one window of the tokenizer's own length. `masks` is where loss masks come
     from: "file" (`Record.mask`, all ones when missing), "alpha" (the image's alpha channel), or None (no key).
+    `buckets[i]` is the (width, height) sample i is cropped to; None: every sample is a `resolution` square.
     """
 
     def __init__(
@@ -89,8 +67,12 @@ class CaptionDataset(Dataset):
         tag_dropout: float = 0.0,
         max_token_length: int | None = None,
         masks: Literal["file", "alpha"] | None = None,
+        buckets: Sequence[Bucket] | None = None,
     ) -> None:
+        if buckets is not None and len(buckets) != len(records):
+            raise ValueError(f"{len(buckets)} buckets for {len(records)} records")
         self.records = list(records)
+        self.buckets = list(buckets) if buckets is not None else None
         self.tokenizer = tokenizer
         self.resolution = resolution
         self.center_crop = center_crop
@@ -131,7 +113,8 @@ class CaptionDataset(Dataset):
         except UNREADABLE as err:
             raise SdtuneError(f"image '{record.path}' could not be read ({first_line(err)}); fix or remove it") from err
         flip = self.random_flip and flip_draw < 0.5
-        geometry = Geometry.plan(image.size, self.resolution, self.center_crop, flip, crop_draws)
+        size = self.buckets[index] if self.buckets is not None else (self.resolution, self.resolution)
+        geometry = Geometry.plan(image.size, size, self.center_crop, flip, crop_draws)
         sample = {
             "pixel_values": to_tensor(geometry.apply(image)),
             "input_ids": self.tokenize(caption),
@@ -141,7 +124,7 @@ class CaptionDataset(Dataset):
         if self.masks is not None:
             mask = alpha if self.masks == "alpha" else self._mask_file(record, image.size)
             if mask is None:
-                sample["mask"] = torch.ones(1, self.resolution, self.resolution)
+                sample["mask"] = torch.ones(1, size[1], size[0])
             else:
                 sample["mask"] = mask_to_tensor(geometry.apply(mask, Image.Resampling.BILINEAR))
         return sample

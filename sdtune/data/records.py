@@ -17,12 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from sdtune.errors import SdtuneError, first_line
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # PNG first: the lossless format masks are usually in
 CAPTION_SUFFIXES = (".txt", ".caption")
 CAPTION_COLUMNS = ("text", "caption")
+# EXIF orientations that turn the stored pixels by 90°: the upright image has width and height swapped.
+_TRANSPOSED = frozenset({5, 6, 7, 8})
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,21 @@ class Record:
         if cell.get("bytes"):
             return io.BytesIO(cell["bytes"])
         return cell["path"]
+
+    def upright_size(self) -> tuple[int, int]:
+        """The image's (width, height) as training sees it (EXIF orientation applied), from its header alone."""
+        with Image.open(self.open()) as image:
+            return upright_size(image)
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, which is how training sees the image; reads no pixels."""
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(0x0112)
+    except (OSError, ValueError, SyntaxError):
+        orientation = None
+    return (height, width) if orientation in _TRANSPOSED else (width, height)
 
 
 def read_text(path: Path) -> str:

@@ -52,23 +52,23 @@ def load_mask(source: str | IO[bytes]) -> Image.Image:
     return mask.convert("L")
 
 
-def shorter_side_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """The size that makes the shorter side `size`, keeping the aspect ratio (the long side is never below it)."""
-    scale = size / min(width, height)
-    return max(size, round(width * scale)), max(size, round(height * scale))
+def cover_size(width: int, height: int, target: tuple[int, int]) -> tuple[int, int]:
+    """The smallest size with the image's aspect ratio that covers `target` (width, height) on both sides."""
+    scale = max(target[0] / width, target[1] / height)
+    return max(target[0], round(width * scale)), max(target[1], round(height * scale))
 
 
 def crop_box(
-    width: int, height: int, size: int, center: bool, uniforms: tuple[float, float] = (0.5, 0.5)
+    width: int, height: int, target: tuple[int, int], center: bool, uniforms: tuple[float, float] = (0.5, 0.5)
 ) -> tuple[int, int, int, int]:
-    """The (left, top, right, bottom) square to keep. Random crops map two uniforms in [0, 1) to offsets."""
-    slack_x, slack_y = width - size, height - size
+    """The (left, top, right, bottom) `target`-sized box to keep. Random crops map two uniforms in [0, 1) to offsets."""
+    slack_x, slack_y = width - target[0], height - target[1]
     if center:
         left, top = slack_x // 2, slack_y // 2
     else:
         left = min(int(uniforms[0] * (slack_x + 1)), slack_x)
         top = min(int(uniforms[1] * (slack_y + 1)), slack_y)
-    return left, top, left + size, top + size
+    return left, top, left + target[0], top + target[1]
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -88,11 +88,15 @@ class Geometry:
 
     @classmethod
     def plan(
-        cls, size: tuple[int, int], resolution: int, center_crop: bool, flip: bool, uniforms: tuple[float, float]
-    ) -> Geometry:
-        """Shorter side to `resolution`, then a centred or (`uniforms`-placed) random square; `flip` as drawn."""
-        resized = shorter_side_size(*size, resolution)
-        return cls(resized, crop_box(*resized, resolution, center_crop, uniforms), flip)
+        cls, size: tuple[int, int], target: int | tuple[int, int], center_crop: bool, flip: bool,
+        uniforms: tuple[float, float],
+    ) -> Geometry:  # fmt: skip
+        """Resize to just cover `target` ((width, height) or a square's side) keeping the aspect ratio, then crop a
+        centred or (`uniforms`-placed) random box of that size; `flip` as drawn. A square target resizes the shorter
+        side to it; a bucket target's aspect ratio is close to the image's, so little is cropped."""
+        target = (target, target) if isinstance(target, int) else tuple(target)
+        resized = cover_size(*size, target)
+        return cls(resized, crop_box(*resized, target, center_crop, uniforms), flip)
 
     def apply(self, image: Image.Image, resample: int = Image.Resampling.LANCZOS) -> Image.Image:
         """Resize (`resample`: LANCZOS for photos, BILINEAR for masks, whose values are weights), crop, flip."""
