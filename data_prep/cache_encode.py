@@ -69,8 +69,9 @@ class Encoders:
         if self._parts is None:
             from sdtune.models.pretrained import load_stable_diffusion
 
-            parts = load_stable_diffusion(self.pretrained, revision=self.revision, dtype=DTYPES[self.dtype])
-            parts.unet = None  # not needed; frees its memory
+            # The UNet is not needed: at SD1.5 size it would add 3.4 GB (in float32) to the peak while encoding.
+            dtype = DTYPES[self.dtype]
+            parts = load_stable_diffusion(self.pretrained, revision=self.revision, dtype=dtype, load_unet=False)
             device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
             for module in (parts.vae, parts.text_encoder):
                 module.to(device).eval().requires_grad_(False)

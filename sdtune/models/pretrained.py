@@ -35,7 +35,7 @@ class StableDiffusionParts:
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
-    unet: UNet2DConditionModel
+    unet: UNet2DConditionModel | None  # None when loaded without it
     noise_scheduler: DDPMScheduler
 
     @property
@@ -179,9 +179,11 @@ def load_stable_diffusion(
     dtype: torch.dtype = torch.float32,
     unet_dtype: torch.dtype | None = None,
     pretrained_config: str | None = None,
+    load_unet: bool = True,
 ) -> StableDiffusionParts:
-    """Load VAE and text encoder in `dtype`, the UNet in `unet_dtype` (default `dtype`), the tokenizer and the DDPM
-    training scheduler. Loading in the target dtype avoids a float32 copy of every weight on the way.
+    """Load VAE and text encoder in `dtype`, the UNet in `unet_dtype` (default `dtype`; not at all, `unet` None,
+    without `load_unet`), the tokenizer and the DDPM training scheduler. Loading in the target dtype avoids a float32
+    copy of every weight on the way.
 
     A single-file `pretrained` is read once and each part converted from it; `variant` does not apply to it (the
     file has one set of weights) and `revision` then applies to `pretrained_config`."""
@@ -191,13 +193,17 @@ def load_stable_diffusion(
         state = read_single_file(source.single_file)
         vae = part_from_single_file(AutoencoderKL, state, source, "vae", dtype)
         text_encoder = part_from_single_file(CLIPTextModel, state, source, "text_encoder", dtype)
-        unet = part_from_single_file(UNet2DConditionModel, state, source, "unet", unet_dtype)
+        unet = None
+        if load_unet:
+            unet = part_from_single_file(UNet2DConditionModel, state, source, "unet", unet_dtype)
         del state
     else:
         weights = dict(revision=revision, variant=variant, torch_dtype=dtype)
         vae = _load(AutoencoderKL, source, "vae", **weights)
         text_encoder = _load(CLIPTextModel, source, "text_encoder", **weights)
-        unet = _load(UNet2DConditionModel, source, "unet", **{**weights, "torch_dtype": unet_dtype})
+        unet = None
+        if load_unet:
+            unet = _load(UNet2DConditionModel, source, "unet", **{**weights, "torch_dtype": unet_dtype})
     return StableDiffusionParts(
         vae=vae,
         text_encoder=text_encoder,

@@ -185,6 +185,18 @@ def test_rerun_reuses_everything_without_loading_the_model(tmp_path, tiny_model_
     assert reopened.rows == first.rows and reopened.settings["area"] == AREA
 
 
+def test_encoding_never_loads_the_unet(tmp_path, tiny_model_dir):
+    """Only the VAE and the text encoder are needed; at SD1.5 size a UNet would add 3.4 GB to the peak memory."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    for weights in (model / "unet").glob("*.safetensors"):
+        weights.unlink()  # loading the UNet would now fail
+    result = build_cache(make_dst(tmp_path / "dst"), str(model), settings=BUCKETED)
+    assert result.computed == 7
+
+
 def test_changed_image_recomputes_only_its_latents(tmp_path, tiny_model_dir):
     dst = make_dst(tmp_path / "dst")
     first = build_cache(dst, str(tiny_model_dir), settings=BUCKETED)
