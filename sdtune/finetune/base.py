@@ -173,7 +173,7 @@ class DiffusionFineTune(L.LightningModule):
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Pixels in [-1, 1] → scaled VAE latents (a sample of the posterior, as SD was trained)."""
-        posterior = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
+        posterior = self.vae.encode(pixel_values.to(self.vae.encoder.conv_in.weight.dtype)).latent_dist
         latents = posterior.sample(generator=generator)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
@@ -199,7 +199,9 @@ class DiffusionFineTune(L.LightningModule):
             text = self.encode_prompts(batch["input_ids"])
         noise, input_noise, timesteps = self.objective.draw(latents, self.num_train_timesteps, generator)
         noisy = losses.add_noise(self.alphas_cumprod, latents, input_noise, timesteps)
-        prediction = self.unet(noisy.to(self.unet.dtype), timesteps, text.to(self.unet.dtype)).sample
+        # The dtype of the UNet's first weight: diffusers' `unet.dtype` walks every module (ms per call at SD size).
+        dtype = self.unet.conv_in.weight.dtype
+        prediction = self.unet(noisy.to(dtype), timesteps, text.to(dtype)).sample
         target = losses.training_target(self.prediction_type, self.alphas_cumprod, latents, noise, timesteps)
         weights = None
         if self.objective.min_snr_gamma is not None:
