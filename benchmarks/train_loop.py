@@ -2,13 +2,17 @@
 
     python benchmarks/train_loop.py --work /tmp/sdtune-bench                      # tiny model, 64 px, 300 steps
     python benchmarks/train_loop.py --work /tmp/sdtune-bench --model sd15 --resolution 256 --batch-size 1 --steps 12
+    python benchmarks/train_loop.py --work /tmp/sdtune-bench --diffusers-script train_text_to_image_lora.py
 
-The same LoRA job three ways, one after the other in one run (the machine is noisy: compare the ratios):
+The same LoRA job several ways, one after the other in one run (the machine is noisy: compare the ratios):
 (a) a bare PyTorch loop written here with diffusers' maths and peft's LoRA (no Lightning, no sdtune): load, resize,
     crop, tokenize, VAE encode, text encode, noise, UNet, min-SNR MSE, AdamW — what diffusers' example script does
-    per step; (b) `sdtune fit --config tiny/lora`; (c) the same with `--data.cache true` (run twice: the first run
-    builds the cache, the second is timed). The job is the tiny/lora recipe's: rank 8, alpha 4, attention
-    projections, AdamW lr 1e-3, warmup 5, min-SNR 5, caption dropout 0.1, centre crops; sampling off.
+    per step; (a') the same loop with every image and caption encoded once up front (a hand-written cache);
+    (b) `sdtune fit --config tiny/lora`; (c) the same with `--data.cache true` (run twice: the first run builds the
+    cache, the second is timed). The job is the tiny/lora recipe's: rank 8, alpha 4, attention projections, AdamW
+    lr 1e-3, warmup 5, min-SNR 5, caption dropout 0.1, centre crops; sampling off.
+(d) with --diffusers-script, diffusers' own `train_text_to_image_lora.py` on the same job (its rank 8 has alpha 8
+    and it has no caption dropout; run through `diffusers_script.py`, which stands in for torchvision).
 
 Step time is the time between the ends of consecutive optimizer steps (data loading, logging and checkpoint writes
 included), median after 5 warm-up steps. Peak RSS and wall time come from `/usr/bin/time` around each process.
@@ -21,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,7 +42,12 @@ WARMUP = 5
 # --- (a) the bare loop ------------------------------------------------------------------------------------------
 
 
-def bare_loop(model: str, data: str, resolution: int, batch_size: int, steps: int, times_file: str) -> None:
+def bare_loop(
+    model: str, data: str, resolution: int, batch_size: int, steps: int, times_file: str, cached: bool = False
+) -> None:
+    """`cached`: encode every image and caption once before the first step, then train from the stored VAE
+    posteriors (a latent sampled each step) and text outputs, as `data.cache` does; the dropped caption's output
+    is stored too."""
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -69,17 +79,31 @@ def bare_loop(model: str, data: str, resolution: int, batch_size: int, steps: in
         array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
         return array.permute(2, 0, 1).float() / 127.5 - 1
 
+    def encode_text(captions: list[str]) -> torch.Tensor:
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        return text_encoder(ids)[0]
+
+    if cached:
+        with torch.no_grad():
+            posteriors = [vae.encode(pixels(row["file_name"])[None]).latent_dist for row in rows]
+            stored = [(d.mean[0], d.std[0], encode_text([row["text"]])[0]) for d, row in zip(posteriors, rows)]
+            empty = encode_text([""])[0]
+
     ends, step, epoch = [], 0, 0
     while step < steps:
         order = torch.randperm(len(rows)).tolist()
         for start in range(0, len(order), batch_size):
-            chosen = [rows[i] for i in order[start : start + batch_size]]
-            images = torch.stack([pixels(row["file_name"]) for row in chosen])
-            captions = ["" if torch.rand(()) < 0.1 else row["text"] for row in chosen]
-            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+            chosen = order[start : start + batch_size]
+            dropped = [bool(torch.rand(()) < 0.1) for _ in chosen]
             with torch.no_grad():
-                latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
-                text = text_encoder(ids)[0]
+                if cached:
+                    mean, std = torch.stack([stored[i][0] for i in chosen]), torch.stack([stored[i][1] for i in chosen])
+                    latents = (mean + std * torch.randn_like(mean)) * vae.config.scaling_factor
+                    text = torch.stack([empty if drop else stored[i][2] for i, drop in zip(chosen, dropped)])
+                else:
+                    images = torch.stack([pixels(rows[i]["file_name"]) for i in chosen])
+                    latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+                    text = encode_text(["" if drop else rows[i]["text"] for i, drop in zip(chosen, dropped)])
             noise = torch.randn_like(latents)
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
             noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -160,12 +184,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--arm", choices=("bare",), help=argparse.SUPPRESS)  # internal: run the bare loop here
+    parser.add_argument("--diffusers-script", type=Path, help="diffusers' examples/text_to_image/train_text_to_image_lora.py")
+    parser.add_argument("--arm", choices=("bare", "bare-cached"), help=argparse.SUPPRESS)  # internal: a bare loop here
     parser.add_argument("--times", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     ns = parser.parse_args()
-    if ns.arm == "bare":
-        bare_loop(str(ns.work), ns.data, ns.resolution, ns.batch_size, ns.steps, ns.times)
+    if ns.arm:
+        bare_loop(str(ns.work), ns.data, ns.resolution, ns.batch_size, ns.steps, ns.times, ns.arm == "bare-cached")
         return
 
     work = ns.work.expanduser().resolve()
@@ -176,28 +201,46 @@ def main() -> None:
            "--trainer.max_steps", str(ns.steps), "--samples.enabled", "false", "--trainer.enable_progress_bar", "false",
            "--trainer.callbacks+", "train_loop.StepTimer"]  # fmt: skip
     cache = ["--data.cache", "true", "--data.cache_dir", str(work / f"cache-{ns.model}-{ns.resolution}")]
+    bare = [sys.executable, __file__, "--work", str(model), "--data", str(data), "--times", str(work / "times.json"),
+            "--resolution", str(ns.resolution), "--batch-size", str(ns.batch_size), "--steps", str(ns.steps)]  # fmt: skip
     runs = {
-        "bare loop": [sys.executable, __file__, "--arm", "bare", "--work", str(model), "--data", str(data), "--times",
-                      str(work / "times.json"), "--resolution", str(ns.resolution), "--batch-size", str(ns.batch_size),
-                      "--steps", str(ns.steps)],  # fmt: skip
+        "bare loop": [*bare, "--arm", "bare"],
+        "bare loop, cached latents": [*bare, "--arm", "bare-cached"],
         "sdtune fit": [*fit, "--trainer.default_root_dir", str(work / "run-plain")],
         "sdtune fit, cache (first run: builds it)": [*fit, *cache, "--trainer.default_root_dir", str(work / "run-cache1")],
         "sdtune fit, cache": [*fit, *cache, "--trainer.default_root_dir", str(work / "run-cache2")],
     }
-    if any((work / name).exists() for name in ("run-plain", "run-cache1", "run-cache2")):
-        import shutil
-
-        for name in ("run-plain", "run-cache1", "run-cache2"):
-            shutil.rmtree(work / name, ignore_errors=True)
+    if ns.diffusers_script:
+        runs["diffusers train_text_to_image_lora.py"] = [
+            sys.executable, str(Path(__file__).parent / "diffusers_script.py"), str(ns.diffusers_script.resolve()),
+            "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--caption_column", "text",
+            "--resolution", str(ns.resolution), "--center_crop", "--train_batch_size", str(ns.batch_size),
+            "--max_train_steps", str(ns.steps), "--learning_rate", "1e-3", "--rank", "8", "--snr_gamma", "5",
+            "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "5", "--seed", "0",
+            "--dataloader_num_workers", "0", "--checkpointing_steps", str(ns.steps + 1),
+            "--output_dir", str(work / "run-diffusers"),
+        ]  # fmt: skip
+    # Every run starts from nothing: the first cached run must build the cache.
+    for name in ("run-plain", "run-cache1", "run-cache2", "run-diffusers", f"cache-{ns.model}-{ns.resolution}"):
+        shutil.rmtree(work / name, ignore_errors=True)
     print(f"{ns.model} model, {ns.resolution} px, batch {ns.batch_size}, {ns.images} images, {ns.steps} steps, "
           f"torch threads {os.cpu_count()}")  # fmt: skip
     print("| run | median step ms | it/s | vs bare loop | wall s | peak RSS GB |\n| --- | --- | --- | --- | --- | --- |")
-    bare = None
+    results = {}
     for name, command in runs.items():
-        result = timed(command, work / "times.json")
-        bare = bare or result["step_ms"]
+        result = results[name] = timed(command, work / "times.json")
+        bare = results["bare loop"]["step_ms"]
         print(f"| {name} | {result['step_ms']:.1f} | {1000 / result['step_ms']:.1f} | {result['step_ms'] / bare:.2f}× "
-              f"| {result['wall_s']:.0f} | {result['rss_gb']:.2f} |", flush=True)  # fmt: skip
+              f"| {result['wall_s']:.1f} | {result['rss_gb']:.2f} |", flush=True)  # fmt: skip
+    plain, cached = results["sdtune fit"]["step_ms"], results["sdtune fit, cache"]["step_ms"]
+    bare_cached = results["bare loop, cached latents"]["step_ms"]
+    print(f"\nsdtune fit vs bare loop: {plain / bare:.3f}× the step time; with cache vs bare loop with cached latents: "
+          f"{cached / bare_cached:.3f}×; the cache: {plain / cached:.2f}× the it/s (bare loops: {bare / bare_cached:.2f}×)")
+    if ns.diffusers_script:
+        script = results["diffusers train_text_to_image_lora.py"]["wall_s"]
+        print(f"whole sdtune fit with cache vs diffusers' script: {results['sdtune fit, cache']['wall_s'] / script:.2f}× "
+              f"the wall time (first cached run, building the cache: "
+              f"{results['sdtune fit, cache (first run: builds it)']['wall_s'] / script:.2f}×)")
 
 
 if __name__ == "__main__":
