@@ -3,9 +3,11 @@
 What sdtune adds to a plain LightningCLI: a ModelCheckpoint (`--checkpoint.*`, `save_last` on) writing to the fixed
 folder `<run dir>/checkpoints`, a SaveAdapter callback (`--adapter.*`), a SampleImages callback (`--samples.*`, off
 unless the config's `samples:` block or `--samples.enabled true` turns it on), a Throughput callback (`--throughput.*`,
-`perf/*` speed and memory logs), TensorBoard logs in `<run dir>/logs`, the
+`perf/*` speed and memory logs), a NonFiniteGuard (`--nonfinite.*`: steps with NaN/inf gradients skipped, the run
+stopped after N in a row), TensorBoard logs in `<run dir>/logs`, the
 resolved config in `<run dir>/config.yaml` (rewritten on resume), and the model's `pretrained` linked to the data
-module (with `revision` and `pretrained_config`) so both use the same tokenizer.
+module (with `revision` and `pretrained_config`) so both use the same tokenizer. Checkpoints are written atomically
+and verified (`sdtune.checkpointing`); `--ckpt_path last` resumes from the newest complete one.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from sdtune.callbacks import SampleImages, SaveAdapter, SaveRunConfig, Throughput
+from sdtune.callbacks import NonFiniteGuard, SampleImages, SaveAdapter, SaveRunConfig, Throughput
+from sdtune.checkpointing import AtomicCheckpointIO, pick_resume_checkpoint
 from sdtune.errors import SdtuneError
 
 
@@ -75,6 +78,7 @@ class SdtuneCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1, "checkpoint.every_n_train_steps": 500})
         # Throughput before the other sdtune callbacks: its batch-end timing then stops before they save or sample.
         parser.add_lightning_class_args(Throughput, "throughput")
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_lightning_class_args(SaveAdapter, "adapter")
         parser.add_lightning_class_args(SampleImages, "samples")
         parser.set_defaults({"samples.enabled": False})
@@ -111,7 +115,31 @@ class SdtuneCLI(LightningCLI):
             rank_zero_info(f"checkpoint.monitor={checkpoint.monitor}: checkpoints are saved after each validation")
         if config.trainer.logger in (None, True):
             kwargs["logger"] = TensorBoardLogger(save_dir=str(root), name="logs", version="")
+        plugins = config.trainer.plugins
+        if plugins is None or (isinstance(plugins, list) and not any(is_checkpoint_io(p) for p in plugins)):
+            kwargs["plugins"] = [*(plugins or []), AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        """`--ckpt_path last`: the newest checkpoint of the run that is complete, skipping damaged ones with a
+        warning (Lightning's own "last" would take `last.ckpt` as it is); none yet: start from scratch."""
+        config = self.config_init[self.subcommand]
+        checkpoint = self.trainer.checkpoint_callback
+        if config.get("ckpt_path") == "last":
+            found = pick_resume_checkpoint(checkpoint.dirpath)
+            config["ckpt_path"] = str(found) if found is not None else None
+            if found is None:
+                rank_zero_info("--ckpt_path last: no checkpoint yet, starting from scratch")
+        if config.get("ckpt_path") is not None and isinstance(checkpoint, ModelCheckpoint):
+            # A resumed run continues the same run: its saves replace last.ckpt (atomically) instead of adding
+            # last-v1.ckpt next to a damaged or older last.ckpt. Fresh runs keep Lightning's versioning.
+            checkpoint._enable_version_counter = False
+
+
+def is_checkpoint_io(plugin: Any) -> bool:
+    from lightning.fabric.plugins import CheckpointIO
+
+    return isinstance(plugin, CheckpointIO)
 
 
 # Expected with frozen encoders, or when a dataset has no validation split.

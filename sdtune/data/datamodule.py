@@ -343,6 +343,10 @@ class CaptionDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Lightning restores this before it asks for the training loader, which then starts where it stopped."""
         self._resume = state_dict.get("train_batches")
+        if self._resume is not None:
+            epoch, done = self._resume["epoch"], self._resume["batches_yielded"]
+            where = f"continues after its first {done} batches" if done else "starts from its first batch"
+            rank_zero_info(f"data: epoch {epoch} {where}")
 
     def _train_dataset(self) -> CaptionDataset:
         return CaptionDataset(

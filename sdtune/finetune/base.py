@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 
 from sdtune import losses
 from sdtune.errors import SdtuneError
@@ -281,6 +282,8 @@ class DiffusionFineTune(L.LightningModule):
         for name in expected:
             if saved[name].shape != own[name].shape:
                 raise SdtuneError(f"checkpoint tensor {name} has shape {tuple(saved[name].shape)}, this model {tuple(own[name].shape)}: {self.mismatch_hint}")
+        step, epoch = checkpoint.get("global_step"), checkpoint.get("epoch")
+        rank_zero_info(f"resuming after optimizer step {step} (epoch {epoch})")
         state = checkpoint.get("sdtune", {}).get("generator")
         if state is not None:
             self._pending_generator_state = state

@@ -1,0 +1,105 @@
+"""Checkpoints that survive crashes: written whole or not at all, checked before anything older is pruned, and a
+damaged `last.ckpt` skipped on resume.
+
+`AtomicCheckpointIO` is the Trainer's checkpoint writer. Every file (`last.ckpt`, the top-k files, the ones written
+on SIGTERM) goes to a hidden sibling first, is flushed and fsynced, read back through its zip checksums, and only
+then renamed over its final name, so a kill at any moment leaves either the old complete file or the new complete
+file. ModelCheckpoint deletes older files only after the save returns, that is after the new file has passed.
+
+`pick_resume_checkpoint` is what `--ckpt_path last` resolves to: the newest checkpoint in the run's checkpoint
+folder that passes the same check, with a warning for every newer one it had to skip.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
+
+from sdtune.errors import SdtuneError, first_line
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why `path` is not a complete checkpoint (missing, empty, truncated, a bad checksum), or None if it is.
+
+    torch.save writes a zip archive; reading every member against its CRC finds truncation and bit rot without
+    unpickling anything."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return "the file is empty"
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except FileNotFoundError:
+        return "the file does not exist"
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as err:
+        return f"not a complete checkpoint ({first_line(err)})"
+    if bad is not None:
+        return f"a checksum does not match ({bad})"
+    return None
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # some filesystems do not open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save to `.<name>.partial`, fsync, verify, rename over `<name>`: never a half-written checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            with open(partial, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            problem = checkpoint_problem(partial)
+            if problem is not None:
+                raise SdtuneError(f"checkpoint {path} failed its check after writing: {problem}; disk full or failing?")
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+
+def pick_resume_checkpoint(folder: str | Path) -> Path | None:
+    """The newest complete `.ckpt` in `folder` (by modification time, `last.ckpt` first on a tie), or None when
+    there is none at all. Each newer one that fails `checkpoint_problem` gets a warning; when all fail, an
+    SdtuneError lists why."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = [p for p in folder.glob("*.ckpt") if p.is_file()]
+    if not found:
+        return None
+    found.sort(key=lambda p: (p.stat().st_mtime_ns, p.name.startswith("last")), reverse=True)
+    skipped: list[str] = []
+    for candidate in found:
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            for note in skipped:
+                rank_zero_warn(f"{note}; resuming from {candidate.name} instead")
+            return candidate
+        skipped.append(f"checkpoint {candidate} is damaged ({problem})")
+    raise SdtuneError(
+        f"no usable checkpoint in {folder}: " + "; ".join(skipped) + "; start without --ckpt_path or restore a backup"
+    )

@@ -1,0 +1,145 @@
+"""Crash-safe checkpoints and exact resume: a run SIGKILLed mid-epoch and restarted with `--ckpt_path last` ends
+bit-identical to one never interrupted; a checkpoint is written whole or not at all; a damaged last checkpoint is
+skipped on resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdtune.checkpointing import AtomicCheckpointIO, checkpoint_problem, pick_resume_checkpoint
+from sdtune.errors import SdtuneError
+
+TESTS = Path(__file__).parent
+
+
+def save(path: Path, value: float = 1.0) -> Path:
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.full((64, 64), value)}, "global_step": 3}, path)
+    return path
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+# --- the checkpoint file --------------------------------------------------------------------------------------
+
+
+def test_a_complete_checkpoint_passes_and_damaged_ones_say_why(tmp_path):
+    good = save(tmp_path / "good.ckpt")
+    assert checkpoint_problem(good) is None
+    assert torch.load(good, weights_only=True)["global_step"] == 3
+    cut = save(tmp_path / "cut.ckpt")
+    truncate(cut)
+    assert "not a complete checkpoint" in checkpoint_problem(cut)
+    flipped = save(tmp_path / "flipped.ckpt")
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # one flipped byte inside the tensor data
+    flipped.write_bytes(bytes(data))
+    assert checkpoint_problem(flipped) is not None
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    assert checkpoint_problem(tmp_path / "empty.ckpt") == "the file is empty"
+    assert checkpoint_problem(tmp_path / "absent.ckpt") == "the file does not exist"
+
+
+def test_a_write_that_fails_leaves_the_previous_checkpoint_and_no_partial_file(tmp_path, monkeypatch):
+    path = save(tmp_path / "last.ckpt", 1.0)
+    before = path.read_bytes()
+
+    def dies_half_way(obj, handle):
+        handle.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        save(path, 2.0)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_a_written_file_that_fails_its_check_is_not_renamed(tmp_path, monkeypatch):
+    path = save(tmp_path / "last.ckpt", 1.0)
+    before = path.read_bytes()
+    monkeypatch.setattr("sdtune.checkpointing.checkpoint_problem", lambda p: "a checksum does not match (data/0)")
+    with pytest.raises(SdtuneError, match="failed its check after writing"):
+        save(path, 2.0)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
+    older = save(tmp_path / "epoch=0-step=2.ckpt")
+    newest = save(tmp_path / "last.ckpt")
+    os.utime(older, (1_000_000, 1_000_000))
+    assert pick_resume_checkpoint(tmp_path) == newest
+    truncate(newest)
+    with pytest.warns(UserWarning, match=r"last.ckpt is damaged \(not a complete checkpoint.*resuming from epoch=0-step=2.ckpt"):
+        assert pick_resume_checkpoint(tmp_path) == older
+    truncate(older)
+    with pytest.raises(SdtuneError, match="no usable checkpoint"):
+        pick_resume_checkpoint(tmp_path)
+    assert pick_resume_checkpoint(tmp_path / "nothing-here") is None
+
+
+# --- through the CLI ------------------------------------------------------------------------------------------
+
+
+def fit(tiny_model_dir, shapes_dir, run: Path, *extra, check: bool = True) -> subprocess.CompletedProcess:
+    """7 steps of 2 images (4 batches an epoch), random crops and flips, a checkpoint every 3 steps (mid-epoch: after
+    3 of epoch 0's 4 batches); every step's loss and batch recorded in run/steps.jsonl."""
+    args = ["fit", "--config", "tiny/lora", "--model.pretrained", tiny_model_dir, "--data.root", shapes_dir,
+            "--data.resolution", 32, "--data.batch_size", 2, "--data.center_crop", "false", "--data.random_flip", "true",
+            "--trainer.max_steps", 7, "--checkpoint.every_n_train_steps", 3, "--trainer.default_root_dir", run,
+            "--trainer.enable_progress_bar", "false", "--trainer.callbacks+", "step_hooks.StepHooks",
+            "--trainer.callbacks.record", run / "steps.jsonl", *extra]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "sdtune.cli", *map(str, args)], capture_output=True, text=True,
+                            env=env, timeout=600)  # fmt: skip
+    if check and result.returncode != 0:
+        raise AssertionError(f"fit exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result
+
+
+def steps(run: Path) -> dict[int, dict]:
+    """The last record of each step (a resumed run records the steps after its checkpoint again)."""
+    return {row["step"]: row for row in map(json.loads, (run / "steps.jsonl").read_text().splitlines())}
+
+
+def test_a_sigkilled_run_resumed_from_last_ends_bit_identical(tiny_model_dir, shapes_dir, tmp_path):
+    fit(tiny_model_dir, shapes_dir, tmp_path / "whole")
+    killed = fit(tiny_model_dir, shapes_dir, tmp_path / "killed", "--trainer.callbacks.kill_after", 5, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert sorted(steps(tmp_path / "killed")) == [1, 2, 3, 4, 5]
+    resumed = fit(tiny_model_dir, shapes_dir, tmp_path / "killed", "--ckpt_path", "last")
+    assert "resuming after optimizer step 3 (epoch 0)" in resumed.stderr, resumed.stderr[-2000:]
+    assert "data: epoch 0 continues after its first 3 batches" in resumed.stderr
+
+    whole, again = steps(tmp_path / "whole"), steps(tmp_path / "killed")
+    assert sorted(again) == list(range(1, 8))
+    assert [again[s]["paths"] for s in again] == [whole[s]["paths"] for s in whole]  # the same batches, in order
+    assert [again[s]["loss"] for s in again] == [whole[s]["loss"] for s in whole]  # bit-identical losses
+    adapters = [load_file(run / "adapter" / "pytorch_lora_weights.safetensors") for run in (tmp_path / "whole", tmp_path / "killed")]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
+def test_resume_skips_a_damaged_last_checkpoint(tiny_model_dir, shapes_dir, tmp_path):
+    run = tmp_path / "run"
+    fit(tiny_model_dir, shapes_dir, run, "--trainer.max_steps", 4)
+    last = run / "checkpoints" / "last.ckpt"
+    others = [p for p in (run / "checkpoints").glob("*.ckpt") if p != last]
+    assert len(others) == 1 and checkpoint_problem(last) is None
+    truncate(last, 0.3)
+    resumed = fit(tiny_model_dir, shapes_dir, run, "--trainer.max_steps", 6, "--ckpt_path", "last")
+    assert "last.ckpt is damaged" in resumed.stderr and f"resuming from {others[0].name} instead" in resumed.stderr
+    assert "resuming after optimizer step 3" in resumed.stderr
+    assert checkpoint_problem(last) is None  # rewritten whole by the resumed run
+    assert torch.load(last, weights_only=False)["global_step"] == 6
