@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -110,10 +111,16 @@ def cmd_cp(args: list[str]) -> int:
 
 
 def cmd_lightning(subcommand: str, args: list[str]) -> int:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from sdtune.callbacks.graceful_stop import received
     from sdtune.lightning_cli import run_cli
 
     epilog = FIT_EPILOG if subcommand == "fit" else VALIDATE_EPILOG
-    run_cli([subcommand, *_resolve_configs(args)], epilog)
+    try:
+        run_cli([subcommand, *_resolve_configs(args)], epilog)
+    except SIGTERMException:  # stopped by SIGTERM or Ctrl+C after a checkpoint was saved (GracefulStop)
+        return 128 + int(received["signal"] or signal.SIGTERM)
     return 0
 
 

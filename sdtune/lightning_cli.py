@@ -4,7 +4,8 @@ What sdtune adds to a plain LightningCLI: a ModelCheckpoint (`--checkpoint.*`, `
 folder `<run dir>/checkpoints`, a SaveAdapter callback (`--adapter.*`), a SampleImages callback (`--samples.*`, off
 unless the config's `samples:` block or `--samples.enabled true` turns it on), a Throughput callback (`--throughput.*`,
 `perf/*` speed and memory logs), a NonFiniteGuard (`--nonfinite.*`: steps with NaN/inf gradients skipped, the run
-stopped after N in a row), TensorBoard logs in `<run dir>/logs`, the
+stopped after N in a row), a GracefulStop (`--graceful_stop.*`: SIGTERM or Ctrl+C saves last.ckpt after the current
+batch and exits with 128 + the signal's number), TensorBoard logs in `<run dir>/logs`, the
 resolved config in `<run dir>/config.yaml` (rewritten on resume), and the model's `pretrained` linked to the data
 module (with `revision` and `pretrained_config`) so both use the same tokenizer. Checkpoints are written atomically
 and verified (`sdtune.checkpointing`); `--ckpt_path last` resumes from the newest complete one.
@@ -27,7 +28,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from sdtune.callbacks import NonFiniteGuard, SampleImages, SaveAdapter, SaveRunConfig, Throughput
+from sdtune.callbacks import GracefulStop, NonFiniteGuard, SampleImages, SaveAdapter, SaveRunConfig, Throughput
 from sdtune.checkpointing import AtomicCheckpointIO, pick_resume_checkpoint
 from sdtune.errors import SdtuneError
 
@@ -79,6 +80,7 @@ class SdtuneCLI(LightningCLI):
         # Throughput before the other sdtune callbacks: its batch-end timing then stops before they save or sample.
         parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+        parser.add_lightning_class_args(GracefulStop, "graceful_stop")
         parser.add_lightning_class_args(SaveAdapter, "adapter")
         parser.add_lightning_class_args(SampleImages, "samples")
         parser.set_defaults({"samples.enabled": False})

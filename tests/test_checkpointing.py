@@ -113,8 +113,15 @@ def steps(run: Path) -> dict[int, dict]:
     return {row["step"]: row for row in map(json.loads, (run / "steps.jsonl").read_text().splitlines())}
 
 
-def test_a_sigkilled_run_resumed_from_last_ends_bit_identical(tiny_model_dir, shapes_dir, tmp_path):
-    fit(tiny_model_dir, shapes_dir, tmp_path / "whole")
+@pytest.fixture(scope="module")
+def whole(tiny_model_dir, shapes_dir, tmp_path_factory) -> Path:
+    """The uninterrupted run the interrupted ones are compared with."""
+    run = tmp_path_factory.mktemp("whole")
+    fit(tiny_model_dir, shapes_dir, run)
+    return run
+
+
+def test_a_sigkilled_run_resumed_from_last_ends_bit_identical(tiny_model_dir, shapes_dir, tmp_path, whole):
     killed = fit(tiny_model_dir, shapes_dir, tmp_path / "killed", "--trainer.callbacks.kill_after", 5, check=False)
     assert killed.returncode == -signal.SIGKILL
     assert sorted(steps(tmp_path / "killed")) == [1, 2, 3, 4, 5]
@@ -122,12 +129,32 @@ def test_a_sigkilled_run_resumed_from_last_ends_bit_identical(tiny_model_dir, sh
     assert "resuming after optimizer step 3 (epoch 0)" in resumed.stderr, resumed.stderr[-2000:]
     assert "data: epoch 0 continues after its first 3 batches" in resumed.stderr
 
-    whole, again = steps(tmp_path / "whole"), steps(tmp_path / "killed")
+    expected, again = steps(whole), steps(tmp_path / "killed")
     assert sorted(again) == list(range(1, 8))
-    assert [again[s]["paths"] for s in again] == [whole[s]["paths"] for s in whole]  # the same batches, in order
-    assert [again[s]["loss"] for s in again] == [whole[s]["loss"] for s in whole]  # bit-identical losses
-    adapters = [load_file(run / "adapter" / "pytorch_lora_weights.safetensors") for run in (tmp_path / "whole", tmp_path / "killed")]
+    assert [again[s]["paths"] for s in again] == [expected[s]["paths"] for s in expected]  # the same batches, in order
+    assert [again[s]["loss"] for s in again] == [expected[s]["loss"] for s in expected]  # bit-identical losses
+    adapters = [load_file(run / "adapter" / "pytorch_lora_weights.safetensors") for run in (whole, tmp_path / "killed")]
     assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit_cleanly(name, tiny_model_dir, shapes_dir, tmp_path, whole):
+    run = tmp_path / "stopped"
+    stopped = fit(tiny_model_dir, shapes_dir, run, "--trainer.callbacks.signal_after", 5,
+                  "--trainer.callbacks.signal_name", name, check=False)  # fmt: skip
+    number = getattr(signal, name)
+    assert stopped.returncode == 128 + number, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr
+    assert f"{name}: stopped after optimizer step 5 and saved" in stopped.stderr
+    assert sorted(steps(run)) == [1, 2, 3, 4, 5]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 5
+    resumed = fit(tiny_model_dir, shapes_dir, run, "--ckpt_path", "last")
+    assert "resuming after optimizer step 5 (epoch 1)" in resumed.stderr
+    assert "data: epoch 1 continues after its first 1 batches" in resumed.stderr
+    expected, again = steps(whole), steps(run)
+    assert [again[s]["loss"] for s in sorted(again)] == [expected[s]["loss"] for s in sorted(expected)]
+    adapters = [load_file(r / "adapter" / "pytorch_lora_weights.safetensors") for r in (whole, run)]
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
 
 

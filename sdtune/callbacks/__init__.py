@@ -1,9 +1,10 @@
 """Optional behaviour around training, one callback a file; each can be switched off alone."""
 
+from sdtune.callbacks.graceful_stop import GracefulStop
 from sdtune.callbacks.nonfinite import NonFiniteGuard
 from sdtune.callbacks.sample_images import SampleImages
 from sdtune.callbacks.save_adapter import SaveAdapter
 from sdtune.callbacks.save_config import SaveRunConfig
 from sdtune.callbacks.throughput import Throughput
 
-__all__ = ["NonFiniteGuard", "SampleImages", "SaveAdapter", "SaveRunConfig", "Throughput"]
+__all__ = ["GracefulStop", "NonFiniteGuard", "SampleImages", "SaveAdapter", "SaveRunConfig", "Throughput"]
