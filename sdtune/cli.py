@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, SdtuneErrors
 from sdtune.recipes import find_recipe, list_recipes
 
 USAGE = """usage: sdtune <command> [options]
@@ -192,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         if command in commands:
             return commands[command](rest)
         print(f"sdtune: error: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
+        return 2
+    except SdtuneErrors as err:
+        for problem in err.problems:
+            print(f"sdtune: error: {problem}", file=sys.stderr)
         return 2
     except SdtuneError as err:
         print(f"sdtune: error: {one_line(err)}", file=sys.stderr)

@@ -5,6 +5,14 @@ class SdtuneError(Exception):
     """A problem with the user's input (paths, configs, models). The CLI prints it as one line, no traceback."""
 
 
+class SdtuneErrors(SdtuneError):
+    """Several independent problems found at once (the checks before training); the CLI prints one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
 def first_line(err: BaseException) -> str:
     """An exception's message for a one-line error: its first line, or its type when it has none."""
     text = str(err).strip()

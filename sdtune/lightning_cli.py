@@ -30,7 +30,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from sdtune.callbacks import GracefulStop, NonFiniteGuard, SampleImages, SaveAdapter, SaveRunConfig, Throughput
 from sdtune.checkpointing import AtomicCheckpointIO, pick_resume_checkpoint
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, SdtuneErrors
+from sdtune.preflight import fit_problems
 
 
 UNION_REPORT = (
@@ -90,6 +91,13 @@ class SdtuneCLI(LightningCLI):
         parser.link_arguments("model.init_args.revision", "data.init_args.revision")
         parser.link_arguments("model.init_args.pretrained_config", "data.init_args.pretrained_config")
         parser.link_arguments("model.init_args.clip_skip", "data.init_args.clip_skip")  # cached text outputs
+
+    def before_instantiate_classes(self) -> None:
+        """`fit` checks paths, settings, the model's configs, the data and free disk before any weights load."""
+        if self.subcommand == "fit":
+            problems = fit_problems(self.config[self.subcommand])
+            if problems:
+                raise SdtuneErrors(problems)
 
     def instantiate_classes(self) -> None:
         """jsonargparse wraps errors raised in __init__ into a multi-line parse error; surface ours as they are."""
