@@ -178,6 +178,7 @@ class CaptionDataModule(L.LightningDataModule):
         self.tokenizer: Any = None
         self._train_batches: BucketBatchSampler | None = None  # the training loader's, for state_dict()
         self._resume: dict[str, int] | None = None  # from a checkpoint, until the training loader exists
+        self.unreadable: dict[str, int] = {}  # image files that failed to load in training: how often
 
     @property
     def record_count(self) -> int:
@@ -332,6 +333,22 @@ class CaptionDataModule(L.LightningDataModule):
             self._train_batches.load_state_dict(self._resume)
             self._resume = None
         return loader
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count (and warn once about) images that failed to load; their batch trains on stand-ins of its size."""
+        for failed in batch.pop("unreadable", None) or [] if isinstance(batch, dict) else []:
+            if failed not in self.unreadable:
+                rank_zero_warn(f"{failed}; trained on the next image of its size instead")
+            self.unreadable[failed] = self.unreadable.get(failed, 0) + 1
+        return batch
+
+    def teardown(self, stage: str) -> None:
+        if self.unreadable:
+            times = sum(self.unreadable.values())
+            rank_zero_warn(
+                f"{len(self.unreadable)} image(s) could not be read and were replaced {times} time(s) in all; fix or "
+                f"remove them: {'; '.join(list(self.unreadable)[:5])}"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """The training batches' position in the epoch, counted in batches trained (not fetched ahead)."""

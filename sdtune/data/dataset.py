@@ -25,6 +25,10 @@ from sdtune.text import tokenize_chunks
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+class UnreadableImage(SdtuneError):
+    """An image file that could not be decoded at training time."""
+
+
 def derive_seed(*parts: int | str) -> int:
     """A 63-bit seed from several values; hashing avoids (seed=1, epoch=0) colliding with (seed=0, epoch=1)."""
     # int() so numpy or tensor indices hash like plain ints.
@@ -93,6 +97,29 @@ class CaptionDataset(Dataset):
         return tokenize_chunks(self.tokenizer, caption, self.max_token_length)[0]
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """The sample `key`; when its image cannot be read, the next readable image of the same size (bucket) in
+        its place, with `"unreadable"` saying which file failed and why, so the batch keeps its size and shape
+        (and every DDP rank its step) and the run goes on."""
+        try:
+            return self._sample(key)
+        except UnreadableImage as err:
+            failed = str(err)
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        for other in self._same_size_after(index):
+            try:
+                sample = self._sample((epoch, other) if isinstance(key, tuple) else other)
+            except UnreadableImage:
+                continue
+            sample["unreadable"] = failed
+            return sample
+        raise SdtuneError(f"{failed}, nor could any other image of its size; fix or remove them")
+
+    def _same_size_after(self, index: int) -> list[int]:
+        size = self.buckets[index] if self.buckets is not None else None
+        order = [*range(index + 1, len(self.records)), *range(index)]
+        return [i for i in order if size is None or self.buckets[i] == size]
+
+    def _sample(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, generator, drop_draw, flip_draw = first_draws(self.seed, key)
         record = self.records[index]
         # Drawn unconditionally and in this order (new draws go last), so switching one augmentation off leaves
@@ -111,7 +138,7 @@ class CaptionDataset(Dataset):
         try:
             image, alpha = load_image(record.open())
         except UNREADABLE as err:
-            raise SdtuneError(f"image '{record.path}' could not be read ({first_line(err)}); fix or remove it") from err
+            raise UnreadableImage(f"image '{record.path}' could not be read ({first_line(err)})") from err
         flip = self.random_flip and flip_draw < 0.5
         size = self.buckets[index] if self.buckets is not None else (self.resolution, self.resolution)
         geometry = Geometry.plan(image.size, size, self.center_crop, flip, crop_draws)
@@ -149,9 +176,15 @@ class CaptionDataset(Dataset):
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors; keep strings (captions, paths) as lists for logging and sample callbacks."""
+    """Stack tensors; keep strings (captions, paths) as lists for logging and sample callbacks. "unreadable" (on a
+    substituted sample only) becomes the list of the batch's failed files, when there is one."""
     batch: dict[str, Any] = {}
     for key, first in samples[0].items():
+        if key == "unreadable":
+            continue
         values = [sample[key] for sample in samples]
         batch[key] = torch.stack(values) if isinstance(first, torch.Tensor) else values
+    failed = [sample["unreadable"] for sample in samples if "unreadable" in sample]
+    if failed:
+        batch["unreadable"] = failed
     return batch
