@@ -170,3 +170,25 @@ def test_resume_skips_a_damaged_last_checkpoint(tiny_model_dir, shapes_dir, tmp_
     assert "resuming after optimizer step 3" in resumed.stderr
     assert checkpoint_problem(last) is None  # rewritten whole by the resumed run
     assert torch.load(last, weights_only=False)["global_step"] == 6
+
+
+def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    from sdtune.rng_state import gather_states, restore_states
+
+    generator = torch.Generator().manual_seed(1)
+    torch.randn(3, generator=generator)
+    path = save(tmp_path / "rng.ckpt")
+    AtomicCheckpointIO().save_checkpoint({"rng": gather_states(generator)}, path)
+    expected = (torch.randn(4, generator=generator), torch.rand(4), np.random.rand(4), random.random())
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    saved = torch.load(path, weights_only=True)["rng"]  # plain tensors and numbers only
+    state = restore_states(saved, rank=0, world_size=1)
+    again = torch.Generator().set_state(state)
+    assert torch.equal(torch.randn(4, generator=again), expected[0]) and torch.equal(torch.rand(4), expected[1])
+    assert np.array_equal(np.random.rand(4), expected[2]) and random.random() == expected[3]
+    with pytest.warns(UserWarning, match="written by 1 process"):
+        assert restore_states(saved, rank=0, world_size=2) is None

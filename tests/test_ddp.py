@@ -1,5 +1,6 @@
 """Two processes on CPU (DDP over gloo) through the real CLI: they split each epoch's batches, sample and save the
-adapter once, write each checkpoint once, and a resume of the DDP run continues where it stopped."""
+adapter once, write each checkpoint once, and a resumed DDP run (LoRA dropout on, so every rank's global torch
+generator matters as much as its noise generator) ends bit-identical to an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def ddp_fit(tiny_model_dir, shapes_dir, run: Path, *extra):
         "--data.resolution", 32, "--data.batch_size", 1, "--trainer.devices", 2, "--trainer.strategy", "ddp",
         "--trainer.max_steps", 4, "--checkpoint.every_n_train_steps", 2, "--trainer.enable_progress_bar", "false",
         "--samples.enabled", "true", "--samples.prompts", "[a red circle]", "--samples.seeds", "[0]",
-        "--samples.steps", 2, "--samples.before_training", "false", "--trainer.default_root_dir", run, *extra,
+        "--samples.steps", 2, "--samples.before_training", "false", "--model.lora.dropout", 0.1,
+        "--trainer.default_root_dir", run, *extra,
     )  # fmt: skip
 
 
@@ -37,3 +39,7 @@ def test_two_processes_train_sample_and_save_once(tiny_model_dir, shapes_dir, tm
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
     second = load_file(run / "adapter" / "pytorch_lora_weights.safetensors")
     assert any(not torch.equal(first[k], second[k]) for k in first)
+
+    ddp_fit(tiny_model_dir, shapes_dir, tmp_path / "whole", "--trainer.max_steps", 6)
+    whole = load_file(tmp_path / "whole" / "adapter" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(whole[k], second[k]) for k in whole)

@@ -220,24 +220,3 @@ def test_cli_run_writes_sample_grids(tiny_model_dir, shapes_dir, tmp_path):
     grid = Image.open(run / "samples" / "step_000002" / "grid.png")
     assert grid.size == GridLayout(2, 2, 32, 32).size
     assert list((run / "logs").glob("events.out.tfevents.*"))
-
-
-@pytest.mark.slow
-def test_ddp_samples_on_rank_zero_and_no_rank_hangs(tiny_model_dir, shapes_dir, tmp_path):
-    import subprocess
-    import sys
-
-    run = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "sdtune.cli", "fit", "--config", "tiny/lora", "--model.pretrained", str(tiny_model_dir),
-         "--data.root", str(shapes_dir), "--trainer.default_root_dir", str(run), "--trainer.max_steps", "2",
-         "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false",
-         "--checkpoint.every_n_train_steps", "1", "--data.resolution", "32", "--data.batch_size", "2",
-         "--samples.steps", "2"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "GLOBAL_RANK: 1" in result.stdout + result.stderr  # really two processes
-    written = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("samples: ")]
-    assert len(written) == 3  # steps 0, 1, 2 — by rank 0 alone
-    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000000", "step_000001", "step_000002"]

@@ -315,6 +315,8 @@ class CaptionDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_sampler=batches,
+            # Worker seeds come from this generator, not torch's global one, which a resume restores (dropout).
+            generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader", int(train))),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,

@@ -23,6 +23,7 @@ from sdtune import losses
 from sdtune.errors import SdtuneError
 from sdtune.finetune.objective import Objective
 from sdtune.models import load_stable_diffusion
+from sdtune.rng_state import gather_states, restore_states
 from sdtune.models.clip import encode_text
 
 SCHEDULES_NEEDING_LENGTH = ("cosine", "cosine_with_restarts", "linear", "polynomial")
@@ -270,7 +271,7 @@ class DiffusionFineTune(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["sdtune"] = {"generator": self._rng().get_state()}
+        checkpoint["sdtune"] = {"rng": gather_states(self._rng())}  # every rank's; see sdtune.rng_state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("state_dict", {})
@@ -284,7 +285,12 @@ class DiffusionFineTune(L.LightningModule):
                 raise SdtuneError(f"checkpoint tensor {name} has shape {tuple(saved[name].shape)}, this model {tuple(own[name].shape)}: {self.mismatch_hint}")
         step, epoch = checkpoint.get("global_step"), checkpoint.get("epoch")
         rank_zero_info(f"resuming after optimizer step {step} (epoch {epoch})")
-        state = checkpoint.get("sdtune", {}).get("generator")
+        saved = checkpoint.get("sdtune", {})
+        if "rng" in saved:
+            world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self._trainer else (1, 0)
+            state = restore_states(saved["rng"], rank, world_size)
+        else:  # written before per-rank states: the noise generator alone
+            state = saved.get("generator")
         if state is not None:
             self._pending_generator_state = state
             if self._generator is not None:
