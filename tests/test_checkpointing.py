@@ -192,3 +192,28 @@ def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     assert np.array_equal(np.random.rand(4), expected[2]) and random.random() == expected[3]
     with pytest.warns(UserWarning, match="written by 1 process"):
         assert restore_states(saved, rank=0, world_size=2) is None
+
+
+def test_older_checkpoints_are_pruned_only_after_the_new_one_passed(tiny_model_dir, shapes_dir, tmp_path, monkeypatch):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from test_optimization import make_model
+    from training import make_data
+
+    folder = tmp_path / "checkpoints"
+    checks = []
+
+    def fails_at_step_two(path):
+        checks.append(path)
+        return "a checksum does not match (data/7)" if len(checks) == 3 else None  # step 1: top-k + last; step 2
+
+    monkeypatch.setattr("sdtune.checkpointing.checkpoint_problem", fails_at_step_two)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, plugins=[AtomicCheckpointIO()],
+                        callbacks=[ModelCheckpoint(dirpath=folder, every_n_train_steps=1, save_top_k=1, save_last=True)])  # fmt: skip
+    with pytest.raises(SdtuneError, match="failed its check after writing"):
+        trainer.fit(make_model(tiny_model_dir), make_data(shapes_dir, tiny_model_dir))
+    # step 2's top-k file failed: step 1's files are still there and complete, and nothing half-written is left
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch=0-step=1.ckpt", "last.ckpt"]
+    assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 1
