@@ -135,7 +135,7 @@ class SdtuneCLI(LightningCLI):
         warning (Lightning's own "last" would take `last.ckpt` as it is); none yet: start from scratch."""
         config = self.config_init[self.subcommand]
         checkpoint = self.trainer.checkpoint_callback
-        if config.get("ckpt_path") == "last":
+        if config.get("ckpt_path") == "last" and isinstance(checkpoint, ModelCheckpoint):
             found = pick_resume_checkpoint(checkpoint.dirpath)
             config["ckpt_path"] = str(found) if found is not None else None
             if found is None:
