@@ -7,7 +7,7 @@ What is checked, each problem one line naming the key to change:
 - settings the classes check themselves (the DataModule's arguments, the LoRA shapes), collected instead of
   stopping at the first;
 - against the model's configs (json only, no weights): data.resolution and data.bucket_step divisible by the VAE's
-  downscaling, every LoRA target module present in the UNet (built on the meta device);
+  downscaling, every LoRA target module present in the UNet and the text encoder (built on the meta device);
 - the data: images found, and an epoch with at least one batch per device and at least
   trainer.accumulate_grad_batches batches per device (buckets counted when data.buckets is on);
 - free disk space for the checkpoints this run will keep.
@@ -43,7 +43,7 @@ def fit_problems(config: Any) -> list[str]:
 
     source = check(lambda: _model_source(model))
     lora = check(lambda: _lora_settings(model)) if "lora" in model else None
-    check(lambda: _text_encoder_lora(model))
+    text_lora = check(lambda: _text_encoder_lora(model))
     _check_paths(model, data, problems)
     datamodule = check(lambda: _instantiate(data_class, data))
     if source is not None:
@@ -53,6 +53,8 @@ def fit_problems(config: Any) -> list[str]:
             unet = check(lambda: _meta_unet(configs["unet"]))
             if unet is not None and lora is not None:
                 check(lambda: _check_targets(unet, lora))
+            if text_lora is not None:
+                check(lambda: _check_text_encoder_targets(source, text_lora))
             if unet is not None:
                 check(lambda: _check_disk(config, unet, lora))
     if datamodule is not None and not any(p.startswith(("data.root", "data.subsets", "data.val_root")) for p in problems):
@@ -128,6 +130,23 @@ def _check_targets(unet: Any, lora: Any) -> None:
         raise SdtuneError(
             f"model.lora.target_modules: no module named {', '.join(missing)} in the UNet (e.g. to_q, to_k, to_v, "
             "to_out.0, proj_in, proj_out, ff.net.2)"
+        )
+
+
+def _check_text_encoder_targets(source: Any, text_lora: Any) -> None:
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdtune.models.pretrained import _load
+
+    config = _load(CLIPTextConfig, source, "text_encoder")
+    with torch.device("meta"):
+        names = [name for name, _ in CLIPTextModel(config).named_modules()]
+    missing = [t for t in text_lora.all_targets() if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise SdtuneError(
+            f"model.text_encoder_lora.target_modules: no module named {', '.join(missing)} in the text encoder "
+            "(e.g. q_proj, k_proj, v_proj, out_proj, fc1, fc2)"
         )
 
 

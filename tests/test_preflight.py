@@ -61,6 +61,8 @@ Case = namedtuple("Case", "args expected")
 CASES = {
     "unknown target module": Case(lambda t, m: ["--model.lora.target_modules", "[to_q, to_zz]"],
                                   "model.lora.target_modules: no module named to_zz in the UNet"),
+    "unknown text-encoder target": Case(lambda t, m: ["--model.text_encoder_lora", "{rank: 2, target_modules: [q_proj, zz_proj]}"],
+                                        "model.text_encoder_lora.target_modules: no module named zz_proj in the text encoder"),
     "missing model folder": Case(lambda t, m: ["--model.pretrained", t / "no-model"], "model.pretrained '"),
     "model folder without unet/": Case(lambda t, m: ["--model.pretrained", _broken_model(t, m)], "missing unet/"),
     "single file without configs": Case(lambda t, m: ["--model.pretrained", _touch(t / "model.safetensors")],
