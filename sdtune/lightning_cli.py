@@ -142,8 +142,10 @@ class SdtuneCLI(LightningCLI):
                 rank_zero_info("--ckpt_path last: no checkpoint yet, starting from scratch")
         if config.get("ckpt_path") is not None and isinstance(checkpoint, ModelCheckpoint):
             # A resumed run continues the same run: its saves replace last.ckpt (atomically) instead of adding
-            # last-v1.ckpt next to a damaged or older last.ckpt. Fresh runs keep Lightning's versioning.
+            # last-v1.ckpt next to a damaged or older last.ckpt. Fresh runs keep Lightning's versioning, and its
+            # warning about a checkpoint folder that is not empty, which on a resume is expected.
             checkpoint._enable_version_counter = False
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def is_checkpoint_io(plugin: Any) -> bool:
