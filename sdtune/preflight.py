@@ -73,22 +73,18 @@ def _model_source(model: Any):
     return resolve_source(str(model.pretrained), model.get("revision"), model.get("pretrained_config"))
 
 
-def _settings(cls: type, value: Any) -> Any:
-    if value is None or isinstance(value, cls):
-        return value
-    return cls(**(value if isinstance(value, dict) else vars(value)))
-
-
 def _lora_settings(model: Any):
+    from sdtune.finetune.base import as_settings
     from sdtune.lora import LoraSettings
 
-    return _settings(LoraSettings, model.get("lora"))
+    return as_settings(LoraSettings, model.get("lora"))
 
 
 def _text_encoder_lora(model: Any):
+    from sdtune.finetune.base import as_settings
     from sdtune.lora import TextEncoderLora
 
-    return _settings(TextEncoderLora, model.get("text_encoder_lora"))
+    return as_settings(TextEncoderLora, model.get("text_encoder_lora"))
 
 
 def _model_configs(source: Any) -> dict[str, dict]:
@@ -193,29 +189,21 @@ def _available_devices(config: Any) -> int:
 
 def _check_batches(config: Any, datamodule: Any) -> None:
     """Finds the records the run will train on (no tokenizer, no weights) and counts batches per device."""
-    from sdtune.data.bucket_sampler import _batch_count
-    from sdtune.data.subsets import Subset, load_subsets
+    from sdtune.data.bucket_sampler import BucketBatchSampler
 
-    if datamodule.subsets is not None:
-        settings = [f"data.subsets[{i}].root" for i in range(len(datamodule.subsets))]
-        pairs = load_subsets(datamodule.subsets, settings, datamodule.mask_dir, announce=False)
-    else:
-        pairs = load_subsets([Subset(str(datamodule.root))], ["data.root"], datamodule.mask_dir, announce=False)
+    pairs = datamodule.training_pairs(announce=False)
     if datamodule.val_root is None and datamodule.val_fraction > 0:
         pairs, _ = datamodule._split(pairs)
     records = [record for record, repeats in pairs for _ in range(repeats)]
-    buckets = datamodule._assign_buckets(records)
-    counts: dict[tuple[int, int], int] = {}
-    for bucket in buckets:
-        counts[bucket] = counts.get(bucket, 0) + 1
     batch_size = datamodule.batch_size
-    batches = sum(_batch_count(count, batch_size, False) for count in counts.values())
+    sampler = BucketBatchSampler(datamodule._assign_buckets(records), batch_size, datamodule.seed)
+    batches, bucket_count = sampler.total_batches, len(sampler.groups)
     devices = _devices(config)
     per_device = batches // devices
     accumulate = int(config.get("trainer.accumulate_grad_batches") or 1)
     made = f"{len(records)} samples make {batches} batch{'es' if batches != 1 else ''} of data.batch_size {batch_size}"
-    if len(counts) > 1:
-        made += f" in {len(counts)} buckets"
+    if bucket_count > 1:
+        made += f" in {bucket_count} buckets"
     if per_device == 0:
         raise SdtuneError(f"{made}, fewer than the {devices} devices; lower data.batch_size or use fewer devices")
     if per_device < accumulate:

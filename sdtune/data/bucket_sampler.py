@@ -1,9 +1,8 @@
 """Batches that each hold one aspect-ratio bucket, so a batch's images stack into one tensor.
 
 `BucketBatchSampler` is a DataLoader `batch_sampler`: it yields lists of `(epoch, index)` keys, the keys
-`EpochSampler` yields one at a time, so `CaptionDataset` and its per-sample seeds work unchanged. The order of an
-epoch is a pure function of (seed, epoch): indices are shuffled within each bucket, cut into batches, and the
-batches of all buckets are shuffled together.
+`CaptionDataset` derives each sample's random draws from. The order of an epoch is a pure function of (seed, epoch):
+indices are shuffled within each bucket, cut into batches, and the batches of all buckets are shuffled together.
 
 Lightning 2.6 and this sampler (read from its source):
 
@@ -18,7 +17,7 @@ Lightning 2.6 and this sampler (read from its source):
   disjoint, and the same number on every rank.
 - Epochs: Lightning calls `set_epoch` only on `loader.sampler` and `loader.batch_sampler.sampler`, never on the
   batch sampler itself (fabric/utilities/data.py:415-436). `sampler` is therefore this sampler itself, so Lightning
-  moves it to the next epoch like any `EpochSampler`.
+  moves it to the next epoch like any sampler.
 - Resuming: Lightning saves the state of a *loader* that has `state_dict`/`load_state_dict` (a torchdata
   `StatefulDataLoader`), never of its sampler or batch sampler (utilities/combined_loader.py:378-394,
   loops/fit_loop.py:520-530); a plain `torch.utils.data.DataLoader` has no `state_dict`, so nothing of it is saved.

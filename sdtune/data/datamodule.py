@@ -10,7 +10,7 @@ it had not trained on.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -199,11 +199,7 @@ class CaptionDataModule(L.LightningDataModule):
             )
         tokenizer = load_tokenizer(self.pretrained, self.revision, self.pretrained_config)
         chunk_count(tokenizer, self.max_token_length)  # a bad length fails before anything is read
-        if self.subsets is not None:
-            settings = [f"data.subsets[{i}].root" for i in range(len(self.subsets))]
-            pairs = load_subsets(self.subsets, settings, self.mask_dir)
-        else:
-            pairs = load_subsets([Subset(str(self.root))], ["data.root"], self.mask_dir)
+        pairs = self.training_pairs()
         if self.val_root is not None:
             val_pairs = load_subsets([Subset(self.val_root)], ["data.val_root"], self.mask_dir, announce=False)
         elif self.val_fraction > 0:
@@ -225,6 +221,13 @@ class CaptionDataModule(L.LightningDataModule):
                 self.max_token_length, self.random_flip,
             )
         self.tokenizer = tokenizer
+
+    def training_pairs(self, announce: bool = True) -> list[tuple[Record, int]]:
+        """(record, repeats) of every image in data.root or data.subsets, before any validation split."""
+        if self.subsets is not None:
+            settings = [f"data.subsets[{i}].root" for i in range(len(self.subsets))]
+            return load_subsets(self.subsets, settings, self.mask_dir, announce=announce)
+        return load_subsets([Subset(str(self.root))], ["data.root"], self.mask_dir, announce=announce)
 
     def prepare_data(self) -> None:
         """With data.cache, compute the missing entries (once per node, before every rank's setup reads them)."""
@@ -252,13 +255,7 @@ class CaptionDataModule(L.LightningDataModule):
         found: dict[tuple[str, int], Bucket] = {}
         for record in records:  # a record repeated by its subset is opened once
             if (record.path, record.row) not in found:
-                try:
-                    size = record.upright_size()
-                except UNREADABLE as err:
-                    raise SdtuneError(
-                        f"image '{record.path}' could not be read ({first_line(err)}); fix or remove it"
-                    ) from err
-                found[record.path, record.row] = assign_bucket(*size, table)
+                found[record.path, record.row] = assign_bucket(*self._read_header(record, Record.upright_size), table)
         return [found[record.path, record.row] for record in records]
 
     def _split(self, pairs: list[tuple[Record, int]]) -> tuple[list[tuple[Record, int]], list[tuple[Record, int]]]:
@@ -300,10 +297,14 @@ class CaptionDataModule(L.LightningDataModule):
         if missing:
             rank_zero_warn(f"{missing} of {len(records)} images have {what}; they train with full weight")
 
+    def _has_alpha(self, record: Record) -> bool:
+        return self._read_header(record, lambda r: has_alpha(r.open()))
+
     @staticmethod
-    def _has_alpha(record: Record) -> bool:
+    def _read_header(record: Record, read: Callable[[Record], Any]) -> Any:
+        """`read(record)` (something from the image's header), with an unreadable file as one line naming it."""
         try:
-            return has_alpha(record.open())
+            return read(record)
         except UNREADABLE as err:
             raise SdtuneError(f"image '{record.path}' could not be read ({first_line(err)}); fix or remove it") from err
 
@@ -338,7 +339,8 @@ class CaptionDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count (and warn once about) images that failed to load; their batch trains on stand-ins of its size."""
-        for failed in batch.pop("unreadable", None) or [] if isinstance(batch, dict) else []:
+        failed_files = batch.pop("unreadable", []) if isinstance(batch, dict) else []
+        for failed in failed_files:
             if failed not in self.unreadable:
                 rank_zero_warn(f"{failed}; trained on the next image of its size instead")
             self.unreadable[failed] = self.unreadable.get(failed, 0) + 1

@@ -23,8 +23,8 @@ from sdtune import losses
 from sdtune.errors import SdtuneError
 from sdtune.finetune.objective import Objective
 from sdtune.models import load_stable_diffusion
-from sdtune.rng_state import gather_states, restore_states
 from sdtune.models.clip import encode_text
+from sdtune.rng_state import gather_states, restore_states
 
 SCHEDULES_NEEDING_LENGTH = ("cosine", "cosine_with_restarts", "linear", "polynomial")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,8 +50,11 @@ class LRSchedule:
             raise SdtuneError(f"model.lr_schedule.num_cycles must be ≥ 1, got {self.num_cycles}")
 
 
-def _as(cls, value):
-    return cls(**value) if isinstance(value, dict) else value
+def as_settings(cls, value):
+    """A settings dataclass from a dict (Python callers) or a parsed config's Namespace (pre-flight checks)."""
+    if value is None or isinstance(value, cls):
+        return value
+    return cls(**(value if isinstance(value, dict) else vars(value)))
 
 
 class DiffusionFineTune(L.LightningModule):
@@ -99,8 +102,8 @@ class DiffusionFineTune(L.LightningModule):
         noise_seed: int | None = None,
     ) -> None:
         super().__init__()
-        self.lr_schedule = _as(LRSchedule, lr_schedule)
-        self.objective = _as(Objective, objective)
+        self.lr_schedule = as_settings(LRSchedule, lr_schedule)
+        self.objective = as_settings(Objective, objective)
         if clip_skip < 1:
             raise SdtuneError(f"model.clip_skip must be ≥ 1, got {clip_skip}")
         if weight_dtype not in DTYPES:
@@ -285,12 +288,12 @@ class DiffusionFineTune(L.LightningModule):
                 raise SdtuneError(f"checkpoint tensor {name} has shape {tuple(saved[name].shape)}, this model {tuple(own[name].shape)}: {self.mismatch_hint}")
         step, epoch = checkpoint.get("global_step"), checkpoint.get("epoch")
         rank_zero_info(f"resuming after optimizer step {step} (epoch {epoch})")
-        saved = checkpoint.get("sdtune", {})
-        if "rng" in saved:
+        extra = checkpoint.get("sdtune", {})
+        if "rng" in extra:
             world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self._trainer else (1, 0)
-            state = restore_states(saved["rng"], rank, world_size)
+            state = restore_states(extra["rng"], rank, world_size)
         else:  # written before per-rank states: the noise generator alone
-            state = saved.get("generator")
+            state = extra.get("generator")
         if state is not None:
             self._pending_generator_state = state
             if self._generator is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sdtune.finetune.base import DiffusionFineTune, _as
+from sdtune.finetune.base import DiffusionFineTune, as_settings
 from sdtune.lora import LoraSettings, TextEncoderLora, add_lora, save_diffusers_adapter
 from sdtune.lora_init import load_init_adapter
 
@@ -36,8 +36,8 @@ class LoRAFineTune(DiffusionFineTune):
         **kwargs: Any,
     ) -> None:
         super().__init__(pretrained=pretrained, **kwargs)
-        self.lora = _as(LoraSettings, lora)
-        self.text_encoder_lora = _as(TextEncoderLora, text_encoder_lora)
+        self.lora = as_settings(LoraSettings, lora)
+        self.text_encoder_lora = as_settings(TextEncoderLora, text_encoder_lora)
         self.init_adapter = None if init_adapter is None else str(init_adapter)
         self._record_hparams(lora=self.lora, text_encoder_lora=self.text_encoder_lora, init_adapter=self.init_adapter)
         add_lora(self.unet, self.lora)
