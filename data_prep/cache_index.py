@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from safetensors import safe_open
 
 from data_prep.cache_keys import digest, model_identity
@@ -130,16 +131,16 @@ def load_cache_entry(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
 def sample_latents(
     mean: torch.Tensor,
     std: torch.Tensor,
-    generator: torch.Generator | None,
+    generator: torch.Generator | list[torch.Generator] | None,
     scaling_factor: float,
     shift_factor: float = 0.0,
 ) -> torch.Tensor:
     """A posterior sample, scaled as the UNet expects: `(mean + std * eps - shift) * scale`, eps ~ N(0, 1).
 
-    Same draw as `vae.encode(x).latent_dist.sample(generator)` for the same generator state, so a cached run and an
-    uncached one see the same latents.
+    Same draw as `vae.encode(x).latent_dist.sample(generator)` for the same generator state (or list of per-sample
+    generators), so a cached run and an uncached one see the same latents.
     """
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return (mean + std * eps - shift_factor) * scaling_factor
 
 

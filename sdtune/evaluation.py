@@ -12,7 +12,7 @@ from sdtune.finetune.base import DiffusionFineTune
 
 @torch.no_grad()
 def dataset_loss(module: DiffusionFineTune, batches: Iterable[dict[str, Any]]) -> float:
-    """Sample-weighted mean diffusion loss over `batches`, batch i drawn from `module.validation_generator(i)`.
+    """Sample-weighted mean diffusion loss over `batches`, drawn as `val/loss` is (`module.validation_generator`).
 
     The same data and seed give the same draws for every set of weights, so the numbers of two adapters differ
     only by what the adapters learned.
@@ -24,7 +24,7 @@ def dataset_loss(module: DiffusionFineTune, batches: Iterable[dict[str, Any]]) -
         for index, batch in enumerate(batches):
             size = batch["pixel_values"].shape[0]
             batch = {k: v.to(module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            total += module.diffusion_loss(batch, module.validation_generator(index)).item() * size
+            total += module.diffusion_loss(batch, module.validation_generator(batch, index)).item() * size
             count += size
     finally:
         for submodule, training in modes.items():

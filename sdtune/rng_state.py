@@ -1,8 +1,9 @@
 """The random states a training step draws from, saved per process in checkpoints so a resume continues every
 stream exactly where it stopped.
 
-Each rank has its own: the module's noise generator (latents, noise, timesteps; seeded per rank) and the global
-torch (CPU and CUDA), numpy and Python generators (LoRA dropout draws from torch's). Every rank's states are gathered
+Each rank has its own: the module's noise generator (seeded per rank; used only by batches without sample keys, as
+the DataModule's samples each seed their own draws) and the global torch (CPU and CUDA), numpy and Python generators
+(LoRA dropout draws from torch's). Every rank's states are gathered
 when a checkpoint is written and each rank takes back its own on resume. Stored as tensors and plain numbers, so a
 checkpoint still loads with `torch.load(weights_only=True)`.
 

@@ -155,7 +155,7 @@ def test_prodigy_grows_its_step_size_estimate(tiny_model_dir, shapes_dir, tmp_pa
     model = make_model(tiny_model_dir, partial(prodigyopt.Prodigy, lr=1.0))
     # Same noise and timesteps every step: with fresh draws the tiny model's gradients are too noisy for d to
     # move within a few steps, which would make the test depend on the seed.
-    model._rng = lambda: torch.Generator().manual_seed(0)
+    model.step_generator = lambda batch: torch.Generator().manual_seed(0)
     before = trainable(model)
     ds = []
     model.on_train_batch_end = lambda *args: ds.append(model.optimizers().param_groups[0]["d"])
@@ -347,16 +347,15 @@ def test_gradient_accumulation_steps_once_per_two_batches_like_a_manual_step(tin
     assert trainer.global_step == 2
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 2  # stepped per optimizer step, not per batch
 
-    # By hand: same initial adapter, same generator, (loss_i / 2).backward() over two micro-batches, one SGD step.
+    # By hand: same initial adapter, same per-sample draws, (loss_i / 2).backward() over two micro-batches, one step.
     manual = build()
     assert all(torch.equal(v, initial[n]) for n, v in trainable(manual).items())
     manual.train()
-    generator = torch.Generator().manual_seed(noise_seed)
     params = [p for p in manual.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr)
     optimizer.zero_grad()
     for batch in batches[:2]:
-        (manual.diffusion_loss(batch, generator) / 2).backward()
+        (manual.diffusion_loss(batch, manual.step_generator(batch)) / 2).backward()
     optimizer.step()
     expected = trainable(manual)
     assert changed(initial, expected)
@@ -366,7 +365,7 @@ def test_gradient_accumulation_steps_once_per_two_batches_like_a_manual_step(tin
     single = build()
     single.train()
     single_opt = torch.optim.SGD([p for p in single.parameters() if p.requires_grad], lr=lr)
-    single.diffusion_loss(batches[0], torch.Generator().manual_seed(noise_seed)).backward()
+    single.diffusion_loss(batches[0], single.step_generator(batches[0])).backward()
     single_opt.step()
     assert any(not torch.allclose(v, after_first_step[n], rtol=1e-4, atol=1e-6) for n, v in trainable(single).items())
 

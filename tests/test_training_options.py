@@ -33,6 +33,18 @@ def test_input_perturbation_changes_the_input_noise_not_the_target():
     assert 0.05 < difference.std() < 0.15  # ≈ 0.1 · N(0, 1)
 
 
+def test_per_sample_generators_draw_the_same_for_a_sample_in_any_batch():
+    objective = Objective(noise_offset=0.1, input_perturbation=0.1)
+    seeds = [3, 4, 5]
+    together = objective.draw(torch.zeros(3, 4, 8, 8), 1000, [torch.Generator().manual_seed(s) for s in seeds])
+    alone = objective.draw(torch.zeros(1, 4, 8, 8), 1000, [torch.Generator().manual_seed(seeds[2])])
+    for batch_draw, single_draw in zip(together, alone):
+        assert torch.equal(batch_draw[2:], single_draw)  # noise, input noise and timestep of the third sample
+    assert not torch.equal(together[0][0], together[0][1])  # and each sample has its own
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        objective.draw(torch.zeros(3, 4, 8, 8), 1000, [torch.Generator(), torch.Generator()])
+
+
 def test_timestep_range_is_respected_and_checked():
     _, _, timesteps = draws(Objective(min_timestep=200, max_timestep=210), shape=(512, 1, 1, 1))
     assert timesteps.min() >= 200 and timesteps.max() <= 209 and len(set(timesteps.tolist())) == 10

@@ -1,4 +1,4 @@
-"""Validation loss: fixed noise and timesteps per batch, so it compares like with like and can pick checkpoints."""
+"""Validation loss: fixed noise and timesteps per sample, so it compares like with like and can pick checkpoints."""
 
 from functools import partial
 
@@ -8,6 +8,7 @@ import torch
 
 from sdtune.cli import main
 from sdtune.data import CaptionDataModule
+from sdtune.data.dataset import derive_seed
 from sdtune.finetune import LoRAFineTune, LRSchedule
 from sdtune.lora import LoraSettings
 
@@ -17,24 +18,31 @@ def make_model(tiny_model_dir):
                         optimizer=partial(torch.optim.AdamW, lr=1e-3), lr_schedule=LRSchedule(name="constant"))  # fmt: skip
 
 
-def test_validation_loss_is_fixed_per_batch_and_unlike_a_training_draw(tiny_model_dir, shapes_dir):
+def test_validation_loss_is_fixed_per_sample_and_unlike_a_training_draw(tiny_model_dir, shapes_dir):
     model = make_model(tiny_model_dir)
-    data = CaptionDataModule(str(shapes_dir), resolution=32, batch_size=1, val_fraction=0.25,
-                             pretrained=str(tiny_model_dir))  # fmt: skip
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
 
-    first = trainer.validate(model, data, verbose=False)[0]["val/loss"]
+    def validate(batch_size: int) -> tuple[float, CaptionDataModule]:
+        data = CaptionDataModule(str(shapes_dir), resolution=32, batch_size=batch_size, val_fraction=0.25,
+                                 pretrained=str(tiny_model_dir))  # fmt: skip
+        return trainer.validate(model, data, verbose=False)[0]["val/loss"], data
+
+    first, data = validate(1)
     torch.manual_seed(1234)  # global randomness and the module's own training generator move on …
     torch.rand(10, generator=model._rng())
-    second = trainer.validate(model, data, verbose=False)[0]["val/loss"]
-    assert first == second  # … and validation does not notice: same weights, same number
+    assert validate(1)[0] == first  # … and validation does not notice: same weights, same number
+    # Each sample has its own draws, so the batch size does not change the number either.
+    assert validate(2)[0] == pytest.approx(first, rel=1e-6)
 
     batches = list(data.val_dataloader())
     assert len(batches) == 2  # 2 of 8 images held out, one per batch
     with torch.no_grad():
-        fixed = [model.diffusion_loss(batch, torch.Generator().manual_seed(1_000_003 + i)) for i, batch in enumerate(batches)]
+        fixed = [
+            model.diffusion_loss(batch, [torch.Generator().manual_seed(derive_seed("validation", i)) for _, i in batch["sample_key"]])
+            for batch in batches
+        ]  # fmt: skip
         model.train()
-        drawn = [model.diffusion_loss(batch, model._rng()) for batch in batches]  # what a training step would draw
+        drawn = [model.diffusion_loss(batch, model.step_generator(batch)) for batch in batches]  # a training step's
     assert torch.stack(fixed).mean().item() == pytest.approx(first, rel=1e-6)
     assert abs(torch.stack(drawn).mean().item() - first) > 1e-4
 

@@ -16,13 +16,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
 from sdtune.data.captions import process_caption
-from sdtune.data.dataset import first_draws
+from sdtune.data.dataset import first_draws, sample_key
 from sdtune.errors import SdtuneError, first_line
 
 
 class CachedCaptionDataset(Dataset):
     """`(epoch, index)` → {"latent_mean", "latent_std" (C×h×w, unscaled), "text_embeds" (tokens×width), "caption",
-    "path"}. `keys[i]` (a `data_prep.cache_training.SampleKeys`) names record i's entries in `cache`."""
+    "path", "sample_key" ((epoch, index): the model seeds this sample's noise with it)}. `keys[i]` (a
+    `data_prep.cache_training.SampleKeys`) names record i's entries in `cache`."""
 
     def __init__(
         self, records: Sequence, keys: Sequence, captions: Sequence[str], cache: Any, random_flip: bool = False,
@@ -46,6 +47,7 @@ class CachedCaptionDataset(Dataset):
             "text_embeds": self.cache.text(self.cache.empty_text if dropped else entries.text),
             "caption": "" if dropped else self.captions[index],
             "path": self.records[index].path,
+            "sample_key": sample_key(key),
         }
 
 

@@ -37,19 +37,25 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def sample_key(key: int | tuple[int, int]) -> tuple[int, int]:
+    """(epoch, index) of a dataset key; a bare index is in epoch 0."""
+    return (int(key[0]), int(key[1])) if isinstance(key, tuple) else (0, int(key))
+
+
 def first_draws(seed: int, key: int | tuple[int, int]) -> tuple[int, torch.Generator, float, float]:
     """(index, generator, caption-dropout draw, flip draw) of the sample `key` ((epoch, index), or an index in epoch 0).
 
     Every dataset draws these first and in this order, so the cached and the encoded datasets drop and flip the
     same samples; `CaptionDataset` goes on drawing from the generator."""
-    epoch, index = key if isinstance(key, tuple) else (0, key)
+    epoch, index = sample_key(key)
     generator = torch.Generator().manual_seed(derive_seed(seed, epoch, index))
     drop_draw, flip_draw = torch.rand(2, generator=generator).tolist()
     return index, generator, drop_draw, flip_draw
 
 
 class CaptionDataset(Dataset):
-    """Records -> dicts of pixel values, token ids, the caption actually used and, with masks, the loss mask.
+    """Records -> dicts of pixel values, token ids, the caption actually used, the path, the sample's
+    `(epoch, index)` key (the model seeds this sample's noise with it) and, with masks, the loss mask.
 
     A record listed several times (subset repeats) is several samples: each index gets its own random draws.
     `max_token_length` None means one window of the tokenizer's own length. `masks` is where loss masks come
@@ -104,13 +110,14 @@ class CaptionDataset(Dataset):
             return self._sample(key)
         except UnreadableImage as err:
             failed = str(err)
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+        epoch, index = sample_key(key)
         for other in self._same_size_after(index):
             try:
-                sample = self._sample((epoch, other) if isinstance(key, tuple) else other)
+                sample = self._sample((epoch, other))
             except UnreadableImage:
                 continue
-            sample["unreadable"] = failed
+            # The stand-in keeps the failed sample's key, so its training noise is not a copy of `other`'s.
+            sample["unreadable"], sample["sample_key"] = failed, (epoch, index)
             return sample
         raise SdtuneError(f"{failed}, nor could any other image of its size; fix or remove them")
 
@@ -147,6 +154,7 @@ class CaptionDataset(Dataset):
             "input_ids": self.tokenize(caption),
             "caption": caption,
             "path": record.path,
+            "sample_key": sample_key(key),
         }
         if self.masks is not None:
             mask = alpha if self.masks == "alpha" else self._mask_file(record, image.size)

@@ -1,8 +1,11 @@
 """What every Stable Diffusion fine-tune shares: frozen VAE and text encoder, the diffusion loss, optimizer and
 LR schedule, reproducible randomness and lean checkpoints. Subclasses decide what trains and what gets saved.
 
-All random draws of a step (latent sampling, noise, timesteps) come from a generator this module owns and
-checkpoints, so a run is reproducible from its seed.
+The random draws of a training step (latent sampling, noise, timesteps) come from one generator per sample, seeded
+by (noise seed, epoch, dataset index), the key the DataModule's samples carry. A sample's draws are then the same
+whatever batch, batch size, process or resume it is trained in, so two processes with batch b train like one with
+batch b and two accumulated batches. A batch without keys (built by hand) draws from a generator this module owns
+and checkpoints.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
 from sdtune import losses
+from sdtune.data.dataset import derive_seed
 from sdtune.errors import SdtuneError
 from sdtune.finetune.objective import Objective
 from sdtune.models import load_stable_diffusion
@@ -79,7 +83,7 @@ class DiffusionFineTune(L.LightningModule):
             (tensor cores), usually slower on CPU.
         compile: `torch.compile` the UNet in place (names and saved files unchanged): faster steps on GPU after a
             compilation of minutes at the first step; the attention already uses PyTorch's fused SDPA kernels.
-        noise_seed: Seed of the generator for latents, noise and timesteps; null takes seed_everything's value.
+        noise_seed: Seed of each sample's latent, noise and timestep draws; null takes seed_everything's value.
     """
 
     output_dirname = "adapter"  # where SaveAdapter writes `save_weights` output inside the run directory
@@ -119,6 +123,7 @@ class DiffusionFineTune(L.LightningModule):
         self.clip_skip = clip_skip
         self.weight_dtype = DTYPES[weight_dtype]
         self.noise_seed = noise_seed
+        self._initial_seed = torch.initial_seed()  # seed_everything's value: LightningCLI seeds before building
         # Only trainable weights are saved; the frozen base is reloaded from `pretrained`.
         self.strict_loading = False
 
@@ -176,7 +181,7 @@ class DiffusionFineTune(L.LightningModule):
         return self
 
     @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
         """Pixels in [-1, 1] → scaled VAE latents (a sample of the posterior, as SD was trained)."""
         posterior = self.vae.encode(pixel_values.to(self.vae.encoder.conv_in.weight.dtype)).latent_dist
         latents = posterior.sample(generator=generator)
@@ -188,14 +193,17 @@ class DiffusionFineTune(L.LightningModule):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_encoder_trains):
             return encode_text(self.text_encoder, input_ids, self.clip_skip)
 
-    def sample_cached_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def sample_cached_latents(
+        self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | list[torch.Generator]
+    ) -> torch.Tensor:
         """A cached posterior (data.cache) → scaled latents: the same draw `encode_images` makes from the VAE's."""
         from data_prep.cache_index import sample_latents
 
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return sample_latents(mean, std, generator, self.vae.config.scaling_factor, shift)
 
-    def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+    def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+        """The batch's loss; `generator` draws latents, noise and timesteps (a list: one per sample)."""
         if "latent_mean" in batch:  # data.cache: no VAE or text-encoder forward
             latents = self.sample_cached_latents(batch["latent_mean"], batch["latent_std"], generator).float()
             text = batch["text_embeds"]
@@ -230,16 +238,20 @@ class DiffusionFineTune(L.LightningModule):
         self.train()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion_loss(batch, self._rng())
+        loss = self.diffusion_loss(batch, self.step_generator(batch))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["path"]))
         return loss
 
-    def validation_generator(self, batch_idx: int) -> torch.Generator:
-        """Fixed noise and timesteps per validation batch, so validation curves (and adapters) compare like with like."""
-        return torch.Generator(self.device).manual_seed(1_000_003 + batch_idx)
+    def validation_generator(self, batch: dict[str, Any], batch_idx: int) -> torch.Generator | list[torch.Generator]:
+        """Fixed noise and timesteps per validation sample (dataset index; per batch index for a batch without keys),
+        whatever the seed, epoch or batch size, so validation curves (and adapters) compare like with like."""
+        keys = batch.get("sample_key")
+        if keys is None:
+            return torch.Generator(self.device).manual_seed(1_000_003 + batch_idx)
+        return [torch.Generator(self.device).manual_seed(derive_seed("validation", index)) for _, index in keys]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion_loss(batch, self.validation_generator(batch_idx))
+        loss = self.diffusion_loss(batch, self.validation_generator(batch, batch_idx))
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["path"]))
         return loss
 
@@ -305,10 +317,22 @@ class DiffusionFineTune(L.LightningModule):
 
     # --- randomness ------------------------------------------------------------------------------------------
 
+    def step_generator(self, batch: dict[str, Any]) -> torch.Generator | list[torch.Generator]:
+        """Where a training batch's draws come from: a generator per sample, seeded by its (epoch, index) key; the
+        module's own generator for a batch without keys."""
+        keys = batch.get("sample_key")
+        if keys is None:
+            return self._rng()
+        seed = self._seed()
+        return [torch.Generator(self.device).manual_seed(derive_seed(seed, "noise", *key)) for key in keys]
+
+    def _seed(self) -> int:
+        """`noise_seed`, or the seed of torch's global generator when the module was built."""
+        return self.noise_seed if self.noise_seed is not None else self._initial_seed
+
     def _make_generator(self, device: torch.device) -> None:
-        seed = self.noise_seed if self.noise_seed is not None else torch.initial_seed()
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        self._generator = torch.Generator(device).manual_seed((seed + rank) % 2**63)
+        self._generator = torch.Generator(device).manual_seed((self._seed() + rank) % 2**63)
         if self._pending_generator_state is not None:
             self._generator.set_state(self._pending_generator_state)
 

@@ -55,12 +55,20 @@ class Objective:
         return self.min_timestep, high
 
     def draw(
-        self, latents: torch.Tensor, num_train_timesteps: int, generator: torch.Generator
+        self, latents: torch.Tensor, num_train_timesteps: int, generator: torch.Generator | list[torch.Generator]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noise the target is built from, noise mixed into the UNet input, timesteps).
 
+        A list holds one generator per sample: sample i's draws then come from `generator[i]` alone, the same
+        whatever batch it is in.
+
         The base draws come first and in a fixed order, so switching an option on leaves them unchanged.
         """
+        if isinstance(generator, list):
+            if len(generator) != len(latents):
+                raise ValueError(f"{len(generator)} generators for a batch of {len(latents)}")
+            draws = [self.draw(latents[i : i + 1], num_train_timesteps, g) for i, g in enumerate(generator)]
+            return tuple(torch.cat(parts) for parts in zip(*draws))
         batch, channels = latents.shape[:2]
         options = dict(generator=generator, device=latents.device, dtype=latents.dtype)
         noise = torch.randn(latents.shape, **options)

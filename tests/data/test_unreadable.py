@@ -45,6 +45,7 @@ def test_an_unreadable_image_is_replaced_by_the_next_one_of_its_size(tmp_path, t
     assert sample["path"] == str(paths[3]) and sample["caption"] == "d"
     assert sample["unreadable"].startswith(f"image '{paths[1]}' could not be read")
     assert sample["pixel_values"].shape == (3, 8, 16)
+    assert sample["sample_key"] == (3, 1) and dataset[(3, 3)]["sample_key"] == (3, 3)  # d's noise is not reused
     assert "unreadable" not in dataset[(3, 0)]
     alone = CaptionDataset([records[1]], tokenizer, 8)
     with pytest.raises(SdtuneError, match=r"b.png' could not be read .*nor could any other image of its size"):
