@@ -1,5 +1,7 @@
 """Objective options, clip-skip and prompt chunks, LoRA init, full fine-tuning: each shown by its effect."""
 
+from functools import partial
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -172,3 +174,23 @@ def test_full_fine_tune_trains_every_unet_weight_in_fp32(tiny_model_dir):
     assert not any(p.requires_grad for p in model.vae.parameters())
     assert {p.dtype for p in model.text_encoder.parameters()} == {torch.bfloat16}
     assert model.output_dirname == "model"
+
+
+def test_full_fine_tune_can_train_the_text_encoder_and_saves_it(tiny_model_dir, shapes_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline as Pipeline
+
+    from training import fit, make_data
+
+    model = FullFineTune(str(tiny_model_dir), weight_dtype="bfloat16", train_text_encoder=True, text_encoder_lr=1e-2,
+                         optimizer=partial(torch.optim.AdamW, lr=1e-3))  # fmt: skip
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in model.text_encoder.parameters())
+    before = {n: p.detach().clone() for n, p in model.text_encoder.named_parameters()}
+    trainer = fit(model, make_data(shapes_dir, tiny_model_dir), 2, tmp_path)
+    assert [group.get("lr") for group in trainer.optimizers[0].param_groups][1] == pytest.approx(1e-2)
+    after = dict(model.text_encoder.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # it trained …
+    model.save_weights(tmp_path / "model")
+    saved = Pipeline.from_pretrained(tmp_path / "model").text_encoder
+    assert all(torch.equal(p, after[n]) for n, p in saved.named_parameters())  # … and was saved
+    with pytest.raises(SdtuneError, match="model.text_encoder_lr is set but model.train_text_encoder is false"):
+        FullFineTune(str(tiny_model_dir), text_encoder_lr=1e-3)

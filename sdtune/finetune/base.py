@@ -230,7 +230,7 @@ class DiffusionFineTune(L.LightningModule):
     def setup(self, stage: str) -> None:
         self._make_generator(self.trainer.strategy.root_device)
         if getattr(self.trainer.datamodule, "cache", False) and self.text_encoder_trains:
-            raise SdtuneError("data.cache stores the text encoder's outputs, but model.text_encoder_lora trains it: set one of them off")
+            raise SdtuneError("data.cache stores the text encoder's outputs, but the text encoder trains (model.text_encoder_lora or model.train_text_encoder): set one of them off")
 
     def on_fit_start(self) -> None:
         # from_pretrained returns modules in eval mode and Lightning keeps the mode it finds; LoRA dropout (and any

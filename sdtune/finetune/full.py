@@ -1,4 +1,4 @@
-"""Full fine-tuning: every UNet weight trains (in float32); VAE and text encoder stay frozen."""
+"""Full fine-tuning: every UNet weight trains (in float32), the text encoder's too if asked; the VAE stays frozen."""
 
 from __future__ import annotations
 
@@ -8,33 +8,54 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionPipeline
 
+from sdtune.errors import SdtuneError
 from sdtune.finetune.base import DiffusionFineTune
 from sdtune.models.pretrained import load_inference_scheduler
 from sdtune.models.tokenizer_files import save_tokenizer
 
 
 class FullFineTune(DiffusionFineTune):
-    """Stable Diffusion with the whole UNet trainable. Saves a complete diffusers pipeline folder (`model/`) that
-    `StableDiffusionPipeline.from_pretrained` loads, with the checkpoint's own inference scheduler.
+    """Stable Diffusion with the whole UNet (and optionally the text encoder) trainable. Saves a complete diffusers
+    pipeline folder (`model/`) that `StableDiffusionPipeline.from_pretrained` loads, with the checkpoint's own
+    inference scheduler.
 
     Args:
         pretrained: Diffusers model directory or Hugging Face Hub id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5,
             or a single-file checkpoint (.safetensors/.ckpt) together with pretrained_config.
+        train_text_encoder: Train every text-encoder weight too (in float32), e.g. a model trained from scratch;
+            SD fine-tunes usually keep it frozen.
+        text_encoder_lr: The text encoder's learning rate; null uses the optimizer's.
         **kwargs: The options every fine-tune shares (pretrained, optimizer, lr_schedule, objective, …).
     """
 
     output_dirname = "model"
     mismatch_hint = "it was not written by a full fine-tune of this model"
 
-    def __init__(self, pretrained: str, **kwargs: Any) -> None:
+    def __init__(
+        self, pretrained: str, train_text_encoder: bool = False, text_encoder_lr: float | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(pretrained=pretrained, **kwargs)
-        self._record_hparams()
+        if text_encoder_lr is not None and not train_text_encoder:
+            raise SdtuneError("model.text_encoder_lr is set but model.train_text_encoder is false: set both or neither")
+        self.text_encoder_lr = text_encoder_lr
+        self._record_hparams(train_text_encoder=train_text_encoder, text_encoder_lr=text_encoder_lr)
         self.unet.requires_grad_(True)
+        if train_text_encoder:
+            self.text_encoder.to(torch.float32).requires_grad_(True)
 
     @property
     def unet_dtype(self) -> torch.dtype:
         # Master weights in float32 whatever weight_dtype says: bf16/fp16 updates of 1e-5 would round away.
         return torch.float32
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        groups = super().parameter_groups()
+        if self.text_encoder_trains:
+            group = {"name": "text_encoder", "params": [p for p in self.text_encoder.parameters() if p.requires_grad]}
+            if self.text_encoder_lr is not None:
+                group["lr"] = self.text_encoder_lr
+            groups.append(group)
+        return groups
 
     def save_weights(self, out_dir: str | Path) -> Path:
         scheduler = load_inference_scheduler(self.pretrained, self.revision, self.pretrained_config)

@@ -24,12 +24,9 @@ def _tokenizer_vocab_size() -> int:
     return len(json.loads((TOKENIZER_FILES / "vocab.json").read_text(encoding="utf-8")))
 
 
-def write_tokenizer(out: Path) -> None:
-    """Write the tiny CLIP tokenizer as SD checkpoints ship theirs: vocab.json, merges.txt, tokenizer_config.json."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copyfile(TOKENIZER_FILES / name, out / name)
-    config = {
+def tokenizer_config() -> dict:
+    """tokenizer_config.json of a CLIP tokenizer as SD checkpoints ship it."""
+    return {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": MAX_TOKENS,
         "bos_token": "<|startoftext|>",
@@ -38,7 +35,31 @@ def write_tokenizer(out: Path) -> None:
         "unk_token": "<|endoftext|>",
         "do_lower_case": True,
     }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def model_index() -> dict:
+    """model_index.json of an SD1.x pipeline directory without safety checker."""
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.34.0",
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def write_tokenizer(out: Path) -> None:
+    """Write the tiny CLIP tokenizer as SD checkpoints ship theirs: vocab.json, merges.txt, tokenizer_config.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(TOKENIZER_FILES / name, out / name)
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2))
 
 
 def build_tiny_stable_diffusion(out: str | Path, seed: int = 0, sample_size: int = 32) -> Path:
@@ -101,18 +122,5 @@ def build_tiny_stable_diffusion(out: str | Path, seed: int = 0, sample_size: int
     text_encoder.save_pretrained(out / "text_encoder")
     scheduler.save_pretrained(out / "scheduler")
     write_tokenizer(out / "tokenizer")
-    model_index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.34.0",
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (out / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    (out / "model_index.json").write_text(json.dumps(model_index(), indent=2))
     return out
