@@ -5,8 +5,9 @@ demo recipes and the tests train on real (image, caption) pairs. The output is a
 (`metadata.jsonl` with `file_name` and `text`), the layout `sdtune.data` reads first.
 
 `judge(image)` reads such an image back: which colour and which shape it shows, or None when there is no single
-clear shape. It is meant for images a model generated after training on this dataset (soft edges, colour noise),
-so samples can be scored against their prompts.
+clear shape. A shape whose colour is far from every named one (a grey or washed-out blob) gets colour None,
+"nothing", rather than the nearest name. It is meant for images a model generated after training on this dataset
+(soft edges, colour noise), so samples can be scored against their prompts.
 
     sdtune prep shapes --out data/shapes --n 64 --size 64
 """
@@ -93,9 +94,11 @@ def make_shapes_dataset(
 
 
 class Judgement(NamedTuple):
-    """What `judge` saw: a (color, shape) tuple with names, plus the measurements it decided on."""
+    """What `judge` saw: a (color, shape) tuple with names, plus the measurements it decided on.
 
-    color: str
+    `color` is None when the shape's colour is none of the palette's (further than MAX_COLOR_DISTANCE from all)."""
+
+    color: str | None
     shape: str
     fill: float  # foreground pixels / bounding-box area: square ≈ 1, circle ≈ π/4, triangle ≈ 1/2
     imbalance: float  # |area in one half of the box − other half| / area, worst axis: triangle ≈ 1/2, others ≈ 0
@@ -103,14 +106,23 @@ class Judgement(NamedTuple):
 
     @property
     def caption(self) -> str:
-        return f"a {self.color} {self.shape}"
+        """'a purple square', or just 'a square' when the colour is nothing named (so it matches no prompt)."""
+        return f"a {self.color} {self.shape}" if self.color is not None else f"a {self.shape}"
 
 
 MIN_CONTRAST = 48.0  # RGB distance from the background below which a pixel is background whatever else happens
 MIN_BORDER_BACKGROUND = 0.6  # share of border pixels that must look like the background (noise images fail here)
 MIN_COVERAGE = 0.01  # the shape must cover at least 1 % of the image (and 12 pixels)
 MIN_MAIN_SHARE = 0.75  # the largest blob must hold this share of all foreground pixels: one shape, not several
-MIN_COLOR_AGREEMENT = 0.65  # share of the shape's inner pixels whose nearest named colour is the answer
+MIN_COLOR_AGREEMENT = 0.65  # share of the inner pixels whose nearest named colour is the answer (far from all: None)
+# RGB distance from the shape's median colour to the nearest named colour beyond which the colour is "nothing".
+# Measured with JUDGE_COLORS: every grey from (60, 60, 60) to white is at least 104 from all of them (128 for grey
+# 128, which is nearest purple; 204 for light grey 192), and so is a 50/50 mix with grey 128 of red, blue, cyan,
+# magenta and black (110; green, yellow, orange 90-94; purple 64, as purple is half grey already). The medians of
+# 486 `make_shapes_dataset` shapes (all 9 colours × 3 shapes, 32/64/128 px) stay within 26 of the drawn colour under
+# ±20 noise and a 1-pixel blur, and within 74 under a 1.5-pixel blur (a 32-pixel green triangle washed towards the
+# background). 80 keeps all of those named and leaves a margin of 24 below the nearest grey.
+MAX_COLOR_DISTANCE = 80.0
 SQUARE_MIN_FILL = 0.895  # between circle (0.785) and square (1.0)
 CIRCLE_MIN_FILL = 0.65  # between triangle (0.5) and circle (0.785)
 TRIANGLE_MIN_IMBALANCE = 0.25  # a triangle holds 3/4 of its area on its base's side; blur shaves the apex, not that
@@ -170,8 +182,9 @@ def judge(image: Image.Image, colors: Sequence[str] = JUDGE_COLORS) -> Judgement
     Background = the median colour of the image border; foreground = pixels further from it than half the
     strongest contrast in the image (so blur and anti-aliasing do not change the measured area). The largest
     connected blob is the shape; its colour is the nearest of `colors` (PIL names) to the median of its inner
-    pixels, and its shape follows from how much of its bounding box it fills. None for a blank or noise image, a
-    tiny blob, several blobs of similar size, a stretched blob, or a blob of mixed colours.
+    pixels, or None when that median is further than MAX_COLOR_DISTANCE from every one of them, and its shape
+    follows from how much of its bounding box it fills. None for a blank or noise image, a tiny blob, several
+    blobs of similar size, a stretched blob, or a blob of mixed colours.
     """
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     height, width, _ = pixels.shape
@@ -209,11 +222,17 @@ def judge(image: Image.Image, colors: Sequence[str] = JUDGE_COLORS) -> Judgement
     inner = _erode(shape_mask)
     inside = pixels[inner if inner.sum() >= 4 else shape_mask]
     palette = np.array([ImageColor.getrgb(name)[:3] for name in colors], dtype=np.float32)
-    nearest = np.linalg.norm(inside[:, None, :] - palette[None], axis=-1).argmin(axis=1)
-    choice = int(np.linalg.norm(palette - np.median(inside, axis=0), axis=-1).argmin())
-    if np.mean(nearest == choice) < MIN_COLOR_AGREEMENT:
+    pixel_distance = np.linalg.norm(inside[:, None, :] - palette[None], axis=-1)
+    median_distance = np.linalg.norm(palette - np.median(inside, axis=0), axis=-1)
+    choice = int(median_distance.argmin())
+    if median_distance[choice] > MAX_COLOR_DISTANCE:
+        # "Nothing" only if the blob itself is of such a colour: a mix of named colours can have a far median too.
+        color, agreement = None, np.mean(pixel_distance.min(axis=1) > MAX_COLOR_DISTANCE)
+    else:
+        color, agreement = colors[choice], np.mean(pixel_distance.argmin(axis=1) == choice)
+    if agreement < MIN_COLOR_AGREEMENT:
         return None
-    return Judgement(colors[choice], shape, fill, imbalance, area / float(height * width))
+    return Judgement(color, shape, fill, imbalance, area / float(height * width))
 
 
 # --- `sdtune prep shapes` --------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ commands:
   fit         train with a recipe (LightningCLI)
   validate    compute the validation loss of a model/adapter (LightningCLI)
   sample      images from a model + adapters: text-to-image, image-to-image, inpainting
-  evaluate    base vs adapters on the same prompts and seeds: grid, CLIP score, validation loss, report
+  evaluate    base vs adapters on the same prompts and seeds: grid, CLIP score, validation loss, shapes judge, report
   export      write an adapter for diffusers, peft or A1111/ComfyUI (kohya), or merge it; checked on write
   demo        offline end-to-end demo on a tiny model (CPU, a few minutes)
   prep        dataset tools: build, check, caption, cache, shapes (`sdtune prep --help`)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageColor, ImageDraw, ImageFilter
 
-from data_prep.shapes import judge, make_shapes_dataset
+from data_prep.shapes import JUDGE_COLORS, SHAPES, _draw_shape, judge, make_shapes_dataset
 from sdtune.cli import main as sdtune_main
 from sdtune.data.records import discover_records
 from sdtune.errors import SdtuneError
@@ -143,6 +143,57 @@ def test_judge_palette_is_configurable():
     ImageDraw.Draw(image).rectangle((16, 16, 48, 48), fill="brown")
     assert judge(image).color != "brown"  # not in the default palette
     assert judge(image, colors=("red", "brown")) == ("brown", "square", 1.0, 0.0, pytest.approx(33 * 33 / 64**2))
+
+
+def _blob(fill: tuple[int, int, int], shape: str, size: int, noise: int = 0, seed: int = 0) -> Image.Image:
+    image = Image.new("RGB", (size, size), "white")
+    _draw_shape(ImageDraw.Draw(image), shape, (size // 5, size // 5, size * 4 // 5, size * 4 // 5), fill)
+    pixels = np.asarray(image, dtype=np.int16) + np.random.default_rng(seed).integers(-noise, noise + 1, (size, size, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+# Grey, light grey, dark grey, purple 7/8 washed out with grey 128, red half washed out with white: 128, 210, 105,
+# 112 and 133 from the nearest JUDGE_COLORS colour (purple, orange, purple, purple, orange), beyond MAX_COLOR_DISTANCE.
+WASHED_OUT = [(128, 128, 128), (200, 200, 200), (80, 80, 80), (128, 112, 128), (255, 128, 128)]
+
+
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("fill", WASHED_OUT)
+def test_judge_says_nothing_for_a_colour_far_from_every_named_one(fill, size):
+    for shape in SHAPES:
+        for noise in (0, 10):
+            answer = judge(_blob(fill, shape, size, noise))
+            assert answer is not None and (answer.color, answer.shape) == (None, shape), (fill, shape, noise)
+            assert answer.caption == f"a {shape}"
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_judge_still_names_every_palette_colour(tmp_path, size):
+    out = make_shapes_dataset(tmp_path, count=2 * len(JUDGE_COLORS) * len(SHAPES), size=size, colors=JUDGE_COLORS)
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    answers = [judge(Image.open(out / row["file_name"])) for row in rows]
+    assert [a and a.caption for a in answers] == [row["text"] for row in rows]
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_judge_keeps_a_slightly_perturbed_purple_purple(tmp_path, size):
+    out = make_shapes_dataset(tmp_path, count=12, size=size, seed=size, colors=("purple",))
+    for seed, row in enumerate(map(json.loads, (out / "metadata.jsonl").read_text().splitlines())):
+        blurred = np.asarray(Image.open(out / row["file_name"]).filter(ImageFilter.GaussianBlur(1)), dtype=np.int16)
+        noisy = blurred + np.random.default_rng(seed).integers(-20, 21, size=blurred.shape)
+        answer = judge(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)))
+        assert answer is not None and answer.caption == row["text"]
+
+
+def test_a_blob_of_named_colours_mixed_is_not_nothing():
+    # Stripes of yellow, cyan and magenta: the per-channel median is white, far from every named colour, but the
+    # pixels are not, so this is a blob of mixed colours (no answer), not a washed-out one.
+    image = Image.new("RGB", (64, 64), (235, 235, 235))
+    draw = ImageDraw.Draw(image)
+    for i, x in enumerate(range(12, 52, 2)):
+        draw.rectangle((x, 12, x + 1, 51), fill=("yellow", "cyan", "magenta")[i % 3])
+    assert judge(image) is None
+    assert judge(image, colors=("yellow", "cyan", "magenta", "white")) is None  # white is named: still mixed
 
 
 # --- `sdtune prep shapes` ---------------------------------------------------------------------------------------
