@@ -92,21 +92,34 @@ def build_tiny_stable_diffusion(out: str | Path, seed: int = 0, sample_size: int
         sample_size=2 * sample_size,
         norm_num_groups=32,
     )
-    text_encoder = CLIPTextModel(
+    text_encoder = clip_text_encoder(vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=5)
+    write_tokenizer(out / "tokenizer")
+    save_pipeline(out, vae, unet, text_encoder)
+    return out
+
+
+def clip_text_encoder(vocab_size: int, hidden_size: int, intermediate_size: int, num_hidden_layers: int) -> CLIPTextModel:
+    """A random CLIP text encoder for a CLIP tokenizer of `vocab_size` whose last two ids are start and end."""
+    return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=37,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
             num_attention_heads=4,
-            num_hidden_layers=5,
+            num_hidden_layers=num_hidden_layers,
             max_position_embeddings=MAX_TOKENS,
             layer_norm_eps=1e-5,
             bos_token_id=vocab_size - 2,
             eos_token_id=vocab_size - 1,
             pad_token_id=vocab_size - 1,
-            projection_dim=32,
+            projection_dim=hidden_size,
         )
     )
+
+
+def save_pipeline(out: Path, vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> None:
+    """Write the models, SD1.x's training scheduler and model_index.json as a pipeline directory (the tokenizer is
+    the caller's)."""
     # SD1.x training betas; DDPM is what training noises with, samplers are chosen at inference.
     scheduler = DDPMScheduler(
         num_train_timesteps=1000,
@@ -121,6 +134,4 @@ def build_tiny_stable_diffusion(out: str | Path, seed: int = 0, sample_size: int
     vae.save_pretrained(out / "vae")
     text_encoder.save_pretrained(out / "text_encoder")
     scheduler.save_pretrained(out / "scheduler")
-    write_tokenizer(out / "tokenizer")
     (out / "model_index.json").write_text(json.dumps(model_index(), indent=2))
-    return out

@@ -17,11 +17,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from data_prep.shapes import JUDGE_COLORS, SHAPES
-from sdtune.models.tiny import MAX_TOKENS, TOKENIZER_FILES, model_index, tokenizer_config
+from sdtune.models.tiny import TOKENIZER_FILES, clip_text_encoder, save_pipeline, tokenizer_config
 
 # Every word of "a {color} {shape}" the toy world and its demos use, and common colour names beside them.
 TOY_WORDS = ("a", "an", *JUDGE_COLORS, "white", "grey", "gray", "brown", "pink", "violet", *SHAPES)
@@ -100,33 +99,6 @@ def build_toy_stable_diffusion(out: str | Path, seed: int = 0, image_size: int =
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=MAX_TOKENS,
-            layer_norm_eps=1e-5,
-            bos_token_id=vocab_size - 2,
-            eos_token_id=vocab_size - 1,
-            pad_token_id=vocab_size - 1,
-            projection_dim=64,
-        )
-    )
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
-    vae.save_pretrained(out / "vae")
-    unet.save_pretrained(out / "unet")
-    text_encoder.save_pretrained(out / "text_encoder")
-    scheduler.save_pretrained(out / "scheduler")
-    (out / "model_index.json").write_text(json.dumps(model_index(), indent=2))
+    text_encoder = clip_text_encoder(vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    save_pipeline(out, vae, unet, text_encoder)
     return out
