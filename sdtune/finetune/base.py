@@ -259,6 +259,13 @@ class DiffusionFineTune(L.LightningModule):
         """Optimizer parameter groups; a group's own "lr" overrides the optimizer's. "name" labels the LR logs."""
         return [{"name": "unet", "params": [p for p in self.unet.parameters() if p.requires_grad]}]
 
+    def text_encoder_group(self, lr: float | None) -> dict[str, Any]:
+        """The text encoder's trainable weights as a parameter group, with its own `lr` unless None."""
+        group = {"name": "text_encoder", "params": [p for p in self.text_encoder.parameters() if p.requires_grad]}
+        if lr is not None:
+            group["lr"] = lr
+        return group
+
     def configure_optimizers(self) -> dict[str, Any]:
         groups = [group for group in self.parameter_groups() if group["params"]]
         optimizer = self.optimizer_factory(groups)

@@ -51,10 +51,7 @@ class FullFineTune(DiffusionFineTune):
     def parameter_groups(self) -> list[dict[str, Any]]:
         groups = super().parameter_groups()
         if self.text_encoder_trains:
-            group = {"name": "text_encoder", "params": [p for p in self.text_encoder.parameters() if p.requires_grad]}
-            if self.text_encoder_lr is not None:
-                group["lr"] = self.text_encoder_lr
-            groups.append(group)
+            groups.append(self.text_encoder_group(self.text_encoder_lr))
         return groups
 
     def save_weights(self, out_dir: str | Path) -> Path:

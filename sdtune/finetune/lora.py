@@ -49,10 +49,7 @@ class LoRAFineTune(DiffusionFineTune):
     def parameter_groups(self) -> list[dict[str, Any]]:
         groups = super().parameter_groups()
         if self.text_encoder_lora is not None:
-            group = {"name": "text_encoder", "params": [p for p in self.text_encoder.parameters() if p.requires_grad]}
-            if self.text_encoder_lora.lr is not None:
-                group["lr"] = self.text_encoder_lora.lr
-            groups.append(group)
+            groups.append(self.text_encoder_group(self.text_encoder_lora.lr))
         return groups
 
     def save_weights(self, out_dir: str | Path) -> Path:
