@@ -33,6 +33,12 @@ def text_token_ids(tokenizer: Any, captions: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(captions), add_special_tokens=False, truncation=False, verbose=False).input_ids
 
 
+def caption_ids(tokenizer: Any, max_tokens: int, caption: str) -> torch.LongTensor:
+    """`caption`'s (chunks, model_max_length) ids, as training feeds them to the text encoder (picklable with
+    functools.partial, for DataLoader workers)."""
+    return tokenize_chunks(tokenizer, caption, max_tokens)[0]
+
+
 def tokenize_chunks(
     tokenizer: Any, caption: str, max_tokens: int, setting: str = "data.max_token_length"
 ) -> tuple[torch.LongTensor, bool]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
@@ -22,15 +22,17 @@ from sdtune.errors import SdtuneError, first_line
 
 class CachedCaptionDataset(Dataset):
     """`(epoch, index)` → {"latent_mean", "latent_std" (C×h×w, unscaled), "text_embeds" (tokens×width), "caption",
-    "path", "sample_key" ((epoch, index): the model seeds this sample's noise with it)}. `keys[i]` (a
-    `data_prep.cache_training.SampleKeys`) names record i's entries in `cache`."""
+    "path", "sample_key" ((epoch, index): the model seeds this sample's noise with it)}, and "input_ids" when
+    `tokenize` is given (a model whose text encoder trains encodes them instead of using the cached outputs).
+    `keys[i]` (a `data_prep.cache_training.SampleKeys`) names record i's entries in `cache`."""
 
     def __init__(
         self, records: Sequence, keys: Sequence, captions: Sequence[str], cache: Any, random_flip: bool = False,
-        caption_dropout: float = 0.0, seed: int = 0,
+        caption_dropout: float = 0.0, seed: int = 0, tokenize: Callable[[str], Any] | None = None,
     ) -> None:  # fmt: skip
         self.records, self.keys, self.captions, self.cache = list(records), list(keys), list(captions), cache
         self.random_flip, self.caption_dropout, self.seed = random_flip, caption_dropout, seed
+        self.tokenize = tokenize
 
     def __len__(self) -> int:
         return len(self.records)
@@ -41,14 +43,18 @@ class CachedCaptionDataset(Dataset):
         dropped = drop_draw < self.caption_dropout
         flipped = self.random_flip and flip_draw < 0.5
         mean, std = self.cache.latents(entries.latent_flip if flipped else entries.latent)
-        return {
+        caption = "" if dropped else self.captions[index]
+        sample = {
             "latent_mean": mean,
             "latent_std": std,
             "text_embeds": self.cache.text(self.cache.empty_text if dropped else entries.text),
-            "caption": "" if dropped else self.captions[index],
+            "caption": caption,
             "path": self.records[index].path,
             "sample_key": sample_key(key),
         }
+        if self.tokenize is not None:
+            sample["input_ids"] = self.tokenize(caption)
+        return sample
 
 
 def check_cacheable(center_crop: bool, shuffle_tags: bool, tag_dropout: float, mask_dir: str | None, alpha_mask: bool) -> None:
@@ -103,5 +109,9 @@ class CachePlan:
         counts = self.cache.build(self.records, self.contents, self.captions, self.buckets)
         rank_zero_info(f"data.cache: {self.cache.index.root}: computed {counts['computed']}, reused {counts['reused']} entries")
 
-    def dataset(self, random_flip: bool, caption_dropout: float, seed: int) -> CachedCaptionDataset:
-        return CachedCaptionDataset(self.records, self.keys, self.captions, self.cache, random_flip, caption_dropout, seed)
+    def dataset(
+        self, random_flip: bool, caption_dropout: float, seed: int, tokenize: Callable[[str], Any] | None = None
+    ) -> CachedCaptionDataset:
+        return CachedCaptionDataset(
+            self.records, self.keys, self.captions, self.cache, random_flip, caption_dropout, seed, tokenize
+        )

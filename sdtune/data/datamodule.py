@@ -9,6 +9,7 @@ it had not trained on.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +28,7 @@ from sdtune.data.subsets import Subset, check_subsets, load_subsets
 from sdtune.data.transforms import has_alpha
 from sdtune.errors import SdtuneError, first_line
 from sdtune.models.pretrained import load_tokenizer
-from sdtune.text import chunk_count, text_token_ids
+from sdtune.text import caption_ids, chunk_count, text_token_ids
 
 __all__ = ["CaptionDataModule", "CaptionDataset", "collate", "derive_seed"]
 
@@ -106,8 +107,9 @@ class CaptionDataModule(L.LightningDataModule):
                 them, which costs seconds per epoch on small datasets.
             cache: Train from cached VAE latents and text-encoder outputs instead of encoding every step: the first
                 run computes what is missing (the entries `sdtune prep cache` writes, shared with it), later runs
-                only read. Needs center_crop, no tag shuffling or dropout, no masks and a frozen text encoder;
-                random_flip caches both orientations.
+                only read. Needs center_crop, no tag shuffling or dropout and no masks; random_flip caches both
+                orientations. A text encoder that trains encodes the captions every step (only the latents are
+                then taken from the cache).
             cache_dir: Where the cache lives; null: `cache/` inside data.root (or the first subset's root), where
                 `sdtune prep cache` puts it.
             pretrained: Model whose tokenizer encodes the captions (the CLI links it from --model.pretrained).
@@ -327,7 +329,9 @@ class CaptionDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         if self.cached is not None:
-            dataset = self.cached.dataset(self.random_flip, self.caption_dropout, self.seed)
+            # Token ids too: a text encoder that trains encodes them instead of reading its cached outputs.
+            tokenize = partial(caption_ids, self.tokenizer, self.max_token_length)
+            dataset = self.cached.dataset(self.random_flip, self.caption_dropout, self.seed, tokenize)
         else:
             dataset = self._train_dataset()
         loader = self._loader(dataset, self.train_buckets, train=True)

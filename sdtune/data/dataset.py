@@ -20,7 +20,7 @@ from sdtune.data.captions import process_caption
 from sdtune.data.records import Record
 from sdtune.data.transforms import Geometry, load_image, load_mask, mask_to_tensor, to_tensor
 from sdtune.errors import SdtuneError, first_line
-from sdtune.text import tokenize_chunks
+from sdtune.text import caption_ids
 
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -100,7 +100,7 @@ class CaptionDataset(Dataset):
 
     def tokenize(self, caption: str) -> torch.Tensor:
         """(chunks, model_max_length) ids: SD1/2 use 77, but nothing here may assume it."""
-        return tokenize_chunks(self.tokenizer, caption, self.max_token_length)[0]
+        return caption_ids(self.tokenizer, self.max_token_length, caption)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         """The sample `key`; when its image cannot be read, the next readable image of the same size (bucket) in

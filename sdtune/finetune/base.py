@@ -204,9 +204,9 @@ class DiffusionFineTune(L.LightningModule):
 
     def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
         """The batch's loss; `generator` draws latents, noise and timesteps (a list: one per sample)."""
-        if "latent_mean" in batch:  # data.cache: no VAE or text-encoder forward
+        if "latent_mean" in batch:  # data.cache: no VAE forward, no text-encoder forward unless it trains
             latents = self.sample_cached_latents(batch["latent_mean"], batch["latent_std"], generator).float()
-            text = batch["text_embeds"]
+            text = self.encode_prompts(batch["input_ids"]) if self.text_encoder_trains else batch["text_embeds"]
         else:
             latents = self.encode_images(batch["pixel_values"], generator).float()
             text = self.encode_prompts(batch["input_ids"])
@@ -229,8 +229,6 @@ class DiffusionFineTune(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self._make_generator(self.trainer.strategy.root_device)
-        if getattr(self.trainer.datamodule, "cache", False) and self.text_encoder_trains:
-            raise SdtuneError("data.cache stores the text encoder's outputs, but the text encoder trains (model.text_encoder_lora or model.train_text_encoder): set one of them off")
 
     def on_fit_start(self) -> None:
         # from_pretrained returns modules in eval mode and Lightning keeps the mode it finds; LoRA dropout (and any
