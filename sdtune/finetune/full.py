@@ -55,19 +55,25 @@ class FullFineTune(DiffusionFineTune):
         return groups
 
     def save_weights(self, out_dir: str | Path) -> Path:
-        scheduler = load_inference_scheduler(self.pretrained, self.revision, self.pretrained_config)
-        if self.objective.prediction_type is not None:
-            scheduler.register_to_config(prediction_type=self.prediction_type)
-        pipeline = StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipeline.save_pretrained(out_dir)
-        save_tokenizer(self.tokenizer, Path(out_dir) / "tokenizer")
-        return Path(out_dir)
+        return save_pipeline(self, out_dir)
+
+
+def save_pipeline(module: DiffusionFineTune, out_dir: str | Path) -> Path:
+    """Write `module`'s VAE, text encoder, tokenizer and UNet as a diffusers pipeline folder with the base model's
+    inference scheduler (its prediction type if the run changed it); returns `out_dir`."""
+    scheduler = load_inference_scheduler(module.pretrained, module.revision, module.pretrained_config)
+    if module.objective.prediction_type is not None:
+        scheduler.register_to_config(prediction_type=module.prediction_type)
+    pipeline = StableDiffusionPipeline(
+        vae=module.vae,
+        text_encoder=module.text_encoder,
+        tokenizer=module.tokenizer,
+        unet=module.unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(out_dir)
+    save_tokenizer(module.tokenizer, Path(out_dir) / "tokenizer")
+    return Path(out_dir)
