@@ -1,4 +1,4 @@
-"""The `sdtune` command: `fit` and `validate` through LightningCLI, plus `ls`, `cp`, `sample`, `evaluate`, `demo` and `prep`."""
+"""The `sdtune` command: `fit` and `validate` through LightningCLI, plus `ls`, `cp`, `sample`, `evaluate`, `export`, `demo`, `toy` and `prep`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ commands:
   evaluate    base vs adapters on the same prompts and seeds: grid, CLIP score, validation loss, shapes judge, report
   export      write an adapter for diffusers, peft or A1111/ComfyUI (kohya), or merge it; checked on write
   demo        offline end-to-end demo on a tiny model (CPU, a few minutes)
+  toy         the toy world's base model: init (random weights), build (reproduce the shipped one)
   prep        dataset tools: build, check, caption, cache, shapes (`sdtune prep --help`)
 
 examples:
@@ -148,6 +149,12 @@ def cmd_demo(args: list[str]) -> int:
     return demo_main(args)
 
 
+def cmd_toy(args: list[str]) -> int:
+    from sdtune.toy_cli import main as toy_main
+
+    return toy_main(args)
+
+
 def cmd_prep(args: list[str]) -> int:
     from data_prep.cli import main as prep_main
 
@@ -185,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"ls": cmd_ls, "cp": cmd_cp, "sample": cmd_sample, "evaluate": cmd_evaluate, "export": cmd_export, "demo": cmd_demo, "prep": cmd_prep}
+    commands = {"ls": cmd_ls, "cp": cmd_cp, "sample": cmd_sample, "evaluate": cmd_evaluate, "export": cmd_export, "demo": cmd_demo, "toy": cmd_toy, "prep": cmd_prep}
     try:
         if command in ("fit", "validate"):
             return cmd_lightning(command, rest)

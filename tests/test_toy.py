@@ -1,10 +1,14 @@
-"""The toy world's architecture: whole-word tokens and the latent size its recipes assume."""
+"""The toy world: whole-word tokens, the latent size its recipes assume, `sdtune toy build` and the shipped base."""
 
+import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
+from sdtune.errors import SdtuneError
 from sdtune.models import load_stable_diffusion
 from sdtune.models.toy import TOY_WORDS, build_toy_stable_diffusion
+from test_cli import sdtune
 
 
 def test_toy_words_are_single_tokens_and_other_text_still_tokenizes(tmp_path):
@@ -24,3 +28,45 @@ def test_toy_model_encodes_32_pixels_to_8x8_latents(tmp_path):
         latents = parts.vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean
     assert latents.shape == (1, 4, 8, 8) and parts.unet.config.sample_size == 8
     assert parts.unet.config.cross_attention_dim == parts.text_encoder.config.hidden_size
+
+
+def test_toy_build_runs_every_step_and_writes_a_float16_base(tmp_path):
+    # The whole chain of `sdtune toy build` (init, prep, fit toy/vae, fit toy/base, float16 copy), shortened.
+    result = sdtune("toy", "build", "--out", tmp_path / "toy", "--images", 64, "--vae-steps", 2, "--base-steps", 2, "--skip-judge")
+    for step in ("toy init", "prep shapes", "fit --config toy/vae", "fit --config toy/base"):
+        assert f"sdtune {step}" in result.stdout
+    base = tmp_path / "toy" / "toy-base"
+    assert "not judged (--skip-judge)" in (base / "README.md").read_text()
+    files = load_file(base / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(t.dtype == torch.float16 for t in files.values())
+    assert all(t.dtype == torch.float32 for t in load_file(base / "text_encoder" / "model.safetensors").values())
+    parts = load_stable_diffusion(str(base))
+    trained = load_stable_diffusion(str(tmp_path / "toy" / "base" / "model"))
+    assert parts.unet.dtype == torch.float32
+    for name, tensor in trained.unet.state_dict().items():
+        torch.testing.assert_close(parts.unet.state_dict()[name], tensor, rtol=1e-3, atol=1e-4)
+    random = load_stable_diffusion(str(tmp_path / "toy" / "random"))
+    assert not torch.equal(trained.text_encoder.get_input_embeddings().weight, random.text_encoder.get_input_embeddings().weight)
+    assert parts.vae.config.scaling_factor != random.vae.config.scaling_factor  # measured by the VAE run
+    again = sdtune("toy", "build", "--out", tmp_path / "toy", check=False)
+    assert again.returncode == 2 and "already holds a toy build" in again.stderr
+
+
+def test_the_shipped_toy_base_is_found_by_name():
+    parts = load_stable_diffusion("sdtune:toy")
+    assert parts.unet.config.sample_size * 4 == 32 and parts.unet.dtype == torch.float32
+    with pytest.raises(SdtuneError, match="'sdtune:tiny' is not a model sdtune ships"):
+        load_stable_diffusion("sdtune:tiny")
+
+
+@pytest.mark.parametrize("command", ["init", "build"])
+def test_toy_commands_help_shows_an_example(command, capsys):
+    from sdtune.cli import main
+
+    assert main(["toy", "--help"]) == 0
+    assert f"sdtune toy {command}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["toy", command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"sdtune toy {command} --out" in capsys.readouterr().out
+    assert main(["toy", "nosuch"]) == 2

@@ -5,7 +5,7 @@ and `from_single_file`.
 tokenizer/, scheduler/) or a Hugging Face Hub id, with an optional revision and weight variant ("fp16"); or a
 single-file checkpoint in the original LDM/CompVis layout (.safetensors or .ckpt, as AUTOMATIC1111 users have them).
 A single file holds only weights, so `pretrained_config` (a diffusers directory or Hub id of the same architecture)
-gives the model configs, the tokenizer and the scheduler.
+gives the model configs, the tokenizer and the scheduler. `sdtune:toy` names the toy base model inside the package.
 """
 
 from __future__ import annotations
@@ -73,9 +73,16 @@ def _check_local(path: Path, setting: str = "model.pretrained", name: str | None
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Models inside the sdtune package, by the name `model.pretrained` (and --model) accepts.
+EMBEDDED = {"sdtune:toy": Path(__file__).parent / "toy_base"}
 
 
 def _resolve(pretrained: str) -> str:
+    if pretrained.startswith("sdtune:"):
+        if pretrained not in EMBEDDED:
+            raise SdtuneError(f"model.pretrained '{pretrained}' is not a model sdtune ships (those are: {', '.join(EMBEDDED)})")
+        _check_local(EMBEDDED[pretrained])
+        return str(EMBEDDED[pretrained])
     path = Path(pretrained).expanduser()
     if path.exists():
         if not path.is_dir():

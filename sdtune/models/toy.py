@@ -89,7 +89,7 @@ def build_toy_stable_diffusion(out: str | Path, seed: int = 0, image_size: int =
     )
     unet = UNet2DConditionModel(
         block_out_channels=(64, 128),
-        layers_per_block=2,
+        layers_per_block=1,
         sample_size=image_size // 4,
         in_channels=4,
         out_channels=4,
