@@ -7,7 +7,8 @@ from diffusers import StableDiffusionPipeline
 from sdtune.data import CaptionDataModule
 from sdtune.errors import SdtuneError
 from sdtune.finetune import VAEFineTune
-from tests.training import fit, make_data, trainable
+from test_cli import sdtune
+from training import fit, make_data, trainable
 
 
 def changed(before, after):
@@ -76,7 +77,20 @@ def test_bad_settings_are_one_line_errors(tiny_model_dir, shapes_dir, tmp_path):
         VAEFineTune(str(tiny_model_dir), kl_weight=-1.0)
     with pytest.raises(SdtuneError, match="model.scaling_factor must be > 0"):
         VAEFineTune(str(tiny_model_dir), scaling_factor=0.0)
+    with pytest.raises(SdtuneError, match="with decoder_only the latent space stays the model's"):
+        VAEFineTune(str(tiny_model_dir), decoder_only=True, scaling_factor="auto")
     data = CaptionDataModule(str(shapes_dir), resolution=32, batch_size=2, center_crop=True, cache=True,
                              cache_dir=str(tmp_path / "cache"), pretrained=str(tiny_model_dir))
     with pytest.raises(SdtuneError, match="data.cache stores VAE latents, but the VAE trains"):
         fit(VAEFineTune(str(tiny_model_dir)), data, 1, tmp_path)
+
+
+def test_decoder_recipe_trains_through_the_cli_and_writes_a_pipeline(tiny_model_dir, shapes_dir, tmp_path):
+    sdtune("fit", "--config", "sd15/vae_decoder", "--model.pretrained", tiny_model_dir, "--data.root", shapes_dir,
+           "--data.resolution", 32, "--data.batch_size", 2, "--data.num_workers", 0, "--trainer.max_steps", 2,
+           "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--model.weight_dtype", "float32",
+           "--model.optimizer.init_args.lr", 1e-3, "--trainer.default_root_dir", tmp_path / "run")  # fmt: skip
+    saved = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "model").vae.state_dict()
+    base = StableDiffusionPipeline.from_pretrained(tiny_model_dir).vae.state_dict()
+    moved = {k for k in base if not torch.equal(base[k], saved[k])}
+    assert moved and all(k.startswith(("decoder.", "post_quant_conv.")) for k in moved)

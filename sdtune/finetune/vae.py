@@ -56,6 +56,8 @@ class VAEFineTune(DiffusionFineTune):
             raise SdtuneError(f"model.kl_weight must be ≥ 0, got {kl_weight}")
         if isinstance(scaling_factor, (int, float)) and scaling_factor <= 0:
             raise SdtuneError(f"model.scaling_factor must be > 0, \"auto\" or null, got {scaling_factor}")
+        if decoder_only and scaling_factor is not None:
+            raise SdtuneError("model.scaling_factor: with decoder_only the latent space stays the model's, and so does its factor; leave it null")
         self.loss, self.kl_weight, self.decoder_only, self.scaling_factor = loss, kl_weight, decoder_only, scaling_factor
         self._record_hparams(loss=loss, kl_weight=kl_weight, decoder_only=decoder_only, scaling_factor=scaling_factor)
         self.vae.to(torch.float32)  # master weights in float32 whatever weight_dtype says
