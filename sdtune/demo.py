@@ -1,19 +1,22 @@
-"""`sdtune demo`: the whole path offline on CPU in a few minutes.
+"""`sdtune demo`: teach the toy base model a new colour with a LoRA, offline on CPU in a few minutes, and measure it.
 
-Builds a tiny random Stable Diffusion and a generated captioned dataset, trains the `tiny/lora` recipe through the
-real `sdtune fit`, then loads the adapter into a diffusers StableDiffusionPipeline and writes sample PNGs with and
-without it. The tiny model starts from random weights, so the images show the mechanics, not art.
+The toy base inside sdtune (`sdtune:toy`, 32-px shapes) draws "a {red, green, blue, yellow} {circle, square,
+triangle}" but has never seen orange. The demo generates 24 orange images and 24 of the known colours, trains the
+`toy/lora` recipe through the real `sdtune fit`, then `sdtune evaluate --judge shapes` draws every prompt with the
+base and with the LoRA on the same seeds and reads each image back: the share judged right for the new colour and
+for the known ones, before and after, and a grid image of both.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
-import numpy as np
-
-DEMO_PROMPTS = ["a red circle", "a blue square", "a green triangle"]
+NEW_COLOR = "orange"
+KNOWN_COLORS = ("red", "green", "blue", "yellow")
+IMAGES = 24  # of each kind
 
 
 def main(args: list[str]) -> int:
@@ -23,58 +26,60 @@ def main(args: list[str]) -> int:
         epilog="example:\n  sdtune demo --out sdtune-demo\n  tensorboard --logdir sdtune-demo/run/logs",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", default="sdtune-demo", help="folder for the model, dataset, run and samples")
-    parser.add_argument("--steps", type=int, default=200, help="training steps (default: 200, about half a minute on 2 CPU cores)")
+    parser.add_argument("--out", default="sdtune-demo", help="folder for the datasets, run and evaluation")
+    parser.add_argument("--steps", type=int, default=300, help="LoRA training steps (default: 300, about a minute on 2 CPU cores)")
+    parser.add_argument("--seeds", type=int, default=8, help="images per prompt the judge scores (default: 8)")
+    parser.add_argument("--model", default="sdtune:toy", help="base model (default: sdtune:toy, the shipped toy base)")
     ns = parser.parse_args(args)
+    scores = run_demo(Path(ns.out), ns.steps, ns.seeds, ns.model)
+    return 0 if scores is not None else 1
 
+
+def run_demo(out: Path, steps: int, seeds: int, model: str = "sdtune:toy") -> dict[str, dict[str, float]] | None:
+    """Prepare, train and judge; returns {"base"|"lora": {"new": share, "known": share}} (None if a step failed)."""
     from data_prep.shapes import make_shapes_dataset
     from sdtune.cli import main as sdtune_main
-    from sdtune.models.tiny import build_tiny_stable_diffusion
 
-    out = Path(ns.out)
-    model_dir, data_dir, run_dir = out / "tiny-sd", out / "shapes", out / "run"
-    if not (model_dir / "model_index.json").exists():
-        build_tiny_stable_diffusion(model_dir)
-    print(f"[1/4] tiny model: {model_dir}")
-    if not (data_dir / "metadata.jsonl").exists():
-        make_shapes_dataset(data_dir, count=32, size=64)
-    print(f"[2/4] dataset: {data_dir} (32 captioned images)")
+    new, known, run = out / NEW_COLOR, out / "known", out / "run"
+    make_shapes_dataset(new, count=IMAGES, size=32, seed=3, colors=[NEW_COLOR])
+    make_shapes_dataset(known, count=IMAGES, size=32, seed=4, colors=KNOWN_COLORS)
+    print(f"[1/3] datasets: {new} ({IMAGES} images of {NEW_COLOR} shapes), {known} ({IMAGES} of {', '.join(KNOWN_COLORS)})")
 
-    fit = ["fit", "--config", "tiny/lora", "--model.pretrained", str(model_dir), "--data.root", str(data_dir),
-           "--trainer.default_root_dir", str(run_dir), "--trainer.max_steps", str(ns.steps)]
-    print("[3/4] sdtune " + " ".join(fit))
+    subsets = json.dumps([{"root": str(new)}, {"root": str(known)}])
+    fit = ["fit", "--config", "toy/lora", "--model.pretrained", model, "--data.subsets", subsets,
+           "--trainer.default_root_dir", str(run), "--trainer.max_steps", str(steps),
+           "--checkpoint.every_n_train_steps", str(steps)]  # fmt: skip
+    print(f"[2/3] sdtune {' '.join(fit)}", flush=True)
     started = time.perf_counter()
-    code = sdtune_main(fit)
-    if code != 0:
-        return code
-    seconds = time.perf_counter() - started
-    print(f"      trained {ns.steps} steps in {seconds:.0f} s; adapter: {run_dir / 'adapter'}")
+    if sdtune_main(fit) != 0:
+        return None
+    print(f"      trained {steps} steps in {time.perf_counter() - started:.0f} s; adapter: {run / 'adapter'}")
 
-    samples = out / "samples"
-    difference = write_samples(model_dir, run_dir / "adapter", samples)
-    print(f"[4/4] samples: {samples} (base_*.png vs lora_*.png; mean |Δpixel| = {difference:.3f}/255)")
-    return 0
+    evaluate = ["evaluate", "--model", model, "--adapter", str(run / "adapter"), "--judge", "shapes",
+                "--judge-colors", ",".join((NEW_COLOR, *KNOWN_COLORS)), "--steps", "25", "--guidance", "4",
+                "--scheduler", "dpmpp_2m", "--out", str(out / "eval"), "--overwrite"]  # fmt: skip
+    for seed in range(seeds):
+        evaluate += ["--seed", str(seed)]
+    print(f"[3/3] sdtune {' '.join(evaluate)}", flush=True)
+    if sdtune_main(evaluate) != 0:
+        return None
+    scores = split_scores(json.loads((out / "eval" / "metrics.json").read_text()))
+    print(f"\n{'':12}{'base':>8}{'LoRA':>8}   (share of images judged right: colour and shape)")
+    for group, label in (("new", f"{NEW_COLOR} (new)"), ("known", "known colours")):
+        print(f"{label:<12}{scores['base'][group]:>8.0%}{scores['lora'][group]:>8.0%}")
+    print(f"grid (rows: prompt × model, columns: seeds): {out / 'eval' / 'grid.png'}")
+    return scores
 
 
-def write_samples(model_dir: Path, adapter_dir: Path, out: Path) -> float:
-    """Same prompts and seeds with and without the adapter, loaded the way a diffusers user would."""
-    from diffusers import StableDiffusionPipeline
-
-    from sdtune.sampling import generate, make_scheduler
-
-    out.mkdir(parents=True, exist_ok=True)
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    kwargs = dict(prompts=DEMO_PROMPTS, seeds=[0], steps=20, guidance_scale=4.0, height=size, width=size)
-    base = generate(pipe, **kwargs)
-    pipe.load_lora_weights(adapter_dir)
-    tuned = generate(pipe, **kwargs)
-    differences = []
-    for prompt, (b,), (t,) in zip(DEMO_PROMPTS, base, tuned):
-        stem = prompt.replace(" ", "_")
-        b.save(out / f"base_{stem}.png")
-        t.save(out / f"lora_{stem}.png")
-        differences.append(np.abs(np.asarray(b, dtype=np.float32) - np.asarray(t, dtype=np.float32)).mean())
-    return float(np.mean(differences))
+def split_scores(metrics: dict) -> dict[str, dict[str, float]]:
+    """metrics.json's judge block → each model's share judged fully right on the new colour's prompts and on the
+    known colours' (images counted, not prompts averaged)."""
+    scores = {}
+    for model, key in zip(metrics["judge"]["models"], ("base", "lora")):
+        groups: dict[str, list[float]] = {"new": [0, 0], "known": [0, 0]}
+        for prompt in model["prompts"]:
+            group = groups["new" if prompt["prompt"].split()[1] == NEW_COLOR else "known"]
+            group[0] += prompt["both"] * prompt["count"]
+            group[1] += prompt["count"]
+        scores[key] = {name: right / count for name, (right, count) in groups.items()}
+    return scores

@@ -1,18 +1,22 @@
-"""The README's demo command: tiny model, generated data, real `sdtune fit`, adapter loaded in diffusers, PNGs."""
+"""The README's demo, shortened: a LoRA teaches the shipped toy base a new colour, and the shapes judge measures it.
 
-import re
+The thresholds are loose for noise (8 images per new-colour prompt group, a shorter run) and tight enough that a
+LoRA that does not train, a loss with the wrong target or a sampler that ignores the prompt fails them."""
 
-from PIL import Image
+import json
 
 from sdtune.cli import main
+from sdtune.demo import split_scores
 
 
-def test_demo_trains_and_writes_samples(tmp_path, capsys):
+def test_demo_teaches_the_toy_base_orange_and_keeps_the_known_colours(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "20"]) == 0
+    assert main(["demo", "--out", str(out), "--steps", "200", "--seeds", "3"]) == 0
+    scores = split_scores(json.loads((out / "eval" / "metrics.json").read_text()))
+    printed = capsys.readouterr().out
+    assert "orange (new)" in printed and str(out / "eval" / "grid.png") in printed
+    assert scores["base"]["known"] >= 0.8, scores  # the base draws what its prompts ask for
+    assert scores["base"]["new"] <= 0.2, scores  # and has never seen orange
+    assert scores["lora"]["new"] >= 0.6, scores  # the LoRA learned it
+    assert scores["lora"]["known"] >= 0.75, scores  # without losing the rest
     assert (out / "run" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
-    base, tuned = sorted((out / "samples").glob("base_*.png")), sorted((out / "samples").glob("lora_*.png"))
-    assert len(base) == len(tuned) == 3
-    assert Image.open(tuned[0]).size == (64, 64)
-    difference = float(re.search(r"mean \|Δpixel\| = ([0-9.]+)", capsys.readouterr().out).group(1))
-    assert difference > 0.01  # the trained adapter changes what the pipeline draws
