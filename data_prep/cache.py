@@ -201,7 +201,7 @@ def build_cache(
 
 EXAMPLES = """examples:
   sdtune prep cache data/my_dog --model runwayml/stable-diffusion-v1-5 --flip
-  sdtune prep cache data/shapes --model sdtune-demo/tiny-sd --resolution 64 --batch-size 16
+  sdtune prep cache data/shapes --model sdtune:toy --resolution 32 --batch-size 16
 
 Without --flip only the upright images are cached (flip=false in the manifest): training with random_flip cannot
 use such a cache. Without --resolution / --area, buckets come from DST/metadata.jsonl (sdtune prep build), else
