@@ -136,7 +136,10 @@ def write_model_card(model: Path, command: str, minutes: float, score: str) -> N
 
 def main(args: list[str]) -> int:
     commands = {"init": cmd_init, "build": cmd_build}
-    if not args or args[0] in ("-h", "--help") or args[0] not in commands:
+    if not args or args[0] in ("-h", "--help"):
         print(__doc__.strip() + "\n\nusage: sdtune toy {init,build} [options]\n\n" + EPILOG)
-        return 0 if not args or args[0] in ("-h", "--help") else 2
+        return 0
+    if args[0] not in commands:
+        print(f"sdtune: error: unknown toy command '{args[0]}' (init or build; see `sdtune toy --help`)", file=sys.stderr)
+        return 2
     return commands[args[0]](args[1:])

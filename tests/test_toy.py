@@ -70,3 +70,4 @@ def test_toy_commands_help_shows_an_example(command, capsys):
     assert exit_info.value.code == 0
     assert f"sdtune toy {command} --out" in capsys.readouterr().out
     assert main(["toy", "nosuch"]) == 2
+    assert capsys.readouterr().err.strip() == "sdtune: error: unknown toy command 'nosuch' (init or build; see `sdtune toy --help`)"
