@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
 
 from sdtune.errors import SdtuneError
 from sdtune.finetune.base import DiffusionFineTune
 from sdtune.models.pretrained import load_inference_scheduler
 from sdtune.models.tokenizer_files import save_tokenizer
+from sdtune.sampling import pipeline_from_parts
 
 
 class FullFineTune(DiffusionFineTune):
@@ -64,16 +64,7 @@ def save_pipeline(module: DiffusionFineTune, out_dir: str | Path) -> Path:
     scheduler = load_inference_scheduler(module.pretrained, module.revision, module.pretrained_config)
     if module.objective.prediction_type is not None:
         scheduler.register_to_config(prediction_type=module.prediction_type)
-    pipeline = StableDiffusionPipeline(
-        vae=module.vae,
-        text_encoder=module.text_encoder,
-        tokenizer=module.tokenizer,
-        unet=module.unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipeline = pipeline_from_parts(module.vae, module.text_encoder, module.tokenizer, module.unet, scheduler)
     pipeline.save_pretrained(out_dir)
     save_tokenizer(module.tokenizer, Path(out_dir) / "tokenizer")
     return Path(out_dir)

@@ -243,12 +243,9 @@ def load_pipeline(
     """A StableDiffusionPipeline for sampling: every component in `dtype` (on `device`), the checkpoint's own inference
     scheduler, no safety checker. Built from the same one-line-error loaders as training, so a missing directory,
     an uncached Hub id offline, a missing subfolder or a damaged single file is one clear line, never a traceback."""
-    from diffusers import StableDiffusionPipeline
+    from sdtune.sampling import pipeline_from_parts
 
     parts = load_stable_diffusion(pretrained, revision=revision, variant=variant, dtype=dtype, pretrained_config=pretrained_config)
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-        scheduler=load_inference_scheduler(pretrained, revision=revision, pretrained_config=pretrained_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+    scheduler = load_inference_scheduler(pretrained, revision=revision, pretrained_config=pretrained_config)
+    pipe = pipeline_from_parts(parts.vae, parts.text_encoder, parts.tokenizer, parts.unet, scheduler)
     return pipe.to(device) if device is not None else pipe
