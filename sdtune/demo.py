@@ -39,6 +39,7 @@ def run_demo(out: Path, steps: int, seeds: int, model: str = "sdtune:toy") -> di
     """Prepare, train and judge; returns {"base"|"lora": {"new": share, "known": share}} (None if a step failed)."""
     from data_prep.shapes import make_shapes_dataset
     from sdtune.cli import main as sdtune_main
+    from sdtune.toy_cli import judge_sampling
 
     new, known, run = out / NEW_COLOR, out / "known", out / "run"
     make_shapes_dataset(new, count=IMAGES, size=32, seed=3, colors=[NEW_COLOR])
@@ -56,10 +57,8 @@ def run_demo(out: Path, steps: int, seeds: int, model: str = "sdtune:toy") -> di
     print(f"      trained {steps} steps in {time.perf_counter() - started:.0f} s; adapter: {run / 'adapter'}")
 
     evaluate = ["evaluate", "--model", model, "--adapter", str(run / "adapter"), "--judge", "shapes",
-                "--judge-colors", ",".join((NEW_COLOR, *KNOWN_COLORS)), "--steps", "25", "--guidance", "4",
-                "--scheduler", "dpmpp_2m", "--out", str(out / "eval"), "--overwrite"]  # fmt: skip
-    for seed in range(seeds):
-        evaluate += ["--seed", str(seed)]
+                "--judge-colors", ",".join((NEW_COLOR, *KNOWN_COLORS)), *judge_sampling(seeds),
+                "--out", str(out / "eval"), "--overwrite"]  # fmt: skip
     print(f"[3/3] sdtune {' '.join(evaluate)}", flush=True)
     if sdtune_main(evaluate) != 0:
         return None

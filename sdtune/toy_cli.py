@@ -28,10 +28,10 @@ EPILOG = """examples:
 """
 
 
-def judge_sampling() -> list[str]:
-    """`sdtune evaluate` sampling options the toy base is scored with: 8 seeds, DPM++ 25 steps, CFG 4."""
+def judge_sampling(seeds: int = 8) -> list[str]:
+    """`sdtune evaluate` sampling options toy models are scored with: seeds 0..seeds-1, DPM++ 25 steps, CFG 4."""
     options: list[str] = []
-    for seed in range(8):
+    for seed in range(seeds):
         options += ["--seed", str(seed)]
     return options + ["--steps", "25", "--guidance", "4", "--scheduler", "dpmpp_2m"]
 
