@@ -26,3 +26,10 @@ def shapes_dir(tmp_path_factory):
     from data_prep.shapes import make_shapes_dataset
 
     return make_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", count=8, size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    from sdtune.models.tiny_sdxl import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")

@@ -24,14 +24,14 @@ def _tokenizer_vocab_size() -> int:
     return len(json.loads((TOKENIZER_FILES / "vocab.json").read_text(encoding="utf-8")))
 
 
-def tokenizer_config() -> dict:
-    """tokenizer_config.json of a CLIP tokenizer as SD checkpoints ship it."""
+def tokenizer_config(pad_token: str = "<|endoftext|>") -> dict:
+    """tokenizer_config.json of a CLIP tokenizer as SD checkpoints ship it (SDXL's second one pads with "!")."""
     return {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": MAX_TOKENS,
         "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
+        "pad_token": pad_token,
         "unk_token": "<|endoftext|>",
         "do_lower_case": True,
     }
@@ -54,12 +54,12 @@ def model_index() -> dict:
     }
 
 
-def write_tokenizer(out: Path) -> None:
+def write_tokenizer(out: Path, pad_token: str = "<|endoftext|>") -> None:
     """Write the tiny CLIP tokenizer as SD checkpoints ship theirs: vocab.json, merges.txt, tokenizer_config.json."""
     out.mkdir(parents=True, exist_ok=True)
     for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(TOKENIZER_FILES / name, out / name)
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2))
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(pad_token), indent=2))
 
 
 def build_tiny_stable_diffusion(out: str | Path, seed: int = 0, sample_size: int = 32) -> Path:
@@ -82,20 +82,26 @@ def build_tiny_stable_diffusion(out: str | Path, seed: int = 0, sample_size: int
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
+    vae = tiny_vae(2 * sample_size)
+    text_encoder = clip_text_encoder(vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=5)
+    write_tokenizer(out / "tokenizer")
+    save_pipeline(out, vae, unet, text_encoder)
+    return out
+
+
+def tiny_vae(image_size: int, scaling_factor: float = 0.18215) -> AutoencoderKL:
+    """A random VAE that downsamples by 2 into 4 latent channels, with SD's (or another) latent scaling factor."""
+    return AutoencoderKL(
         block_out_channels=(32, 64),
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         latent_channels=4,
-        sample_size=2 * sample_size,
+        sample_size=image_size,
         norm_num_groups=32,
+        scaling_factor=scaling_factor,
     )
-    text_encoder = clip_text_encoder(vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=5)
-    write_tokenizer(out / "tokenizer")
-    save_pipeline(out, vae, unet, text_encoder)
-    return out
 
 
 def clip_text_encoder(vocab_size: int, hidden_size: int, intermediate_size: int, num_hidden_layers: int) -> CLIPTextModel:
