@@ -73,8 +73,9 @@ class Encoders:
             dtype = DTYPES[self.dtype]
             parts = load_stable_diffusion(self.pretrained, revision=self.revision, dtype=dtype, load_unet=False)
             device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            for module in (parts.vae, parts.text_encoder):
-                module.to(device).eval().requires_grad_(False)
+            for module in (parts.vae, parts.text_encoder, parts.text_encoder_2):
+                if module is not None:
+                    module.to(device).eval().requires_grad_(False)
             self._parts = parts
         return self._parts
 
@@ -128,20 +129,26 @@ def compute_text(
     encoders: Encoders, index: CacheIndex, work: list[tuple[str, str]], batch_size: int, clip_skip: int,
     max_token_length: int, bar: tqdm,
 ) -> None:
-    """Encode and save each (key, caption) of `work`: `tokenize_chunks` ids, then `encode_text` at `clip_skip`."""
-    from sdtune.models.clip import encode_text
+    """Encode and save each (key, caption) of `work`: `tokenize_chunks` ids for each tokenizer, then `encode_ids` at
+    `clip_skip`. An entry holds "hidden" (tokens×width) and, for SDXL, "pooled" (the projected embedding)."""
+    from sdtune.models.clip import encode_ids
     from sdtune.text import tokenize_chunks
 
     parts = encoders.parts
+    tokenizers = [t for t in (parts.tokenizer, parts.tokenizer_2) if t is not None]
+    text_encoders = [t for t in (parts.text_encoder, parts.text_encoder_2) if t is not None]
     with torch.no_grad():
         for batch in _batches(work, batch_size):
             tokenized = [
-                tokenize_chunks(parts.tokenizer, caption, max_token_length, "--max-token-length")
-                for _, caption in batch
+                [tokenize_chunks(tokenizer, caption, max_token_length, "--max-token-length") for _, caption in batch]
+                for tokenizer in tokenizers
             ]
-            hidden = encode_text(parts.text_encoder, torch.stack([ids for ids, _ in tokenized]), clip_skip)
-            for (key, caption), (_, truncated), state in zip(batch, tokenized, hidden):
+            ids = [torch.stack([chunks for chunks, _ in rows]) for rows in tokenized]
+            text = encode_ids(text_encoders, ids, clip_skip)
+            for i, (key, caption) in enumerate(batch):
+                truncated = tokenized[0][i][1]
                 metadata = {"kind": "text", "caption": caption, "clip_skip": str(clip_skip),
                             "max_token_length": str(max_token_length), "truncated": str(truncated).lower()}
-                _save_entry(index.entry_path("text", key), {"hidden": state}, metadata)
+                tensors = {"hidden": text.hidden[i]} | ({"pooled": text.pooled[i]} if text.pooled is not None else {})
+                _save_entry(index.entry_path("text", key), tensors, metadata)
             bar.update(len(batch))

@@ -18,6 +18,7 @@ from sdtune.data.buckets import Bucket
 FORMAT = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx")
 MODEL_FOLDERS = ("vae", "text_encoder", "tokenizer")
+SDXL_FOLDERS = ("text_encoder_2", "tokenizer_2")  # only in the identity of a model that has them
 
 
 def digest(value: Any) -> str:
@@ -79,6 +80,9 @@ def model_identity(pretrained: str, revision: str | None = None) -> dict[str, An
     if folder is not None:
         for name in MODEL_FOLDERS:
             identity[name] = _folder_identity(folder / name) if (folder / name).is_dir() else None
+        for name in SDXL_FOLDERS:  # absent for SD1/2, so their keys stay what they were
+            if (folder / name).is_dir():
+                identity[name] = _folder_identity(folder / name)
     return identity
 
 

@@ -104,7 +104,9 @@ class TrainingCache:
         return tensors["mean"], tensors["std"]
 
     def text(self, key: str):
-        return self._load("text", key)["hidden"]
+        """An entry's text outputs: {"text_embeds": hidden states} and, for SDXL, "pooled_text_embeds"."""
+        tensors = self._load("text", key)
+        return {"text_embeds": tensors["hidden"]} | ({"pooled_text_embeds": tensors["pooled"]} if "pooled" in tensors else {})
 
     def _load(self, kind: str, key: str):
         from safetensors import SafetensorError

@@ -93,7 +93,7 @@ def main(args: list[str]) -> int:
                                objective=objective, clip_skip=ns.clip_skip).to(device)  # fmt: skip
     module.eval()  # diffusers pipelines never switch modes; LoRA dropout must stay off while sampling
     scheduler = make_scheduler(ns.scheduler, module.noise_scheduler.config)
-    pipe = pipeline_from_parts(module.vae, module.text_encoder, module.tokenizer, module.unet, scheduler)
+    pipe = pipeline_from_parts(module, scheduler)
     pipe.set_progress_bar_config(disable=True)
     width, height = image_size(pipe, ns)
     clip = _load_clip(ns.clip_model, device)

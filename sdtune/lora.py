@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
@@ -173,20 +173,22 @@ def save_diffusers_adapter(
     out_dir: str | Path,
     text_encoder: torch.nn.Module | None = None,
     dtype: torch.dtype = torch.float32,
+    text_encoder_2: torch.nn.Module | None = None,
 ) -> Path:
-    """Write `out_dir/pytorch_lora_weights.safetensors`, loadable by `pipeline.load_lora_weights(out_dir)`."""
+    """Write `out_dir/pytorch_lora_weights.safetensors`, loadable by `pipeline.load_lora_weights(out_dir)`; with
+    SDXL's `text_encoder_2` adapter, in the layout `StableDiffusionXLPipeline` reads (keys `text_encoder_2.…`)."""
 
     def layers(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
         return {prefix + k: v.detach().to("cpu", dtype).contiguous() for k, v in lora_state_dict(model).items()}
 
     out_dir = Path(out_dir)
     extra = {}
-    if text_encoder is not None:
-        extra = {
-            "text_encoder_lora_layers": layers(text_encoder, text_encoder_module_prefix(text_encoder)),
-            "text_encoder_lora_adapter_metadata": text_encoder.peft_config["default"].to_dict(),
-        }
-    StableDiffusionPipeline.save_lora_weights(
+    for name, encoder in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if encoder is not None:
+            extra[f"{name}_lora_layers"] = layers(encoder, text_encoder_module_prefix(encoder))
+            extra[f"{name}_lora_adapter_metadata"] = encoder.peft_config["default"].to_dict()
+    pipeline_class = StableDiffusionXLPipeline if text_encoder_2 is not None else StableDiffusionPipeline
+    pipeline_class.save_lora_weights(
         save_directory=out_dir,
         unet_lora_layers=layers(unet),
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),

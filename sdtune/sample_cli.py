@@ -161,9 +161,12 @@ def image_size(pipe, ns: argparse.Namespace) -> tuple[int, int]:
     for flag, value in (("--width", width), ("--height", height)):
         if value % factor:
             raise SdtuneError(f"{flag} {value} is not a multiple of {factor} (this model's VAE factor); try {max(factor, value // factor * factor)}")
-    layers = pipe.text_encoder.config.num_hidden_layers
-    if ns.clip_skip > layers:
-        raise SdtuneError(f"--clip-skip {ns.clip_skip} is more than the text encoder's {layers} layers")
+    from sdtune.models.clip import max_clip_skip
+    from sdtune.sampling import text_encoders
+
+    allowed = max_clip_skip(text_encoders(pipe)[1])
+    if ns.clip_skip > allowed:
+        raise SdtuneError(f"--clip-skip {ns.clip_skip} is more than this model's text encoders allow ({allowed})")
     return width, height
 
 

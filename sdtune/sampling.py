@@ -5,7 +5,8 @@ as training) and handed to the pipeline as embeddings; latents are decoded by th
 training dtype, because half-precision VAE decodes overflow into black or NaN images.
 
 One denoising loop, three uses: text-to-image (StableDiffusionPipeline), image-to-image and inpainting
-(StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline built from the same components). Init images are
+(StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline built from the same components); for SDXL the
+StableDiffusionXL pipelines of each, with SDXL's two text encoders and pooled embedding. Init images are
 encoded by the VAE in float32 to its posterior mode and handed to those pipelines as latents, so the starting point
 does not depend on the VAE dtype or on a random posterior draw.
 """
@@ -31,12 +32,15 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
 )
 from PIL import Image, ImageFilter
 
 from sdtune.errors import SdtuneError, first_line
 from sdtune.lora import ADAPTER_WEIGHTS
-from sdtune.models.clip import encode_text
+from sdtune.models.clip import TextConditioning, encode_ids
 from sdtune.text import text_token_ids, tokenize_chunks
 
 SCHEDULERS = {
@@ -64,24 +68,52 @@ def make_scheduler(name: str, training_scheduler_config: dict):
         raise SdtuneError(f"scheduler '{name}' needs {needs}, which is not installed (pip install scipy); choose another scheduler or install it") from err
 
 
-def pipeline_from_parts(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusionPipeline:
-    """A text-to-image pipeline around modules already in memory (nothing is copied or reloaded)."""
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+def pipeline_from_parts(parts, scheduler) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """A text-to-image pipeline around modules already in memory (nothing is copied or reloaded). `parts` is
+    anything with vae, text_encoder, tokenizer and unet (a `StableDiffusionParts`, a fine-tuning module) and, for
+    SDXL, text_encoder_2, tokenizer_2 and force_zeros_for_empty_prompt."""
+    common = dict(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet, scheduler=scheduler)
+    if getattr(parts, "text_encoder_2", None) is not None:
+        return StableDiffusionXLPipeline(
+            **common, text_encoder_2=parts.text_encoder_2, tokenizer_2=parts.tokenizer_2,
+            force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt, add_watermarker=False,
+        )  # fmt: skip
+    return StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def encode_prompt_pair(pipe, prompt: str, negative_prompt: str | None, clip_skip: int = 1):
-    """(prompt embeddings, negative embeddings), both with as many 75-token windows as the longer one needs."""
-    window = pipe.tokenizer.model_max_length - 2
-    lengths = text_token_ids(pipe.tokenizer, [prompt, negative_prompt or ""])
-    max_tokens = max(1, -(-max(len(ids) for ids in lengths) // window)) * window
-    embeds = []
-    for text in (prompt, negative_prompt or ""):
-        ids = tokenize_chunks(pipe.tokenizer, text, max_tokens)[0][None]
-        embeds.append(encode_text(pipe.text_encoder, ids.to(pipe.text_encoder.device), clip_skip).to(pipe.unet.dtype))
-    return embeds[0], embeds[1]
+def is_sdxl(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def text_encoders(pipe) -> tuple[list, list]:
+    """(tokenizers, text encoders) of a pipeline: one each for SD1/2, two for SDXL."""
+    if is_sdxl(pipe):
+        return [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
+    return [pipe.tokenizer], [pipe.text_encoder]
+
+
+def encode_prompt_pair(
+    pipe, prompt: str, negative_prompt: str | None, clip_skip: int = 1
+) -> tuple[TextConditioning, TextConditioning]:
+    """(prompt, negative) text conditioning, both with as many 75-token windows as the longer one needs.
+
+    An SDXL model whose config says force_zeros_for_empty_prompt (SDXL base does) gets zeros as the negative when
+    there is no negative prompt, as StableDiffusionXLPipeline does; an empty string "" is encoded like any prompt."""
+    tokenizers, encoders = text_encoders(pipe)
+    window = tokenizers[0].model_max_length - 2
+    texts = [prompt, negative_prompt or ""]
+    longest = max(len(ids) for tokenizer in tokenizers for ids in text_token_ids(tokenizer, texts))
+    max_tokens = max(1, -(-longest // window)) * window
+    dtype = pipe.unet.dtype
+    out = []
+    for text in texts:
+        ids = [tokenize_chunks(tokenizer, text, max_tokens)[0][None].to(encoders[0].device) for tokenizer in tokenizers]
+        encoded = encode_ids(encoders, ids, clip_skip)
+        out.append(TextConditioning(encoded.hidden.to(dtype), None if encoded.pooled is None else encoded.pooled.to(dtype)))
+    positive, negative = out
+    if negative_prompt is None and pipe.config.get("force_zeros_for_empty_prompt", False):
+        negative = TextConditioning(torch.zeros_like(negative.hidden), torch.zeros_like(negative.pooled))
+    return positive, negative
 
 
 def vae_scale_factor(pipe) -> int:
@@ -194,11 +226,16 @@ def _pipeline_for(pipe: StableDiffusionPipeline, condition: ImageCondition | Non
     """`pipe` itself for text-to-image; else an img2img/inpaint pipeline sharing its modules (cached on `pipe`)."""
     if condition is None:
         return pipe
-    cls = StableDiffusionInpaintPipeline if condition.mask is not None else StableDiffusionImg2ImgPipeline
+    if is_sdxl(pipe):
+        cls = StableDiffusionXLInpaintPipeline if condition.mask is not None else StableDiffusionXLImg2ImgPipeline
+        options = {"force_zeros_for_empty_prompt": pipe.config.force_zeros_for_empty_prompt, "add_watermarker": False}
+    else:
+        cls = StableDiffusionInpaintPipeline if condition.mask is not None else StableDiffusionImg2ImgPipeline
+        options = {"requires_safety_checker": False}
     cache = pipe.__dict__.setdefault("_sdtune_pipelines", {})
     other = cache.get(cls)
     if other is None or any(getattr(other, name) is not module for name, module in pipe.components.items()):
-        other = cls(**pipe.components, requires_safety_checker=False)
+        other = cls(**pipe.components, **options)
         cache[cls] = other
     other.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return other
@@ -206,8 +243,8 @@ def _pipeline_for(pipe: StableDiffusionPipeline, condition: ImageCondition | Non
 
 def denoise(
     pipe: StableDiffusionPipeline,
-    prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor,
+    prompt_embeds: TextConditioning,
+    negative_embeds: TextConditioning,
     seed: int,
     steps: int,
     guidance_scale: float,
@@ -218,9 +255,11 @@ def denoise(
     """The final latents of one image; its noise comes from a CPU generator seeded with `seed`."""
     generator = torch.Generator("cpu").manual_seed(seed)
     common = dict(
-        prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, num_inference_steps=steps,
+        prompt_embeds=prompt_embeds.hidden, negative_prompt_embeds=negative_embeds.hidden, num_inference_steps=steps,
         guidance_scale=guidance_scale, generator=generator, output_type="latent",
     )  # fmt: skip
+    if prompt_embeds.pooled is not None:
+        common |= dict(pooled_prompt_embeds=prompt_embeds.pooled, negative_pooled_prompt_embeds=negative_embeds.pooled)
     if condition is None:
         if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
             raise SdtuneError(

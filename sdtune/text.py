@@ -39,6 +39,23 @@ def caption_ids(tokenizer: Any, max_tokens: int, caption: str) -> torch.LongTens
     return tokenize_chunks(tokenizer, caption, max_tokens)[0]
 
 
+# Batch keys of each text encoder's token ids: SD1/2 have one encoder, SDXL two (each with its own tokenizer).
+ID_KEYS = ("input_ids", "input_ids_2")
+
+
+class CaptionTokenizer:
+    """caption → {"input_ids": ..., "input_ids_2": ...}: `caption_ids` for each of the model's tokenizers, so every
+    text encoder reads the same caption (a dropped caption is "" for all of them). Picklable, for DataLoader workers."""
+
+    def __init__(self, tokenizers: Sequence[Any], max_tokens: int) -> None:
+        if not 1 <= len(tokenizers) <= len(ID_KEYS):
+            raise ValueError(f"{len(tokenizers)} tokenizers; a model has 1 or 2")
+        self.tokenizers, self.max_tokens = list(tokenizers), max_tokens
+
+    def __call__(self, caption: str) -> dict[str, torch.LongTensor]:
+        return {key: caption_ids(tokenizer, self.max_tokens, caption) for key, tokenizer in zip(ID_KEYS, self.tokenizers)}
+
+
 def tokenize_chunks(
     tokenizer: Any, caption: str, max_tokens: int, setting: str = "data.max_token_length"
 ) -> tuple[torch.LongTensor, bool]:

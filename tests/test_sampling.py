@@ -185,7 +185,7 @@ def test_every_scheduler_runs_all_three_modes(pipe, name):
 
 
 def test_clip_skip_two_changes_the_image(pipe):
-    last, second = (encode_prompt_pair(pipe, PROMPT, None, clip_skip=k)[0] for k in (1, 2))
+    last, second = (encode_prompt_pair(pipe, PROMPT, None, clip_skip=k)[0].hidden for k in (1, 2))
     assert last.shape == second.shape and (last - second).abs().max() > 1e-3
     assert mean_abs(sample(pipe, clip_skip=2)[0], sample(pipe, clip_skip=1)[0]) > 1
 
@@ -196,7 +196,7 @@ def test_prompts_longer_than_75_tokens_use_two_windows(pipe):
     ids = text_token_ids(pipe.tokenizer, [long_prompt])[0]
     assert 75 < len(ids) <= 150
     prompt_embeds, negative_embeds = encode_prompt_pair(pipe, long_prompt, "blurry")
-    assert prompt_embeds.shape == negative_embeds.shape == (1, 2 * 77, 32)
+    assert prompt_embeds.hidden.shape == negative_embeds.hidden.shape == (1, 2 * 77, 32)
     first_window = pipe.tokenizer.decode(ids[:75])
     full, truncated = sample(pipe, prompt=long_prompt)[0], sample(pipe, prompt=first_window)[0]
     assert mean_abs(full, truncated) > 0.5  # the words after the 75th token reach the UNet

@@ -163,7 +163,7 @@ def test_text_encoder_lora_trains_only_with_gradients_through_the_encoder(tiny_m
 
 
 def test_clip_skip_beyond_the_text_encoder_is_a_one_line_error(tiny_model_dir):
-    with pytest.raises(SdtuneError, match="model.clip_skip 9 is more than the text encoder's"):
+    with pytest.raises(SdtuneError, match="model.clip_skip 9 is more than this model's text encoders allow"):
         LoRAFineTune(str(tiny_model_dir), clip_skip=9)
 
 

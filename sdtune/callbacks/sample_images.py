@@ -160,7 +160,7 @@ class SampleImages(L.Callback):
         """Images[prompt][seed] from the module's current weights; leaves randomness, modes and flags as found."""
         config = {**pl_module.noise_scheduler.config, "prediction_type": pl_module.prediction_type}
         scheduler = make_scheduler(self.scheduler, config)
-        pipe = pipeline_from_parts(pl_module.vae, pl_module.text_encoder, pl_module.tokenizer, pl_module.unet, scheduler)
+        pipe = pipeline_from_parts(pl_module, scheduler)
         pipe.set_progress_bar_config(disable=True)
         # bf16 autocast matches how bf16-mixed training runs the UNet; fp16 autocast would risk the VAE overflowing.
         device_type = pl_module.unet.device.type

@@ -16,23 +16,30 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
 from sdtune.data.captions import process_caption
-from sdtune.data.dataset import first_draws, sample_key
+from sdtune.data.dataset import first_draws, sample_key, size_conditioning
+from sdtune.data.transforms import Geometry
 from sdtune.errors import SdtuneError, first_line
 
 
 class CachedCaptionDataset(Dataset):
-    """`(epoch, index)` → {"latent_mean", "latent_std" (C×h×w, unscaled), "text_embeds" (tokens×width), "caption",
-    "path", "sample_key" ((epoch, index): the model seeds this sample's noise with it)}, and "input_ids" when
-    `tokenize` is given (a model whose text encoder trains encodes them instead of using the cached outputs).
-    `keys[i]` (a `data_prep.cache_training.SampleKeys`) names record i's entries in `cache`."""
+    """`(epoch, index)` → {"latent_mean", "latent_std" (C×h×w, unscaled), "text_embeds" (tokens×width) and for SDXL
+    "pooled_text_embeds", "caption", "path", "sample_key" ((epoch, index): the model seeds this sample's noise with
+    it), "original_size" and "crop_top_left" (SDXL's size conditioning, as `CaptionDataset` gives them)}, and the
+    token ids ("input_ids", …) when `tokenize` (a `sdtune.text.CaptionTokenizer`) is given: a model whose text
+    encoder trains encodes them instead of using the cached outputs. `keys[i]` (a
+    `data_prep.cache_training.SampleKeys`) names record i's entries in `cache`; `sizes[i]` is record i's upright
+    (width, height) and `buckets[i]` the size it was encoded at."""
 
     def __init__(
         self, records: Sequence, keys: Sequence, captions: Sequence[str], cache: Any, random_flip: bool = False,
-        caption_dropout: float = 0.0, seed: int = 0, tokenize: Callable[[str], Any] | None = None,
+        caption_dropout: float = 0.0, seed: int = 0, tokenize: Callable[[str], dict[str, Any]] | None = None,
+        sizes: Sequence[tuple[int, int]] | None = None, buckets: Sequence[tuple[int, int]] | None = None,
     ) -> None:  # fmt: skip
         self.records, self.keys, self.captions, self.cache = list(records), list(keys), list(captions), cache
         self.random_flip, self.caption_dropout, self.seed = random_flip, caption_dropout, seed
         self.tokenize = tokenize
+        self.sizes = list(sizes) if sizes is not None else None
+        self.buckets = list(buckets) if buckets is not None else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -47,13 +54,16 @@ class CachedCaptionDataset(Dataset):
         sample = {
             "latent_mean": mean,
             "latent_std": std,
-            "text_embeds": self.cache.text(self.cache.empty_text if dropped else entries.text),
+            **self.cache.text(self.cache.empty_text if dropped else entries.text),
             "caption": caption,
             "path": self.records[index].path,
             "sample_key": sample_key(key),
         }
+        if self.sizes is not None and self.buckets is not None:
+            size = self.sizes[index]
+            sample |= size_conditioning(size, Geometry.plan(size, self.buckets[index], True, flipped, (0.5, 0.5)))
         if self.tokenize is not None:
-            sample["input_ids"] = self.tokenize(caption)
+            sample |= self.tokenize(caption)
         return sample
 
 
@@ -80,6 +90,7 @@ class CachePlan:
     captions: list[str]
     buckets: list[tuple[int, int]]
     keys: list
+    sizes: list[tuple[int, int]]  # each record's upright (width, height), for SDXL's size conditioning
 
     @classmethod
     def for_records(
@@ -92,26 +103,28 @@ class CachePlan:
         if Path(pretrained).expanduser().is_file():
             raise SdtuneError("data.cache needs a diffusers directory or Hub id as model.pretrained, not a single file")
         cache = TrainingCache(folder, pretrained, revision, clip_skip, max_token_length, flip)
-        hashes: dict[tuple[str, int], str] = {}
-        contents = []
-        for record in records:  # a record repeated by its subset is hashed once
+        hashes: dict[tuple[str, int], tuple[str, tuple[int, int]]] = {}
+        contents, sizes = [], []
+        for record in records:  # a record repeated by its subset is read once
             if (record.path, record.row) not in hashes:
                 try:
-                    hashes[record.path, record.row] = content_hash(record)
-                except OSError as err:
+                    hashes[record.path, record.row] = content_hash(record), record.upright_size()
+                except (OSError, ValueError, SyntaxError) as err:
                     raise SdtuneError(f"image '{record.path}' could not be read ({first_line(err)}); fix or remove it") from err
-            contents.append(hashes[record.path, record.row])
+            contents.append(hashes[record.path, record.row][0])
+            sizes.append(hashes[record.path, record.row][1])
         captions = [process_caption(record.caption, prefix=record.prefix) for record in records]
         buckets = [tuple(bucket) for bucket in buckets]
-        return cls(cache, list(records), contents, captions, buckets, cache.keys(contents, captions, buckets))
+        return cls(cache, list(records), contents, captions, buckets, cache.keys(contents, captions, buckets), sizes)
 
     def build(self) -> None:
         counts = self.cache.build(self.records, self.contents, self.captions, self.buckets)
         rank_zero_info(f"data.cache: {self.cache.index.root}: computed {counts['computed']}, reused {counts['reused']} entries")
 
     def dataset(
-        self, random_flip: bool, caption_dropout: float, seed: int, tokenize: Callable[[str], Any] | None = None
+        self, random_flip: bool, caption_dropout: float, seed: int, tokenize: Callable[[str], dict[str, Any]] | None = None
     ) -> CachedCaptionDataset:
         return CachedCaptionDataset(
-            self.records, self.keys, self.captions, self.cache, random_flip, caption_dropout, seed, tokenize
+            self.records, self.keys, self.captions, self.cache, random_flip, caption_dropout, seed, tokenize,
+            self.sizes, self.buckets,
         )

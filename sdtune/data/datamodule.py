@@ -9,7 +9,6 @@ it had not trained on.
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,8 +26,8 @@ from sdtune.data.records import Record
 from sdtune.data.subsets import Subset, check_subsets, load_subsets
 from sdtune.data.transforms import has_alpha
 from sdtune.errors import SdtuneError, first_line
-from sdtune.models.pretrained import load_tokenizer
-from sdtune.text import caption_ids, chunk_count, text_token_ids
+from sdtune.models.pretrained import load_tokenizers
+from sdtune.text import CaptionTokenizer, chunk_count, text_token_ids
 
 __all__ = ["CaptionDataModule", "CaptionDataset", "collate", "derive_seed"]
 
@@ -178,6 +177,7 @@ class CaptionDataModule(L.LightningDataModule):
         self.train_buckets: list[Bucket] = []
         self.val_buckets: list[Bucket] = []
         self.tokenizer: Any = None
+        self.tokenizer_2: Any = None
         self._train_batches: BucketBatchSampler | None = None  # the training loader's, for state_dict()
         self._resume: dict[str, int] | None = None  # from a checkpoint, until the training loader exists
         self.unreadable: dict[str, int] = {}  # image files that failed to load in training: how often
@@ -199,7 +199,7 @@ class CaptionDataModule(L.LightningDataModule):
             raise SdtuneError(
                 "data.pretrained is not set; pass --model.pretrained (the CLI links it) or --data.pretrained PATH"
             )
-        tokenizer = load_tokenizer(self.pretrained, self.revision, self.pretrained_config)
+        tokenizer, *others = load_tokenizers(self.pretrained, self.revision, self.pretrained_config)
         chunk_count(tokenizer, self.max_token_length)  # a bad length fails before anything is read
         pairs = self.training_pairs()
         if self.val_root is not None:
@@ -223,6 +223,7 @@ class CaptionDataModule(L.LightningDataModule):
                 self.max_token_length, self.random_flip,
             )
         self.tokenizer = tokenizer
+        self.tokenizer_2 = others[0] if others else None  # SDXL's second tokenizer
 
     def training_pairs(self, announce: bool = True) -> list[tuple[Record, int]]:
         """(record, repeats) of every image in data.root or data.subsets, before any validation split."""
@@ -330,7 +331,7 @@ class CaptionDataModule(L.LightningDataModule):
         self.setup("fit")
         if self.cached is not None:
             # Token ids too: a text encoder that trains encodes them instead of reading its cached outputs.
-            tokenize = partial(caption_ids, self.tokenizer, self.max_token_length)
+            tokenize = CaptionTokenizer([t for t in (self.tokenizer, self.tokenizer_2) if t], self.max_token_length)
             dataset = self.cached.dataset(self.random_flip, self.caption_dropout, self.seed, tokenize)
         else:
             dataset = self._train_dataset()
@@ -388,6 +389,7 @@ class CaptionDataModule(L.LightningDataModule):
             max_token_length=self.max_token_length,
             masks=self.masks,
             buckets=self.train_buckets,
+            tokenizer_2=self.tokenizer_2,
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -401,5 +403,6 @@ class CaptionDataModule(L.LightningDataModule):
         dataset = CaptionDataset(
             self.val_records, self.tokenizer, self.resolution, center_crop=True, seed=self.seed,
             max_token_length=self.max_token_length, masks=self.masks, buckets=self.val_buckets,
+            tokenizer_2=self.tokenizer_2,
         )  # fmt: skip
         return self._loader(dataset, self.val_buckets, train=False)

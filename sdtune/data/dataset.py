@@ -20,7 +20,7 @@ from sdtune.data.captions import process_caption
 from sdtune.data.records import Record
 from sdtune.data.transforms import Geometry, load_image, load_mask, mask_to_tensor, to_tensor
 from sdtune.errors import SdtuneError, first_line
-from sdtune.text import caption_ids
+from sdtune.text import CaptionTokenizer, caption_ids
 
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -54,8 +54,10 @@ def first_draws(seed: int, key: int | tuple[int, int]) -> tuple[int, torch.Gener
 
 
 class CaptionDataset(Dataset):
-    """Records -> dicts of pixel values, token ids, the caption actually used, the path, the sample's
-    `(epoch, index)` key (the model seeds this sample's noise with it) and, with masks, the loss mask.
+    """Records -> dicts of pixel values, token ids (`input_ids`, and `input_ids_2` from SDXL's `tokenizer_2`), the
+    caption actually used, the path, the sample's `(epoch, index)` key (the model seeds this sample's noise with
+    it), the image's `original_size` (h, w) and `crop_top_left` (SDXL's size conditioning; see `size_conditioning`)
+    and, with masks, the loss mask.
 
     A record listed several times (subset repeats) is several samples: each index gets its own random draws.
     `max_token_length` None means one window of the tokenizer's own length. `masks` is where loss masks come
@@ -78,6 +80,7 @@ class CaptionDataset(Dataset):
         max_token_length: int | None = None,
         masks: Literal["file", "alpha"] | None = None,
         buckets: Sequence[Bucket] | None = None,
+        tokenizer_2: Any = None,
     ) -> None:
         if buckets is not None and len(buckets) != len(records):
             raise ValueError(f"{len(buckets)} buckets for {len(records)} records")
@@ -94,6 +97,7 @@ class CaptionDataset(Dataset):
         self.tag_dropout = tag_dropout
         self.max_token_length = max_token_length or tokenizer.model_max_length - 2
         self.masks = masks
+        self.tokenize_all = CaptionTokenizer([t for t in (tokenizer, tokenizer_2) if t is not None], self.max_token_length)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -151,10 +155,11 @@ class CaptionDataset(Dataset):
         geometry = Geometry.plan(image.size, size, self.center_crop, flip, crop_draws)
         sample = {
             "pixel_values": to_tensor(geometry.apply(image)),
-            "input_ids": self.tokenize(caption),
+            **self.tokenize_all(caption),
             "caption": caption,
             "path": record.path,
             "sample_key": sample_key(key),
+            **size_conditioning(image.size, geometry),
         }
         if self.masks is not None:
             mask = alpha if self.masks == "alpha" else self._mask_file(record, image.size)
@@ -181,6 +186,11 @@ class CaptionDataset(Dataset):
                 )
             mask = mask.resize(size, Image.Resampling.BILINEAR)
         return mask
+
+
+def size_conditioning(size: tuple[int, int], geometry: Geometry) -> dict[str, torch.Tensor]:
+    """"original_size" (h, w) of the upright image and "crop_top_left" (top, left) of its training crop."""
+    return {"original_size": torch.tensor([size[1], size[0]]), "crop_top_left": torch.tensor(geometry.crop_top_left())}
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

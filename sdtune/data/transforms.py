@@ -98,6 +98,12 @@ class Geometry:
         resized = cover_size(*size, target)
         return cls(resized, crop_box(*resized, target, center_crop, uniforms), flip)
 
+    def crop_top_left(self) -> tuple[int, int]:
+        """(top, left) of the kept box in the resized image as the model sees it (mirrored when flipped): what SDXL's
+        crop conditioning is told."""
+        left, top, right, _ = self.box
+        return top, (self.resized[0] - right if self.flip else left)
+
     def apply(self, image: Image.Image, resample: int = Image.Resampling.LANCZOS) -> Image.Image:
         """Resize (`resample`: LANCZOS for photos, BILINEAR for masks, whose values are weights), crop, flip."""
         if image.size != self.resized:

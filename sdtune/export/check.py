@@ -13,6 +13,10 @@ from dataclasses import dataclass
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from sdtune.models.clip import encode_ids
+from sdtune.models.sdxl import added_cond_kwargs, time_ids
+from sdtune.sampling import text_encoders, vae_scale_factor
+
 # A file that loads right reproduces the adapter's effect to this fraction ...
 EFFECT_RTOL = 1e-3
 # ... or the output to this fraction of its scale (rounding of a merged model's weights in the export dtype).
@@ -22,11 +26,11 @@ PROMPT = "a photo of sks"
 
 @dataclass
 class Probe:
-    """A fixed UNet input."""
+    """A fixed UNet input: latents, timesteps and a prompt's token ids for each text encoder (two for SDXL)."""
 
     latents: torch.Tensor
     timestep: torch.Tensor
-    input_ids: torch.Tensor
+    input_ids: list[torch.Tensor]
 
     @classmethod
     def for_pipeline(cls, pipe) -> Probe:
@@ -35,21 +39,34 @@ class Probe:
         side = min(size, 32)  # small enough to stay cheap on CPU for SD1.5, large enough for every down block
         generator = torch.Generator().manual_seed(0)
         latents = torch.randn(2, config.in_channels, side, side, generator=generator)
-        ids = pipe.tokenizer([PROMPT, ""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids  # fmt: skip
+        tokenizers, _ = text_encoders(pipe)
+        ids = [
+            tokenizer([PROMPT, ""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+            for tokenizer in tokenizers
+        ]  # fmt: skip
         return cls(latents, torch.tensor([499, 499]), ids)
 
 
 @torch.no_grad()
 def unet_output(pipe, probe: Probe) -> torch.Tensor:
-    device = pipe.unet.device
-    text = pipe.text_encoder(probe.input_ids.to(device))[0]
-    out = pipe.unet(probe.latents.to(device, pipe.unet.dtype), probe.timestep.to(device), text.to(pipe.unet.dtype))
+    """The UNet's prediction for the probe, conditioned as sampling conditions it (SDXL: pooled text and the size
+    and crop numbers of an uncropped image of the probe's size)."""
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    _, encoders = text_encoders(pipe)
+    text = encode_ids(encoders, [ids.to(device) for ids in probe.input_ids])
+    added = None
+    if text.pooled is not None:
+        side = probe.latents.shape[-1] * vae_scale_factor(pipe)
+        added = added_cond_kwargs(text, time_ids({}, (side, side), len(probe.latents)), dtype)
+    latents = probe.latents.to(device, dtype)
+    out = pipe.unet(latents, probe.timestep.to(device), text.hidden.to(dtype), added_cond_kwargs=added)
     return out.sample.float().cpu()
 
 
 def _tuner_layers(pipe) -> list[BaseTunerLayer]:
-    return [m for model in (pipe.unet, pipe.text_encoder) for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    models = [pipe.unet, *text_encoders(pipe)[1]]
+    return [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
 @contextlib.contextmanager

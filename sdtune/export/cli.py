@@ -15,7 +15,8 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 FORMATS = ("diffusers", "peft", "kohya")
 # What an export folder holds (adapter or pipeline); --force replaces a folder only if it holds nothing else.
 EXPORT_NAMES = {"pytorch_lora_weights.safetensors", "adapter_config.json", "adapter_model.safetensors", "README.md",
-                "model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"}  # fmt: skip
+                "model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2",
+                "tokenizer_2"}  # fmt: skip
 
 EPILOG = """examples:
   sdtune export runs/my_lora --format kohya --out loras/my_lora.safetensors          # A1111, ComfyUI, Forge

@@ -3,8 +3,8 @@
 | format    | written                                              | consumer that re-reads it                      |
 | diffusers | pytorch_lora_weights.safetensors                     | diffusers `load_lora_weights`                  |
 | peft      | adapter_config.json + adapter_model.safetensors      | peft `PeftModel.from_pretrained`               |
-|           | (text encoder in text_encoder/)                      |                                                |
-| kohya     | one .safetensors, lora_unet_/lora_te_ keys, metadata | diffusers' kohya converter (as A1111 reads it) |
+|           | (text encoders in text_encoder/, text_encoder_2/)    |                                                |
+| kohya     | one .safetensors, lora_unet_/lora_te(1,2)_ keys      | diffusers' kohya converter (as A1111 reads it) |
 | merged    | a complete diffusers pipeline folder                 | `StableDiffusionPipeline.from_pretrained`      |
 """
 
@@ -22,10 +22,13 @@ from sdtune.models.tokenizer_files import save_tokenizer
 from sdtune.lora import lora_state_dict, save_diffusers_adapter
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")  # pipeline attributes, and peft's subfolders
 
 
 def write_diffusers(adapted: Adapted, out: Path, dtype: torch.dtype) -> None:
-    save_diffusers_adapter(adapted.pipe.unet, out, text_encoder=adapted.text_encoder, dtype=dtype)
+    encoders = adapted.text_encoders
+    text_encoder_2 = encoders[1] if len(encoders) == 2 else None
+    save_diffusers_adapter(adapted.pipe.unet, out, text_encoder=encoders[0], dtype=dtype, text_encoder_2=text_encoder_2)
 
 
 def _write_peft_model(model: torch.nn.Module, out: Path, dtype: torch.dtype, base: str) -> None:
@@ -41,18 +44,19 @@ def _write_peft_model(model: torch.nn.Module, out: Path, dtype: torch.dtype, bas
 
 def write_peft(adapted: Adapted, out: Path, dtype: torch.dtype) -> None:
     _write_peft_model(adapted.pipe.unet, out, dtype, f"{adapted.pretrained}/unet")
-    if adapted.text_encoder is not None:
-        _write_peft_model(adapted.text_encoder, out / "text_encoder", dtype, f"{adapted.pretrained}/text_encoder")
+    for name, encoder in zip(TEXT_ENCODER_NAMES, adapted.text_encoders):
+        if encoder is not None:
+            _write_peft_model(encoder, out / name, dtype, f"{adapted.pretrained}/{name}")
 
 
 def write_kohya(adapted: Adapted, out: Path, dtype: torch.dtype) -> None:
-    kohya.save_kohya(out, adapted.pipe.unet, adapted.text_encoder, adapted.info, dtype)
+    kohya.save_kohya(out, adapted.pipe.unet, adapted.text_encoders, adapted.info, dtype)
 
 
 def write_merged(adapted: Adapted, out: Path, dtype: torch.dtype, scale: float) -> None:
     """Fold the adapter into the weights at `scale` and save the whole pipeline (this consumes `adapted`)."""
     pipe = adapted.pipe
-    components = ["unet"] + (["text_encoder"] if adapted.text_encoder is not None else [])
+    components = ["unet"] + [name for name, encoder in zip(TEXT_ENCODER_NAMES, adapted.text_encoders) if encoder is not None]
     pipe.set_adapters([ADAPTER], [1.0])  # fuse_lora's scale multiplies the active weight: apply `scale` once
     pipe.fuse_lora(components=components, lora_scale=scale, adapter_names=[ADAPTER])
     pipe.unload_lora_weights()
@@ -60,6 +64,8 @@ def write_merged(adapted: Adapted, out: Path, dtype: torch.dtype, scale: float) 
         pipe.to(dtype=dtype)
     pipe.save_pretrained(str(out), safe_serialization=True)
     save_tokenizer(pipe.tokenizer, out / "tokenizer")
+    if getattr(pipe, "tokenizer_2", None) is not None:
+        save_tokenizer(pipe.tokenizer_2, out / "tokenizer_2")
 
 
 WRITERS = {"diffusers": write_diffusers, "peft": write_peft, "kohya": write_kohya}
@@ -82,8 +88,9 @@ def load_with_peft(base, path: Path):
 
     pipe = base()
     PeftModel.from_pretrained(pipe.unet, str(path))  # injects the layers into pipe.unet in place
-    if (path / "text_encoder").is_dir():
-        PeftModel.from_pretrained(pipe.text_encoder, str(path / "text_encoder"))
+    for name in TEXT_ENCODER_NAMES:
+        if (path / name).is_dir():
+            PeftModel.from_pretrained(getattr(pipe, name), str(path / name))
     return pipe
 
 

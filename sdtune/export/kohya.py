@@ -3,13 +3,17 @@
 One entry per adapted layer, named after its diffusers module path with dots turned into underscores:
 `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight` (A),
 `….lora_up.weight` (B) and `….alpha` (a scalar: the update is alpha / rank · up · down). Text-encoder layers are
-`lora_te_text_model_encoder_layers_0_self_attn_q_proj…`. Metadata (`ss_*`, `modelspec.*`) describe the training.
+`lora_te_text_model_encoder_layers_0_self_attn_q_proj…`; SDXL's two text encoders are `lora_te1_…` and `lora_te2_…`,
+and its UNet keys keep the diffusers module names, as diffusers' SDXL training scripts write them and A1111, Forge
+and ComfyUI convert them (kohya's own SDXL trainer names the original `input_blocks` modules instead). Metadata
+(`ss_*`, `modelspec.*`) describe the training.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +25,7 @@ from sdtune.lora import text_encoder_module_prefix
 
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"
+SDXL_TEXT_ENCODER_PREFIXES = ("lora_te1_", "lora_te2_")
 
 
 def lora_layers(model: torch.nn.Module, adapter: str = "default") -> dict[str, LoraLayer]:
@@ -50,10 +55,15 @@ def kohya_tensors(
     return out
 
 
-def adapter_tensors(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def adapter_tensors(
+    unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module | None], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """`text_encoders`: each of the model's text encoders (one for SD1/2, two for SDXL), None where it has no adapter."""
     tensors = kohya_tensors(unet, UNET_PREFIX, dtype)
-    if text_encoder is not None:
-        tensors |= kohya_tensors(text_encoder, TEXT_ENCODER_PREFIX, dtype, module_prefix=text_encoder_module_prefix(text_encoder))
+    prefixes = SDXL_TEXT_ENCODER_PREFIXES if len(text_encoders) == 2 else (TEXT_ENCODER_PREFIX,)
+    for prefix, encoder in zip(prefixes, text_encoders, strict=True):
+        if encoder is not None:
+            tensors |= kohya_tensors(encoder, prefix, dtype, module_prefix=text_encoder_module_prefix(encoder))
     return tensors
 
 
@@ -72,6 +82,7 @@ class TrainingInfo:
     base_model: str
     title: str
     v2: bool = False
+    sdxl: bool = False
     prediction_type: str = "epsilon"
     resolution: tuple[int, int] | None = None
     steps: int | None = None
@@ -84,7 +95,7 @@ class TrainingInfo:
     date: str | None = None  # ISO 8601
 
 
-def metadata(info: TrainingInfo, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, model_hash: str) -> dict[str, str]:
+def metadata(info: TrainingInfo, unet: torch.nn.Module, text_encoder_trained: bool, model_hash: str) -> dict[str, str]:
     """kohya `ss_*` keys (shown by A1111's metadata viewer and the Civitai uploader) and the Stability AI model spec."""
     layers = lora_layers(unet)
     conv = {n: m for n, m in layers.items() if isinstance(m.lora_A["default"], torch.nn.Conv2d) and m.lora_A["default"].kernel_size != (1, 1)}
@@ -94,18 +105,19 @@ def metadata(info: TrainingInfo, unet: torch.nn.Module, text_encoder: torch.nn.M
     if conv:
         any_conv = next(iter(conv.values()))
         network_args = {"conv_dim": str(any_conv.r["default"]), "conv_alpha": str(any_conv.lora_alpha["default"])}
-    family = "stable-diffusion-v2" if info.v2 else "stable-diffusion-v1"
+    family = "stable-diffusion-xl-v1-base" if info.sdxl else "stable-diffusion-v2" if info.v2 else "stable-diffusion-v1"
+    version = "sdxl_base_v1-0" if info.sdxl else "sd_v2" if info.v2 else "sd_v1"
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(first.r["default"]),
         "ss_network_alpha": str(first.lora_alpha["default"]),
         "ss_network_args": json.dumps(network_args),
-        "ss_base_model_version": "sd_v2" if info.v2 else "sd_v1",
+        "ss_base_model_version": version,
         "ss_v2": str(info.v2),
         "ss_v_parameterization": str(info.prediction_type == "v_prediction"),
         "ss_sd_model_name": info.base_model,
         "ss_output_name": info.title,
-        "ss_network_train_unet_only": str(text_encoder is None),
+        "ss_network_train_unet_only": str(not text_encoder_trained),
         "sshs_model_hash": model_hash,
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{family}/lora",
@@ -122,7 +134,7 @@ def metadata(info: TrainingInfo, unet: torch.nn.Module, text_encoder: torch.nn.M
         "ss_clip_skip": info.clip_skip,
         "ss_learning_rate": info.learning_rate,
         "ss_unet_lr": info.learning_rate,
-        "ss_text_encoder_lr": info.text_encoder_lr if text_encoder is not None else None,
+        "ss_text_encoder_lr": info.text_encoder_lr if text_encoder_trained else None,
         "ss_optimizer": info.optimizer,
         "modelspec.trigger_phrase": ", ".join(info.trigger_words) or None,
         "modelspec.date": info.date,
@@ -133,9 +145,12 @@ def metadata(info: TrainingInfo, unet: torch.nn.Module, text_encoder: torch.nn.M
 
 
 def save_kohya(
-    path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, info: TrainingInfo, dtype: torch.dtype = torch.float32
-) -> int:
-    """Write the adapter(s) as one kohya .safetensors file; returns the number of adapted layers."""
-    tensors = adapter_tensors(unet, text_encoder, dtype)
-    save_file(tensors, str(path), metadata=metadata(info, unet, text_encoder, tensors_sha256(tensors)))
+    path, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module | None], info: TrainingInfo,
+    dtype: torch.dtype = torch.float32,
+) -> int:  # fmt: skip
+    """Write the adapter(s) as one kohya .safetensors file; returns the number of adapted layers. `text_encoders`
+    as `adapter_tensors` takes them."""
+    tensors = adapter_tensors(unet, text_encoders, dtype)
+    trained = any(encoder is not None for encoder in text_encoders)
+    save_file(tensors, str(path), metadata=metadata(info, unet, trained, tensors_sha256(tensors)))
     return sum(key.endswith(".alpha") for key in tensors)

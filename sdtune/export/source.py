@@ -38,7 +38,14 @@ class Adapted:
     @property
     def text_encoder(self):
         """The text encoder if it carries the adapter, else None."""
-        return self.pipe.text_encoder if lora_layers(self.pipe.text_encoder, ADAPTER) else None
+        return self.text_encoders[0]
+
+    @property
+    def text_encoders(self) -> list:
+        """Each of the model's text encoders (SDXL: two), None where it carries no adapter."""
+        from sdtune.sampling import text_encoders
+
+        return [encoder if lora_layers(encoder, ADAPTER) else None for encoder in text_encoders(self.pipe)[1]]
 
 
 @dataclass
@@ -113,7 +120,7 @@ def _pipeline_of(module):
     scheduler = load_inference_scheduler(module.pretrained, module.revision, module.pretrained_config)
     if module.objective.prediction_type:
         scheduler.register_to_config(prediction_type=module.objective.prediction_type)
-    return pipeline_from_parts(module.vae, module.text_encoder, module.tokenizer, module.unet, scheduler)
+    return pipeline_from_parts(module, scheduler)
 
 
 def _info(run: RunRecord, pipe, pretrained: str, title: str, steps: int | None, prediction_type: str) -> TrainingInfo:
@@ -128,6 +135,7 @@ def _info(run: RunRecord, pipe, pretrained: str, title: str, steps: int | None, 
         base_model=pretrained if HUB_ID.match(pretrained) and not Path(pretrained).exists() else Path(pretrained).name,
         title=title,
         v2=pipe.text_encoder.config.hidden_size == SD2_TEXT_WIDTH,
+        sdxl=getattr(pipe, "text_encoder_2", None) is not None,
         prediction_type=prediction_type,
         resolution=(resolution, resolution) if isinstance(resolution, int) else None,
         steps=steps,

@@ -27,7 +27,9 @@ from sdtune.data.dataset import derive_seed
 from sdtune.errors import SdtuneError
 from sdtune.finetune.objective import Objective
 from sdtune.models import load_stable_diffusion
-from sdtune.models.clip import encode_text
+from sdtune.models.clip import TextConditioning, encode_ids, max_clip_skip
+from sdtune.models.sdxl import added_cond_kwargs, time_ids
+from sdtune.text import ID_KEYS
 from sdtune.rng_state import gather_states, restore_states
 
 SCHEDULES_NEEDING_LENGTH = ("cosine", "cosine_with_restarts", "linear", "polynomial")
@@ -133,14 +135,18 @@ class DiffusionFineTune(L.LightningModule):
         )
         self.vae, self.text_encoder, self.unet = parts.vae, parts.text_encoder, parts.unet
         self.tokenizer = parts.tokenizer
+        # SDXL's second text encoder and tokenizer (None for SD1/2).
+        self.text_encoder_2, self.tokenizer_2 = parts.text_encoder_2, parts.tokenizer_2
+        self.force_zeros_for_empty_prompt = parts.force_zeros_for_empty_prompt
+        self.vae_scale_factor = parts.vae_scale_factor
         self.noise_scheduler = parts.noise_scheduler
-        layers = self.text_encoder.config.num_hidden_layers
-        if clip_skip > layers:
-            raise SdtuneError(f"model.clip_skip {clip_skip} is more than the text encoder's {layers} layers")
-        for frozen in (self.vae, self.text_encoder, self.unet):
+        if clip_skip > max_clip_skip(self.text_encoders):
+            raise SdtuneError(f"model.clip_skip {clip_skip} is more than this model's text encoders allow ({max_clip_skip(self.text_encoders)})")
+        for frozen in (self.vae, self.unet, *self.text_encoders):
             frozen.requires_grad_(False)
         self.vae.eval()
-        self.text_encoder.eval()
+        for encoder in self.text_encoders:
+            encoder.eval()
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if channels_last:
@@ -168,8 +174,17 @@ class DiffusionFineTune(L.LightningModule):
         self.save_hyperparameters({"_class_path": f"{type(self).__module__}.{type(self).__qualname__}", **plain})
 
     @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The model's text encoders: one for SD1/2, two for SDXL."""
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
     def text_encoder_trains(self) -> bool:
-        return any(p.requires_grad for p in self.text_encoder.parameters())
+        return any(p.requires_grad for encoder in self.text_encoders for p in encoder.parameters())
 
     # --- forward ---------------------------------------------------------------------------------------------
 
@@ -177,7 +192,8 @@ class DiffusionFineTune(L.LightningModule):
         """Lightning switches the whole module to train mode; the frozen encoders stay in eval."""
         super().train(mode)
         self.vae.eval()
-        self.text_encoder.train(mode and self.text_encoder_trains)
+        for encoder in self.text_encoders:
+            encoder.train(mode and any(p.requires_grad for p in encoder.parameters()))
         return self
 
     @torch.no_grad()
@@ -188,10 +204,12 @@ class DiffusionFineTune(L.LightningModule):
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
-    def encode_prompts(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (B×L or B×chunks×L) → text embeddings; with gradients only when the text encoder trains."""
+    def encode_prompts(self, batch: dict[str, Any]) -> TextConditioning:
+        """The batch's token ids ("input_ids", and "input_ids_2" for SDXL; B×L or B×chunks×L) → the UNet's text
+        conditioning; with gradients only when a text encoder trains."""
+        ids = [batch[key] for key in ID_KEYS[: len(self.text_encoders)]]
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_encoder_trains):
-            return encode_text(self.text_encoder, input_ids, self.clip_skip)
+            return encode_ids(self.text_encoders, ids, self.clip_skip)
 
     def sample_cached_latents(
         self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | list[torch.Generator]
@@ -206,15 +224,22 @@ class DiffusionFineTune(L.LightningModule):
         """The batch's loss; `generator` draws latents, noise and timesteps (a list: one per sample)."""
         if "latent_mean" in batch:  # data.cache: no VAE forward, no text-encoder forward unless it trains
             latents = self.sample_cached_latents(batch["latent_mean"], batch["latent_std"], generator).float()
-            text = self.encode_prompts(batch["input_ids"]) if self.text_encoder_trains else batch["text_embeds"]
+            if self.text_encoder_trains:
+                text = self.encode_prompts(batch)
+            else:
+                text = TextConditioning(batch["text_embeds"], batch.get("pooled_text_embeds"))
         else:
             latents = self.encode_images(batch["pixel_values"], generator).float()
-            text = self.encode_prompts(batch["input_ids"])
+            text = self.encode_prompts(batch)
         noise, input_noise, timesteps = self.objective.draw(latents, self.num_train_timesteps, generator)
         noisy = losses.add_noise(self.alphas_cumprod, latents, input_noise, timesteps)
         # The dtype of the UNet's first weight: diffusers' `unet.dtype` walks every module (ms per call at SD size).
         dtype = self.unet.conv_in.weight.dtype
-        prediction = self.unet(noisy.to(dtype), timesteps, text.to(dtype)).sample
+        added = None
+        if self.is_sdxl:
+            target = tuple(side * self.vae_scale_factor for side in latents.shape[-2:])
+            added = added_cond_kwargs(text, time_ids(batch, target, len(latents)), dtype)
+        prediction = self.unet(noisy.to(dtype), timesteps, text.hidden.to(dtype), added_cond_kwargs=added).sample
         target = losses.training_target(self.prediction_type, self.alphas_cumprod, latents, noise, timesteps)
         weights = None
         if self.objective.min_snr_gamma is not None:
@@ -257,12 +282,16 @@ class DiffusionFineTune(L.LightningModule):
         """Optimizer parameter groups; a group's own "lr" overrides the optimizer's. "name" labels the LR logs."""
         return [{"name": "unet", "params": [p for p in self.unet.parameters() if p.requires_grad]}]
 
-    def text_encoder_group(self, lr: float | None) -> dict[str, Any]:
-        """The text encoder's trainable weights as a parameter group, with its own `lr` unless None."""
-        group = {"name": "text_encoder", "params": [p for p in self.text_encoder.parameters() if p.requires_grad]}
-        if lr is not None:
-            group["lr"] = lr
-        return group
+    def text_encoder_groups(self, lr: float | None) -> list[dict[str, Any]]:
+        """Each text encoder's trainable weights as a parameter group ("text_encoder", SDXL's "text_encoder_2"),
+        with its own `lr` unless None."""
+        groups = []
+        for name, encoder in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
+            group = {"name": name, "params": [p for p in encoder.parameters() if p.requires_grad]}
+            if lr is not None:
+                group["lr"] = lr
+            groups.append(group)
+        return groups
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = [group for group in self.parameter_groups() if group["params"]]

@@ -41,7 +41,8 @@ class FullFineTune(DiffusionFineTune):
         self._record_hparams(train_text_encoder=train_text_encoder, text_encoder_lr=text_encoder_lr)
         self.unet.requires_grad_(True)
         if train_text_encoder:
-            self.text_encoder.to(torch.float32).requires_grad_(True)
+            for encoder in self.text_encoders:
+                encoder.to(torch.float32).requires_grad_(True)
 
     @property
     def unet_dtype(self) -> torch.dtype:
@@ -51,7 +52,7 @@ class FullFineTune(DiffusionFineTune):
     def parameter_groups(self) -> list[dict[str, Any]]:
         groups = super().parameter_groups()
         if self.text_encoder_trains:
-            groups.append(self.text_encoder_group(self.text_encoder_lr))
+            groups += self.text_encoder_groups(self.text_encoder_lr)
         return groups
 
     def save_weights(self, out_dir: str | Path) -> Path:
@@ -64,7 +65,9 @@ def save_pipeline(module: DiffusionFineTune, out_dir: str | Path) -> Path:
     scheduler = load_inference_scheduler(module.pretrained, module.revision, module.pretrained_config)
     if module.objective.prediction_type is not None:
         scheduler.register_to_config(prediction_type=module.prediction_type)
-    pipeline = pipeline_from_parts(module.vae, module.text_encoder, module.tokenizer, module.unet, scheduler)
+    pipeline = pipeline_from_parts(module, scheduler)
     pipeline.save_pretrained(out_dir)
     save_tokenizer(module.tokenizer, Path(out_dir) / "tokenizer")
+    if module.tokenizer_2 is not None:
+        save_tokenizer(module.tokenizer_2, Path(out_dir) / "tokenizer_2")
     return Path(out_dir)

@@ -6,10 +6,14 @@ tokenizer/, scheduler/) or a Hugging Face Hub id, with an optional revision and 
 single-file checkpoint in the original LDM/CompVis layout (.safetensors or .ckpt, as AUTOMATIC1111 users have them).
 A single file holds only weights, so `pretrained_config` (a diffusers directory or Hub id of the same architecture)
 gives the model configs, the tokenizer and the scheduler. `sdtune:toy` names the toy base model inside the package.
+
+Stable Diffusion XL is recognised by its second text encoder (`text_encoder_2/`, `tokenizer_2/`): the parts then
+carry both encoders and tokenizers, and pipelines built from them are `StableDiffusionXLPipeline`s.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -17,12 +21,13 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdtune.errors import SdtuneError, first_line
 from sdtune.models.single_file import SINGLE_FILE_SUFFIXES, part_from_single_file, read_single_file
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_SUBFOLDERS = ("text_encoder_2", "tokenizer_2")
 CONFIG_EXAMPLE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # What a config source needs from the Hub: configs and tokenizer files, never weights.
 CONFIG_FILES = ["*.json", "**/*.json", "*.txt", "**/*.txt", "**/*.model"]
@@ -37,6 +42,11 @@ class StableDiffusionParts:
     tokenizer: CLIPTokenizer
     unet: UNet2DConditionModel | None  # None when loaded without it
     noise_scheduler: DDPMScheduler
+    # SDXL only: the second (projected) text encoder and its tokenizer; whether a missing negative prompt means zero
+    # embeddings (model_index.json's force_zeros_for_empty_prompt, as StableDiffusionXLPipeline does).
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    force_zeros_for_empty_prompt: bool = False
 
     @property
     def vae_scale_factor(self) -> int:
@@ -60,7 +70,8 @@ class Source:
 
 def _check_local(path: Path, setting: str = "model.pretrained", name: str | None = None) -> None:
     """`name` is what the user wrote when `path` is its Hub cache folder (which offline may hold only part of it)."""
-    missing = [sub for sub in SUBFOLDERS if not (path / sub).is_dir()]
+    expected = SUBFOLDERS + (SDXL_SUBFOLDERS if any((path / sub).is_dir() for sub in SDXL_SUBFOLDERS) else ())
+    missing = [sub for sub in expected if not (path / sub).is_dir()]
     if missing:
         hint = (
             "(pass a .safetensors/.ckpt file with model.pretrained_config for single-file checkpoints, or a Hub id)"
@@ -168,15 +179,52 @@ def load_tokenizer(pretrained: str, revision: str | None = None, pretrained_conf
     return _load_tokenizer(resolve_source(pretrained, revision, pretrained_config), revision)
 
 
-def _load_tokenizer(source: Source, revision: str | None) -> CLIPTokenizer:
-    tokenizer = _load(CLIPTokenizer, source, "tokenizer", revision=revision)
+def load_tokenizers(pretrained: str, revision: str | None = None, pretrained_config: str | None = None) -> list[CLIPTokenizer]:
+    """Every tokenizer the model's text encoders read: `tokenizer/`, and `tokenizer_2/` for SDXL."""
+    source = resolve_source(pretrained, revision, pretrained_config)
+    tokenizers = [_load_tokenizer(source, revision)]
+    if is_sdxl(source, revision):
+        tokenizers.append(_load_tokenizer(source, revision, "_2"))
+    return tokenizers
+
+
+def _load_tokenizer(source: Source, revision: str | None, suffix: str = "") -> CLIPTokenizer:
+    """`tokenizer{suffix}/`, whose length its text encoder (`text_encoder{suffix}/`) caps."""
+    tokenizer = _load(CLIPTokenizer, source, "tokenizer" + suffix, revision=revision)
     # Recent transformers build an empty tokenizer instead of failing when the vocabulary files are missing.
     if tokenizer.vocab_size <= 3:
-        raise SdtuneError(f"{source.where()}: tokenizer/ has no vocabulary (vocab.json + merges.txt){_offline_hint()}")
+        raise SdtuneError(f"{source.where()}: tokenizer{suffix}/ has no vocabulary (vocab.json + merges.txt){_offline_hint()}")
     if tokenizer.model_max_length > 100_000:  # no model_max_length in tokenizer_config.json
-        config = _load(CLIPTextConfig, source, "text_encoder", revision=revision)
+        config = _load(CLIPTextConfig, source, "text_encoder" + suffix, revision=revision)
         tokenizer.model_max_length = config.max_position_embeddings
     return tokenizer
+
+
+def model_index(source: Source, revision: str | None) -> dict:
+    """The pipeline's model_index.json; {} when there is none (a local directory without it, a Hub model offline
+    whose cache holds only its subfolders)."""
+    path = Path(source.configs)
+    if path.is_dir():
+        index = path / "model_index.json"
+        return json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(source.configs, "model_index.json", revision=revision)).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # what loading the parts themselves reports, if they are missing too
+        return {}
+
+
+def is_sdxl(source: Source, revision: str | None) -> bool:
+    """Whether the model is Stable Diffusion XL: it has a second text encoder."""
+    path = Path(source.configs)
+    if path.is_dir():
+        return (path / "text_encoder_2").is_dir()
+    if "text_encoder_2" in model_index(source, revision):
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(source.configs, "text_encoder_2/config.json", revision=revision), str)
 
 
 def load_stable_diffusion(
@@ -196,6 +244,13 @@ def load_stable_diffusion(
     file has one set of weights) and `revision` then applies to `pretrained_config`."""
     source = resolve_source(pretrained, revision, pretrained_config)
     unet_dtype = unet_dtype or dtype
+    sdxl = is_sdxl(source, revision)
+    text_encoder_2 = None
+    if source.single_file is not None and sdxl:
+        raise SdtuneError(
+            f"model.pretrained '{source.single_file}': single-file SDXL checkpoints are not supported; pass the "
+            "diffusers directory or Hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0)"
+        )
     if source.single_file is not None:
         state = read_single_file(source.single_file)
         vae = part_from_single_file(AutoencoderKL, state, source, "vae", dtype)
@@ -208,6 +263,8 @@ def load_stable_diffusion(
         weights = dict(revision=revision, variant=variant, torch_dtype=dtype)
         vae = _load(AutoencoderKL, source, "vae", **weights)
         text_encoder = _load(CLIPTextModel, source, "text_encoder", **weights)
+        if sdxl:
+            text_encoder_2 = _load(CLIPTextModelWithProjection, source, "text_encoder_2", **weights)
         unet = None
         if load_unet:
             unet = _load(UNet2DConditionModel, source, "unet", **{**weights, "torch_dtype": unet_dtype})
@@ -218,6 +275,10 @@ def load_stable_diffusion(
         unet=unet,
         # Training always uses DDPM noising with the checkpoint's betas and prediction type.
         noise_scheduler=_load(DDPMScheduler, source, "scheduler", revision=revision),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=_load_tokenizer(source, revision, "_2") if sdxl else None,
+        # StableDiffusionXLPipeline's default when model_index.json does not say.
+        force_zeros_for_empty_prompt=sdxl and model_index(source, revision).get("force_zeros_for_empty_prompt", True),
     )
 
 
@@ -247,5 +308,5 @@ def load_pipeline(
 
     parts = load_stable_diffusion(pretrained, revision=revision, variant=variant, dtype=dtype, pretrained_config=pretrained_config)
     scheduler = load_inference_scheduler(pretrained, revision=revision, pretrained_config=pretrained_config)
-    pipe = pipeline_from_parts(parts.vae, parts.text_encoder, parts.tokenizer, parts.unet, scheduler)
+    pipe = pipeline_from_parts(parts, scheduler)
     return pipe.to(device) if device is not None else pipe
