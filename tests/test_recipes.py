@@ -41,3 +41,13 @@ def test_sd15_lora_values():
 def test_tiny_lora_runs_in_fp32():
     config = yaml.safe_load(next(r for r in RECIPES if r.name == "tiny/lora").path.read_text())
     assert config["trainer"]["precision"] == "32-true"
+
+
+def test_sdxl_lora_values():
+    config = yaml.safe_load(next(r for r in RECIPES if r.name == "sdxl/lora").path.read_text())
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    assert model["pretrained"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert (model["lora"]["rank"], model["gradient_checkpointing"]) == (16, True)
+    assert (data["resolution"], data["buckets"]) == (1024, True)
+    assert config["trainer"]["precision"] == "bf16-mixed"
+    assert (config["samples"]["width"], config["samples"]["height"]) == (1024, 1024)

@@ -1,5 +1,6 @@
 """Stable Diffusion XL on a tiny SDXL built in code: both text encoders, the size and crop conditioning, caption
-dropout, cache and buckets, and LoRA on both text encoders."""
+dropout, cache and buckets, LoRA on both text encoders, and the `sdxl/lora` recipe through the real CLI, whose every
+file loads in diffusers' `StableDiffusionXLPipeline` and changes its images as sdtune's own sampler showed."""
 
 import shutil
 
@@ -17,6 +18,7 @@ from sdtune.lora import LoraSettings, TextEncoderLora
 from sdtune.models.pretrained import load_pipeline, load_stable_diffusion, load_tokenizers
 from sdtune.sampling import encode_prompt_pair
 from sdtune.text import caption_ids
+from test_cli import sdtune
 from training import perturbed
 
 PROMPT = "a red circle"
@@ -168,3 +170,62 @@ def test_text_encoder_lora_adapts_both_encoders_and_diffusers_loads_both(tiny_sd
 
 def _ids(module):
     return [caption_ids(tokenizer, 75, PROMPT) for tokenizer in (module.tokenizer, module.tokenizer_2)]
+
+
+def _png(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+
+
+def _diffusers_image(model, lora, **options):
+    """What a diffusers user gets: the SDXL pipeline from the folder, the LoRA file loaded, the sampler's settings."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(model))
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    generator = torch.Generator().manual_seed(0)
+    image = pipe(PROMPT, num_inference_steps=4, guidance_scale=6.0, height=64, width=64, generator=generator, **options)
+    return np.asarray(image.images[0], dtype=np.float64)
+
+
+def test_sdxl_recipe_trains_through_the_cli_and_every_file_loads_in_diffusers(tiny_sdxl_dir, shapes_dir, tmp_path):
+    run = tmp_path / "run"
+    sdtune(
+        "fit", "--config", "sdxl/lora", "--model.pretrained", tiny_sdxl_dir, "--data.root", shapes_dir,
+        "--data.resolution", 64, "--data.batch_size", 4, "--data.num_workers", 0, "--trainer.max_steps", 8,
+        "--trainer.default_root_dir", run, "--checkpoint.every_n_train_steps", 4, "--adapter.every_n_train_steps", 4,
+        "--model.lr_schedule.warmup_steps", 0, "--model.optimizer.init_args.lr", 3e-2,
+        "--model.text_encoder_lora", "{rank: 4, alpha: 4, lr: 1.0e-2}", "--samples.prompts", f"[{PROMPT}]",
+        "--samples.seeds", "[0]", "--samples.steps", 4, "--samples.width", 64, "--samples.height", 64,
+    )  # fmt: skip
+    samples = {step: _png(run / "samples" / f"step_{step:06d}" / "0_s0.png") for step in (0, 4, 8)}
+    base = _diffusers_image(tiny_sdxl_dir, None)
+    # The run samples under bf16 autocast as it trains; diffusers runs float32: they agree to a fraction of the effect.
+    for step, adapter in ((4, run / "adapter" / "step_000004"), (8, run / "adapter")):
+        effect = np.abs(samples[step] - samples[0]).mean()
+        loaded = _diffusers_image(tiny_sdxl_dir, adapter / "pytorch_lora_weights.safetensors")
+        assert effect > 3, f"step {step}: the adapter changes the sample by only {effect:.2f} levels"
+        assert np.abs(loaded - base).mean() == pytest.approx(effect, rel=0.2)
+        assert np.abs(loaded - samples[step]).mean() < 0.2 * effect
+    assert np.abs(base - samples[0]).mean() < 0.5
+
+    # sdtune sample (float32) and the exported files: each loads in plain diffusers and gives sdtune's image.
+    sample_options = ["--model", tiny_sdxl_dir, "--prompt", PROMPT, "--seed", 0, "--steps", 4, "--guidance", 6.0,
+                      "--scheduler", "dpmpp_2m", "--width", 64, "--height", 64]  # fmt: skip
+    sdtune("sample", *sample_options, "--adapter", run / "adapter", "--out", tmp_path / "ours")
+    ours = _png(next((tmp_path / "ours").glob("*.png")))
+    kohya, folder = tmp_path / "lora_kohya.safetensors", tmp_path / "lora_diffusers"
+    sdtune("export", run, "--format", "kohya", "--out", kohya)
+    sdtune("export", run, "--format", "diffusers", "--out", folder)
+    from safetensors import safe_open
+
+    with safe_open(str(kohya), "pt") as file:
+        prefixes = {key.split("_")[1] for key in file.keys()}
+        assert file.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert prefixes == {"unet", "te1", "te2"}
+    for exported in (kohya, folder / "pytorch_lora_weights.safetensors"):
+        image = _diffusers_image(tiny_sdxl_dir, exported)
+        assert np.abs(image - ours).max() <= 1, exported
+    assert np.abs(ours - base).mean() > 3
