@@ -229,3 +229,18 @@ def test_sdxl_recipe_trains_through_the_cli_and_every_file_loads_in_diffusers(ti
         image = _diffusers_image(tiny_sdxl_dir, exported)
         assert np.abs(image - ours).max() <= 1, exported
     assert np.abs(ours - base).mean() > 3
+
+
+def test_a_full_fine_tune_saves_an_sdxl_pipeline_with_both_text_encoders(tiny_sdxl_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdtune.finetune import FullFineTune
+
+    module = FullFineTune(str(tiny_sdxl_dir), train_text_encoder=True)
+    assert [g["name"] for g in module.parameter_groups()] == ["unet", "text_encoder", "text_encoder_2"]
+    with torch.no_grad():
+        module.text_encoder_2.text_projection.weight.add_(0.1)
+    module.save_weights(tmp_path / "model")
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "model"))
+    assert pipe.tokenizer_2.pad_token == "!" and pipe.config.force_zeros_for_empty_prompt
+    torch.testing.assert_close(pipe.text_encoder_2.text_projection.weight, module.text_encoder_2.text_projection.weight)

@@ -27,5 +27,6 @@ def time_ids(batch: dict[str, Any], target_size: tuple[int, int], count: int) ->
 
 
 def added_cond_kwargs(text: TextConditioning, ids: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The UNet's `added_cond_kwargs` for SDXL: the pooled text embedding and the time ids, on the text's device."""
-    return {"text_embeds": text.pooled.to(dtype), "time_ids": ids.to(text.hidden.device, dtype)}
+    """The UNet's `added_cond_kwargs` for SDXL: the pooled text embedding in `dtype` and the time ids in float32 (the
+    UNet embeds them in float32 anyway; bfloat16 would round a 1080-pixel side to 1088)."""
+    return {"text_embeds": text.pooled.to(dtype), "time_ids": ids.to(text.hidden.device, torch.float32)}
