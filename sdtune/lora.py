@@ -157,7 +157,8 @@ def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     Not diffusers' older `lora.down`/`lora.up` naming: with both attention and conv targets, diffusers 0.42 loads
     only the conv half of such a file (tests/test_adapter_export.py catches it).
     """
-    return get_peft_model_state_dict(model)
+    # No embedding layers are targeted; "auto" would look the base model up on the Hub to decide (a warning offline).
+    return get_peft_model_state_dict(model, save_embedding_layers=False)
 
 
 def text_encoder_module_prefix(text_encoder: torch.nn.Module) -> str:
