@@ -244,3 +244,23 @@ def test_a_full_fine_tune_saves_an_sdxl_pipeline_with_both_text_encoders(tiny_sd
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "model"))
     assert pipe.tokenizer_2.pad_token == "!" and pipe.config.force_zeros_for_empty_prompt
     torch.testing.assert_close(pipe.text_encoder_2.text_projection.weight, module.text_encoder_2.text_projection.weight)
+
+
+def test_unet_flops_are_counted_with_the_added_conditioning(tiny_sdxl_dir, recwarn):
+    from sdtune.callbacks.throughput import unet_flops_per_sample
+
+    module = LoRAFineTune(str(tiny_sdxl_dir), lora=LoraSettings(rank=4))
+    small, large = (unet_flops_per_sample(module, (4, side, side), (77, 80)) for side in (8, 16))
+    assert 0 < small < large
+
+
+def test_long_captions_are_encoded_in_windows_with_the_first_windows_pooled_embedding(tiny_sdxl_dir):
+    module = LoRAFineTune(str(tiny_sdxl_dir), lora=LoraSettings(rank=4))
+    caption = " ".join(["a red circle on a blue square"] * 12)
+    one = {key: caption_ids(t, 75, caption)[None] for key, t in zip(("input_ids", "input_ids_2"), (module.tokenizer, module.tokenizer_2))}
+    two = {key: caption_ids(t, 150, caption)[None] for key, t in zip(("input_ids", "input_ids_2"), (module.tokenizer, module.tokenizer_2))}
+    short, long = module.encode_prompts(one), module.encode_prompts(two)
+    assert long.hidden.shape == (1, 154, 80)
+    torch.testing.assert_close(long.hidden[:, :77], short.hidden)
+    assert (long.hidden[:, 77:] - short.hidden).abs().max() > 1e-3  # the second window is other text
+    torch.testing.assert_close(long.pooled, short.pooled)

@@ -261,9 +261,14 @@ def unet_flops_per_sample(pl_module: L.LightningModule, latent_shape: tuple[int,
     latents = torch.empty((1, *latent_shape), dtype=dtype, device="meta")
     timesteps = torch.zeros(1, dtype=torch.long, device="meta")
     text = torch.empty((1, *text_shape), dtype=dtype, device="meta")
+    added = None
+    if unet.config.addition_embed_type == "text_time":  # SDXL: the pooled text embedding and six size numbers
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        added = {"text_embeds": torch.empty((1, pooled), dtype=dtype, device="meta"),
+                 "time_ids": torch.empty((1, 6), device="meta")}  # fmt: skip
 
     def forward() -> torch.Tensor:
-        return torch.func.functional_call(unet, meta, (latents, timesteps, text)).sample
+        return torch.func.functional_call(unet, meta, (latents, timesteps, text), {"added_cond_kwargs": added}).sample
 
     # Checkpointing would recompute in the backward pass, after functional_call has put the real weights back.
     checkpointing = [m for m in unet.modules() if getattr(m, "gradient_checkpointing", None) is True]
