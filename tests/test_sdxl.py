@@ -264,3 +264,27 @@ def test_long_captions_are_encoded_in_windows_with_the_first_windows_pooled_embe
     torch.testing.assert_close(long.hidden[:, :77], short.hidden)
     assert (long.hidden[:, 77:] - short.hidden).abs().max() > 1e-3  # the second window is other text
     torch.testing.assert_close(long.pooled, short.pooled)
+
+
+def test_image_to_image_and_inpainting_run_the_sdxl_pipelines(tiny_sdxl_dir):
+    from sdtune.sampling import _pipeline_for, denoise, generate, prepare_condition
+
+    pipe = load_pipeline(str(tiny_sdxl_dir))
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    condition = prepare_condition(pipe, image, 64, 64, 0.05)
+    assert type(_pipeline_for(pipe, condition)).__name__ == "StableDiffusionXLImg2ImgPipeline"
+    text = encode_prompt_pair(pipe, PROMPT, None)
+    moved = {}
+    for strength in (0.05, 0.6):  # the random UNet cannot denoise, so compare latents: they move with the strength
+        condition.strength = strength
+        moved[strength] = (denoise(pipe, *text, 0, 20, 6.0, 64, 64, condition) - condition.latents).abs().mean()
+    assert moved[0.05] < 0.1 * moved[0.6]
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    inpaint = prepare_condition(pipe, image, 64, 64, 1.0, mask)
+    assert type(_pipeline_for(pipe, inpaint)).__name__ == "StableDiffusionXLInpaintPipeline"
+    out = np.asarray(generate(pipe, [PROMPT], [0], steps=4, height=64, width=64, condition=inpaint)[0][0], dtype=np.float64)
+    original = np.asarray(image, dtype=np.float64)
+    assert np.abs(out[:8] - original[:8]).max() <= 1  # outside the (feathered) mask: the init image's own pixels
+    assert np.abs(out[24:40, 24:40] - original[24:40, 24:40]).mean() > 10
