@@ -70,7 +70,18 @@ def build_tiny_stable_diffusion(out: str | Path, seed: int = 0, sample_size: int
     out = Path(out)
     torch.manual_seed(seed)
     vocab_size = _tokenizer_vocab_size()
-    unet = UNet2DConditionModel(
+    unet = tiny_unet(sample_size, cross_attention_dim=32, attention_head_dim=8)
+    vae = tiny_vae(2 * sample_size)
+    text_encoder = clip_text_encoder(vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=5)
+    write_tokenizer(out / "tokenizer")
+    save_pipeline(out, vae, unet, text_encoder)
+    return out
+
+
+def tiny_unet(sample_size: int, **options) -> UNet2DConditionModel:
+    """A random two-level UNet (32 and 64 channels, cross-attention in the lower level); `options` set the
+    cross-attention width, heads and what sets a family apart (linear projections, SDXL's added conditioning)."""
+    return UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=2,
         sample_size=sample_size,
@@ -78,15 +89,9 @@ def build_tiny_stable_diffusion(out: str | Path, seed: int = 0, sample_size: int
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
         norm_num_groups=32,
+        **options,
     )
-    vae = tiny_vae(2 * sample_size)
-    text_encoder = clip_text_encoder(vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=5)
-    write_tokenizer(out / "tokenizer")
-    save_pipeline(out, vae, unet, text_encoder)
-    return out
 
 
 def tiny_vae(image_size: int, scaling_factor: float = 0.18215) -> AutoencoderKL:
@@ -104,8 +109,11 @@ def tiny_vae(image_size: int, scaling_factor: float = 0.18215) -> AutoencoderKL:
     )
 
 
-def clip_text_encoder(vocab_size: int, hidden_size: int, intermediate_size: int, num_hidden_layers: int) -> CLIPTextModel:
-    """A random CLIP text encoder for a CLIP tokenizer of `vocab_size` whose last two ids are start and end."""
+def clip_text_encoder(
+    vocab_size: int, hidden_size: int, intermediate_size: int, num_hidden_layers: int, hidden_act: str = "quick_gelu"
+) -> CLIPTextModel:
+    """A random CLIP text encoder for a CLIP tokenizer of `vocab_size` whose last two ids are start and end
+    (`hidden_act`: OpenAI CLIP's quick_gelu, or OpenCLIP's gelu as SD2 has it)."""
     return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=vocab_size,
@@ -119,13 +127,16 @@ def clip_text_encoder(vocab_size: int, hidden_size: int, intermediate_size: int,
             eos_token_id=vocab_size - 1,
             pad_token_id=vocab_size - 1,
             projection_dim=hidden_size,
+            hidden_act=hidden_act,
         )
     )
 
 
-def save_pipeline(out: Path, vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> None:
-    """Write the models, SD1.x's training scheduler and model_index.json as a pipeline directory (the tokenizer is
-    the caller's)."""
+def save_pipeline(
+    out: Path, vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, prediction_type: str = "epsilon"
+) -> None:
+    """Write the models, SD1.x's training scheduler (SD2's, with prediction_type v_prediction) and model_index.json
+    as a pipeline directory (the tokenizer is the caller's)."""
     # SD1.x training betas; DDPM is what training noises with, samplers are chosen at inference.
     scheduler = DDPMScheduler(
         num_train_timesteps=1000,
@@ -134,7 +145,7 @@ def save_pipeline(out: Path, vae: AutoencoderKL, unet: UNet2DConditionModel, tex
         beta_schedule="scaled_linear",
         clip_sample=False,
         steps_offset=1,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
     )
     unet.save_pretrained(out / "unet")
     vae.save_pretrained(out / "vae")

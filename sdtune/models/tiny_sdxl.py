@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, EulerDiscreteScheduler
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from sdtune.models.tiny import MAX_TOKENS, _tokenizer_vocab_size, clip_text_encoder, tiny_vae, write_tokenizer
+from sdtune.models.tiny import MAX_TOKENS, _tokenizer_vocab_size, clip_text_encoder, tiny_unet, tiny_vae, write_tokenizer
 
 TIME_EMBED_DIM = 8  # per number of the six add_time_ids
 SDXL_SCALING_FACTOR = 0.13025
@@ -57,14 +57,8 @@ def build_tiny_sdxl(out: str | Path, seed: int = 0, sample_size: int = 32) -> Pa
         )
     )  # fmt: skip
     pooled_dim = text_encoder_2.config.projection_dim
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = tiny_unet(
+        sample_size,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         transformer_layers_per_block=(1, 2),
@@ -72,7 +66,6 @@ def build_tiny_sdxl(out: str | Path, seed: int = 0, sample_size: int = 32) -> Pa
         addition_time_embed_dim=TIME_EMBED_DIM,
         projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + pooled_dim,
         cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
-        norm_num_groups=32,
     )
     vae = tiny_vae(2 * sample_size, SDXL_SCALING_FACTOR)
     # SDXL base's training betas and its inference scheduler's settings.
