@@ -13,6 +13,7 @@ does not depend on the VAE dtype or on a random posterior draw.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from contextlib import contextmanager
@@ -53,14 +54,29 @@ SCHEDULERS = {
 }
 
 
+# Scheduler settings of a zero-terminal-SNR model: the last timestep is pure noise and sampling starts there.
+ZERO_SNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+
+
+def supports_zero_snr(scheduler_class) -> bool:
+    """Whether a diffusers scheduler class can rescale its betas to zero terminal SNR."""
+    return "rescale_betas_zero_snr" in inspect.signature(scheduler_class.__init__).parameters
+
+
 def make_scheduler(name: str, training_scheduler_config: dict):
-    """An inference scheduler with the checkpoint's betas and prediction type.
+    """An inference scheduler with the checkpoint's betas and prediction type; for a zero-terminal-SNR schedule
+    (rescale_betas_zero_snr) the rescaled betas and trailing timesteps, so sampling starts from pure noise.
 
     "pndm" is PNDM without its Runge-Kutta warm-up (PLMS, as Stable Diffusion ships it): the warm-up steps cannot
     start part-way down the schedule, so image-to-image with them diverges."""
     if name not in SCHEDULERS:
         raise SdtuneError(f"unknown scheduler '{name}'; choose one of {', '.join(SCHEDULERS)}")
     overrides = {"skip_prk_steps": True} if name == "pndm" else {}
+    if training_scheduler_config.get("rescale_betas_zero_snr"):
+        supported = [other for other, cls in SCHEDULERS.items() if supports_zero_snr(cls)]
+        if not supports_zero_snr(SCHEDULERS[name]):
+            raise SdtuneError(f"scheduler '{name}' cannot sample a zero-terminal-SNR model; choose one of {', '.join(supported)}")
+        overrides |= ZERO_SNR
     try:
         return SCHEDULERS[name].from_config(training_scheduler_config, **overrides)
     except ImportError as err:  # diffusers' placeholder class when an optional backend (scipy for lms) is missing

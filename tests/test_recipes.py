@@ -51,3 +51,11 @@ def test_sdxl_lora_values():
     assert (data["resolution"], data["buckets"]) == (1024, True)
     assert config["trainer"]["precision"] == "bf16-mixed"
     assert (config["samples"]["width"], config["samples"]["height"]) == (1024, 1024)
+
+
+def test_sd2_lora_values():
+    config = yaml.safe_load(next(r for r in RECIPES if r.name == "sd2/lora").path.read_text())
+    model = config["model"]["init_args"]
+    assert model["pretrained"] == "stabilityai/stable-diffusion-2-1"
+    assert model["objective"]["prediction_type"] is None and model["objective"]["zero_terminal_snr"] is False
+    assert (config["data"]["init_args"]["resolution"], config["samples"]["width"]) == (768, 768)

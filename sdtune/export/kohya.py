@@ -84,6 +84,7 @@ class TrainingInfo:
     v2: bool = False
     sdxl: bool = False
     prediction_type: str = "epsilon"
+    zero_terminal_snr: bool = False
     resolution: tuple[int, int] | None = None
     steps: int | None = None
     trigger_words: list[str] = field(default_factory=list)
@@ -115,6 +116,7 @@ def metadata(info: TrainingInfo, unet: torch.nn.Module, text_encoder_trained: bo
         "ss_base_model_version": version,
         "ss_v2": str(info.v2),
         "ss_v_parameterization": str(info.prediction_type == "v_prediction"),
+        "ss_zero_terminal_snr": str(info.zero_terminal_snr),
         "ss_sd_model_name": info.base_model,
         "ss_output_name": info.title,
         "ss_network_train_unet_only": str(not text_encoder_trained),

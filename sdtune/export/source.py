@@ -118,9 +118,7 @@ def _pipeline_of(module):
     from sdtune.sampling import pipeline_from_parts
 
     scheduler = load_inference_scheduler(module.pretrained, module.revision, module.pretrained_config)
-    if module.objective.prediction_type:
-        scheduler.register_to_config(prediction_type=module.objective.prediction_type)
-    return pipeline_from_parts(module, scheduler)
+    return pipeline_from_parts(module, module.objective.inference_scheduler(scheduler))
 
 
 def _info(run: RunRecord, pipe, pretrained: str, title: str, steps: int | None, prediction_type: str) -> TrainingInfo:
@@ -135,6 +133,7 @@ def _info(run: RunRecord, pipe, pretrained: str, title: str, steps: int | None, 
         base_model=pretrained if HUB_ID.match(pretrained) and not Path(pretrained).exists() else Path(pretrained).name,
         title=title,
         v2=pipe.text_encoder.config.hidden_size == SD2_TEXT_WIDTH,
+        zero_terminal_snr=bool((run.model_arg("objective") or {}).get("zero_terminal_snr")),
         sdxl=getattr(pipe, "text_encoder_2", None) is not None,
         prediction_type=prediction_type,
         resolution=(resolution, resolution) if isinstance(resolution, int) else None,
@@ -206,9 +205,12 @@ def _from_adapter_file(path: Path, run: RunRecord, model: str | None, model_conf
         raise SdtuneError(f"{path} is not inside a run directory, so its base model is unknown: pass --model")
     revision, config = (run.model_arg("revision"), run.model_arg("pretrained_config")) if model is None else (None, model_config)
     pipe = load_pipeline(pretrained, revision=revision, pretrained_config=config)
-    prediction_type = (run.model_arg("objective") or {}).get("prediction_type")
-    if prediction_type:
-        pipe.scheduler.register_to_config(prediction_type=prediction_type)
+    from sdtune.finetune.base import as_settings
+    from sdtune.finetune.objective import Objective
+
+    objective = as_settings(Objective, run.model_arg("objective") or {})
+    prediction_type = objective.prediction_type
+    pipe.scheduler = objective.inference_scheduler(pipe.scheduler)
     load_lora_file(pipe, path, ADAPTER, what="SOURCE")
     info = _info(run, pipe, pretrained, title, _steps_of(path, run), prediction_type or pipe.scheduler.config.prediction_type)
     return Adapted(pipe, pretrained, revision, config, str(path), info)

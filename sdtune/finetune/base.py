@@ -18,6 +18,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
@@ -154,10 +155,17 @@ class DiffusionFineTune(L.LightningModule):
             self.vae.to(memory_format=torch.channels_last)
         if compile:
             self.unet.compile()  # nn.Module.compile: in place, so parameter names (and checkpoints) stay the same
+        self.prediction_type = self.objective.prediction_type or self.noise_scheduler.config.prediction_type
+        if self.objective.zero_terminal_snr:
+            if self.prediction_type != "v_prediction":
+                raise SdtuneError(
+                    f"model.objective.zero_terminal_snr needs v_prediction (at zero SNR an {self.prediction_type} target "
+                    "carries no signal): set model.objective.prediction_type: v_prediction, or train a v model (SD2.x 768)"
+                )
+            self.noise_scheduler = DDPMScheduler.from_config(self.noise_scheduler.config, rescale_betas_zero_snr=True)
         self.num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
         self.objective.timestep_range(self.num_train_timesteps)  # fail now, not at step 1
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
-        self.prediction_type = self.objective.prediction_type or self.noise_scheduler.config.prediction_type
         self._generator: torch.Generator | None = None
         self._pending_generator_state: torch.Tensor | None = None
 

@@ -63,8 +63,7 @@ def save_pipeline(module: DiffusionFineTune, out_dir: str | Path) -> Path:
     """Write `module`'s VAE, text encoder, tokenizer and UNet as a diffusers pipeline folder with the base model's
     inference scheduler (its prediction type if the run changed it); returns `out_dir`."""
     scheduler = load_inference_scheduler(module.pretrained, module.revision, module.pretrained_config)
-    if module.objective.prediction_type is not None:
-        scheduler.register_to_config(prediction_type=module.prediction_type)
+    scheduler = module.objective.inference_scheduler(scheduler)
     pipeline = pipeline_from_parts(module, scheduler)
     pipeline.save_pretrained(out_dir)
     save_tokenizer(module.tokenizer, Path(out_dir) / "tokenizer")

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from diffusers import DDIMScheduler
 
 from sdtune.errors import SdtuneError
 from sdtune.losses import LOSS_TYPES
+from sdtune.sampling import ZERO_SNR, supports_zero_snr
 
 
 @dataclass
@@ -31,6 +33,11 @@ class Objective:
     """Lowest timestep sampled (inclusive)."""
     max_timestep: int | None = None
     """Highest timestep sampled (exclusive); null means the scheduler's num_train_timesteps (1000)."""
+    zero_terminal_snr: bool = False
+    """Rescale the noise schedule so its last timestep is pure noise (Lin et al. 2024, "Common Diffusion Noise
+    Schedules and Sample Steps are Flawed"), as sampling starts: the model learns very dark and very bright images.
+    Needs v_prediction. Samples and saved pipelines then use the rescaled schedule with trailing timesteps; a base
+    model not trained this way needs a longer fine-tune to adapt."""
 
     def __post_init__(self) -> None:
         if self.loss not in LOSS_TYPES:
@@ -44,6 +51,18 @@ class Objective:
                 raise SdtuneError(f"model.objective.{name} must be ≥ 0, got {getattr(self, name)}")
         if self.min_timestep < 0:
             raise SdtuneError(f"model.objective.min_timestep must be ≥ 0, got {self.min_timestep}")
+
+    def inference_scheduler(self, scheduler):
+        """The base model's inference `scheduler` as this objective trains the model: its prediction type, and with
+        zero_terminal_snr the rescaled betas and trailing timesteps (DDIM, the paper's sampler, stands in for a
+        scheduler that cannot rescale, such as SD1.5's PNDM)."""
+        overrides = {"prediction_type": self.prediction_type} if self.prediction_type else {}
+        if not self.zero_terminal_snr:
+            if overrides:
+                scheduler.register_to_config(**overrides)
+            return scheduler
+        cls = type(scheduler) if supports_zero_snr(type(scheduler)) else DDIMScheduler
+        return cls.from_config(scheduler.config, **overrides, **ZERO_SNR)
 
     def timestep_range(self, num_train_timesteps: int) -> tuple[int, int]:
         high = num_train_timesteps if self.max_timestep is None else self.max_timestep
