@@ -3,7 +3,7 @@
 What sdtune adds to a plain LightningCLI: a ModelCheckpoint (`--checkpoint.*`, `save_last` on) writing to the fixed
 folder `<run dir>/checkpoints`, a SaveAdapter callback (`--adapter.*`), a SampleImages callback (`--samples.*`, off
 unless the config's `samples:` block or `--samples.enabled true` turns it on), a Throughput callback (`--throughput.*`,
-`perf/*` speed and memory logs), a NonFiniteGuard (`--nonfinite.*`: steps with NaN/inf gradients skipped, the run
+`perf/*` speed and memory logs), an EMA of the trained weights (`--ema.*`, off unless `--ema.enabled true`), a NonFiniteGuard (`--nonfinite.*`: steps with NaN/inf gradients skipped, the run
 stopped after N in a row), a GracefulStop (`--graceful_stop.*`: SIGTERM or Ctrl+C saves last.ckpt after the current
 batch and exits with 128 + the signal's number), TensorBoard logs in `<run dir>/logs`, the
 resolved config in `<run dir>/config.yaml` (rewritten on resume), and the model's `pretrained` linked to the data
@@ -28,7 +28,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from sdtune.callbacks import GracefulStop, NonFiniteGuard, SampleImages, SaveAdapter, SaveRunConfig, Throughput
+from sdtune.callbacks import EMA, GracefulStop, NonFiniteGuard, SampleImages, SaveAdapter, SaveRunConfig, Throughput
 from sdtune.checkpointing import AtomicCheckpointIO, pick_resume_checkpoint
 from sdtune.errors import SdtuneError, SdtuneErrors
 from sdtune.preflight import fit_problems
@@ -84,7 +84,8 @@ class SdtuneCLI(LightningCLI):
         parser.add_lightning_class_args(GracefulStop, "graceful_stop")
         parser.add_lightning_class_args(SaveAdapter, "adapter")
         parser.add_lightning_class_args(SampleImages, "samples")
-        parser.set_defaults({"samples.enabled": False})
+        parser.add_lightning_class_args(EMA, "ema")
+        parser.set_defaults({"samples.enabled": False, "ema.enabled": False})
         # The DataModule's BucketBatchSampler splits batches between ranks; Lightning must not wrap it.
         parser.set_defaults({"trainer.use_distributed_sampler": False})
         parser.link_arguments("model.init_args.pretrained", "data.init_args.pretrained")

@@ -1,5 +1,6 @@
 """Optional behaviour around training, one callback a file; each can be switched off alone."""
 
+from sdtune.callbacks.ema import EMA
 from sdtune.callbacks.graceful_stop import GracefulStop
 from sdtune.callbacks.nonfinite import NonFiniteGuard
 from sdtune.callbacks.sample_images import SampleImages
@@ -7,4 +8,4 @@ from sdtune.callbacks.save_adapter import SaveAdapter
 from sdtune.callbacks.save_config import SaveRunConfig
 from sdtune.callbacks.throughput import Throughput
 
-__all__ = ["GracefulStop", "NonFiniteGuard", "SampleImages", "SaveAdapter", "SaveRunConfig", "Throughput"]
+__all__ = ["EMA", "GracefulStop", "NonFiniteGuard", "SampleImages", "SaveAdapter", "SaveRunConfig", "Throughput"]

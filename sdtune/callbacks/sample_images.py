@@ -25,6 +25,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
+from sdtune.callbacks.ema import find_ema
 from sdtune.errors import SdtuneError
 from sdtune.grid import make_grid
 from sdtune.sampling import SCHEDULERS, generate, make_scheduler, pipeline_from_parts
@@ -177,7 +178,10 @@ class SampleImages(L.Callback):
         started = time.perf_counter()
         step = trainer.global_step
         width, height = self.resolution(trainer, pl_module)
-        images = self.generate(pl_module, width, height, precision=str(trainer.precision))
+        ema = find_ema(trainer)
+        ema = ema if ema is not None and ema.for_samples else None
+        with ema.applied(pl_module) if ema is not None else nullcontext():
+            images = self.generate(pl_module, width, height, precision=str(trainer.precision))
         folder = self.folder(trainer, step)
         folder.mkdir(parents=True, exist_ok=True)
         for index, row in enumerate(images):
@@ -192,7 +196,7 @@ class SampleImages(L.Callback):
                 chw = torch.from_numpy(np.array(grid)).permute(2, 0, 1).contiguous()
                 logger.experiment.add_image("samples", chw, step, dataformats="CHW")
             logger.log_metrics({"samples/seconds": seconds}, step=step)
-        rank_zero_info(f"samples: {folder / 'grid.png'} ({seconds:.1f} s)")
+        rank_zero_info(f"samples: {folder / 'grid.png'} ({seconds:.1f} s{', EMA weights' if ema is not None else ''})")
         return folder
 
 
