@@ -86,9 +86,15 @@ def diffusion_loss(
     kind: str = "mse",
     huber_c: float = 0.1,
     mask: torch.Tensor | None = None,
+    prior: torch.Tensor | None = None,
+    prior_weight: float = 1.0,
 ) -> torch.Tensor:
     """Mean loss in fp32. `weights` scale each sample's loss before the batch mean; a `mask` (B×1×h×w in [0, 1],
-    at latent size) makes each sample's loss the mask-weighted mean, so a small subject is not a small loss."""
+    at latent size) makes each sample's loss the mask-weighted mean, so a small subject is not a small loss.
+
+    `prior` (B booleans) marks DreamBooth's class images: the loss is then the instance samples' mean plus
+    `prior_weight` × the class samples' mean, as DreamBooth's prior preservation defines it (a term is left out
+    when the batch has none of its samples)."""
     elementwise = elementwise_loss(prediction, target, kind, huber_c)
     dims = list(range(1, prediction.ndim))
     if mask is None:
@@ -98,4 +104,8 @@ def diffusion_loss(
         per_sample = (elementwise * mask).sum(dim=dims) / mask.sum(dim=dims).clamp_min(1e-8)
     if weights is not None:
         per_sample = per_sample * weights.float()
-    return per_sample.mean()
+    if prior is None or not prior.any():
+        return per_sample.mean()
+    prior = prior.to(per_sample.device).bool()
+    loss = prior_weight * per_sample[prior].mean()
+    return loss + per_sample[~prior].mean() if (~prior).any() else loss

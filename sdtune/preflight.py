@@ -153,8 +153,9 @@ def _check_paths(model: Any, data: Any, problems: list[str]) -> None:
     paths = [("data.root", data.get("root")), ("data.val_root", data.get("val_root")),
              ("data.mask_dir", data.get("mask_dir")), ("model.init_adapter", model.get("init_adapter"))]  # fmt: skip
     for i, subset in enumerate(data.get("subsets") or []):
-        root = subset.get("root") if isinstance(subset, dict) else getattr(subset, "root", None)
-        paths.append((f"data.subsets[{i}].root", root))
+        get = subset.get if isinstance(subset, dict) else lambda key, default=None: getattr(subset, key, default)
+        if not get("generate", 0):  # a folder of class images still to generate is made by the run
+            paths.append((f"data.subsets[{i}].root", get("root")))
     for key, value in paths:
         if value is not None and not Path(str(value)).expanduser().exists():
             problems.append(f"{key} '{value}' does not exist")

@@ -59,3 +59,11 @@ def test_sd2_lora_values():
     assert model["pretrained"] == "stabilityai/stable-diffusion-2-1"
     assert model["objective"]["prediction_type"] is None and model["objective"]["zero_terminal_snr"] is False
     assert (config["data"]["init_args"]["resolution"], config["samples"]["width"]) == (768, 768)
+
+
+def test_dreambooth_recipe_has_instance_and_generated_class_images():
+    config = yaml.safe_load(next(r for r in RECIPES if r.name == "sd15/dreambooth_lora").path.read_text())
+    instance, prior = config["data"]["init_args"]["subsets"]
+    assert "sks" in instance["default_caption"] and not instance.get("prior")
+    assert prior["prior"] is True and prior["generate"] > 0 and "sks" not in prior["default_caption"]
+    assert config["model"]["init_args"]["objective"]["prior_loss_weight"] == 1.0

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
@@ -58,6 +59,7 @@ class CachedCaptionDataset(Dataset):
             "caption": caption,
             "path": self.records[index].path,
             "sample_key": sample_key(key),
+            "is_prior": torch.tensor(self.records[index].prior),
         }
         if self.sizes is not None and self.buckets is not None:
             size = self.sizes[index]

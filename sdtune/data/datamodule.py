@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from sdtune.data.bucket_sampler import BucketBatchSampler, bucket_report
 from sdtune.data.buckets import Bucket, assign_bucket, make_buckets
 from sdtune.data.cached_dataset import CachePlan, check_cacheable
+from sdtune.data.class_images import generate_class_images
 from sdtune.data.captions import with_prefix
 from sdtune.data.dataset import UNREADABLE, CaptionDataset, collate, derive_seed
 from sdtune.data.records import Record
@@ -72,8 +73,9 @@ class CaptionDataModule(L.LightningDataModule):
             root: Training images: an imagefolder with metadata.jsonl/metadata.csv, images with .txt/.caption
                 sidecars, a `datasets.save_to_disk` folder, or a kohya parent whose only contents are
                 `<repeats>_<class words>` folders (e.g. `10_sks dog`). Give this or `subsets`, not both.
-            subsets: Several folders, each `{root, repeats, prefix, default_caption}`: e.g. a few instance images
-                with repeats 10 and prefix "sks" next to regularisation images with repeats 1.
+            subsets: Several folders, each `{root, repeats, prefix, default_caption, prior, generate}`: e.g. a few
+                instance images with repeats 10 and prefix "sks" next to class images with `prior: true` (DreamBooth's
+                prior preservation; `generate: 200` makes missing ones with the base model from default_caption).
             resolution: Side of the square training crop, in pixels (the shorter side is resized to it first);
                 with `buckets`, the side of the square whose area every bucket has at most.
             batch_size: Images per batch on each device.
@@ -233,7 +235,14 @@ class CaptionDataModule(L.LightningDataModule):
         return load_subsets([Subset(str(self.root))], ["data.root"], self.mask_dir, announce=announce)
 
     def prepare_data(self) -> None:
-        """With data.cache, compute the missing entries (once per node, before every rank's setup reads them)."""
+        """Generate missing DreamBooth class images, and with data.cache compute the missing entries (once per node,
+        before every rank's setup reads them)."""
+        for index, subset in enumerate(self.subsets or []):
+            if subset.generate:
+                generate_class_images(
+                    subset.root, subset.default_caption, subset.generate, self.resolution, self.pretrained,
+                    self.revision, self.pretrained_config, self.seed, setting=f"data.subsets[{index}]",
+                )  # fmt: skip
         if self.cache:
             self.setup("fit")
             self.cached.build()

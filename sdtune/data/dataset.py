@@ -160,6 +160,7 @@ class CaptionDataset(Dataset):
             "path": record.path,
             "sample_key": sample_key(key),
             **size_conditioning(image.size, geometry),
+            "is_prior": torch.tensor(record.prior),
         }
         if self.masks is not None:
             mask = alpha if self.masks == "alpha" else self._mask_file(record, image.size)

@@ -44,6 +44,7 @@ class Record:
     row: int = -1
     prefix: str = ""
     mask: str | None = None
+    prior: bool = False  # a DreamBooth class image (its subset's `prior`)
 
     def open(self) -> str | io.BytesIO:
         """What `PIL.Image.open` should read: the file itself, or the row's encoded bytes."""

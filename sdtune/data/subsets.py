@@ -31,13 +31,20 @@ class Subset:
         repeats: Times each image is shown per epoch; every repeat gets its own crop, flip and caption draws.
         prefix: Trigger word(s) put in front of every caption as the first tag; never shuffled or dropped by the
             tag options (caption dropout still drops the whole caption).
-        default_caption: Caption for images that have none.
+        default_caption: Caption for images that have none; for class images, the class prompt ("a photo of a dog").
+        prior: Class images for DreamBooth's prior preservation (kohya's regularisation images): their loss is
+            weighted by model.objective.prior_loss_weight.
+        generate: With `prior`: make sure the folder holds this many images, generating the missing ones from
+            `default_caption` with the base model through sdtune's sampler before training (once: later runs find
+            them).
     """
 
     root: str
     repeats: int = 1
     prefix: str = ""
     default_caption: str = ""
+    prior: bool = False
+    generate: int = 0
 
 
 def check_subsets(subsets: Sequence[Subset | dict]) -> list[Subset]:
@@ -51,11 +58,15 @@ def check_subsets(subsets: Sequence[Subset | dict]) -> list[Subset]:
             try:
                 subset = Subset(**subset)
             except TypeError as err:
-                raise SdtuneError(f"{setting}: {err} (keys: root, repeats, prefix, default_caption)") from None
+                raise SdtuneError(f"{setting}: {err} (keys: root, repeats, prefix, default_caption, prior, generate)") from None
         if not str(subset.root).strip():
             raise SdtuneError(f"{setting}.root is empty")
         if subset.repeats < 1:
             raise SdtuneError(f"{setting}.repeats must be ≥ 1, got {subset.repeats}")
+        if subset.generate < 0 or (subset.generate and not subset.prior):
+            raise SdtuneError(f"{setting}.generate must be ≥ 0 and is for class images only (prior: true), got {subset.generate}")
+        if subset.generate and not subset.default_caption.strip():
+            raise SdtuneError(f"{setting}.generate needs the class prompt as default_caption (e.g. 'a photo of a dog')")
         checked.append(subset)
     return checked
 
@@ -109,14 +120,17 @@ def load_subsets(
         parent_root = Path(subset.root).expanduser()
         for child in children or [subset]:
             bases = list(dict.fromkeys([Path(child.root).expanduser(), parent_root]))
+            # Class images still to be generated (prepare_data makes them) are not there yet.
+            pending = child.generate and not any(Path(child.root).expanduser().glob("*"))
             records = [
                 replace(
                     record,
                     caption=record.caption or child.default_caption,
                     prefix=child.prefix,
                     mask=find_mask(record, masks, bases, "data.mask_dir") if masks else None,
+                    prior=child.prior,
                 )
-                for record in discover_records(child.root, setting)
+                for record in ([] if pending else discover_records(child.root, setting))
             ]
             if announce and (children or len(subsets) > 1 or child.repeats > 1 or child.prefix):
                 name = Path(child.root).name if children else child.root

@@ -256,7 +256,10 @@ class DiffusionFineTune(L.LightningModule):
         mask = batch.get("mask")
         if mask is not None:  # pixel-resolution weights → latent cells (area average)
             mask = F.interpolate(mask.float(), size=latents.shape[-2:], mode="area")
-        return losses.diffusion_loss(prediction, target, weights, self.objective.loss, self.objective.huber_c, mask)
+        return losses.diffusion_loss(
+            prediction, target, weights, self.objective.loss, self.objective.huber_c, mask,
+            prior=batch.get("is_prior"), prior_weight=self.objective.prior_loss_weight,
+        )  # fmt: skip
 
     # --- training hooks --------------------------------------------------------------------------------------
 

@@ -33,6 +33,9 @@ class Objective:
     """Lowest timestep sampled (inclusive)."""
     max_timestep: int | None = None
     """Highest timestep sampled (exclusive); null means the scheduler's num_train_timesteps (1000)."""
+    prior_loss_weight: float = 1.0
+    """DreamBooth's λ: the loss is the instance images' mean + λ × the class images' mean (the data subsets marked
+    `prior`), so the model keeps what the class looked like."""
     zero_terminal_snr: bool = False
     """Rescale the noise schedule so its last timestep is pure noise (Lin et al. 2024, "Common Diffusion Noise
     Schedules and Sample Steps are Flawed"), as sampling starts: the model learns very dark and very bright images.
@@ -49,6 +52,8 @@ class Objective:
         for name in ("noise_offset", "input_perturbation"):
             if getattr(self, name) < 0:
                 raise SdtuneError(f"model.objective.{name} must be ≥ 0, got {getattr(self, name)}")
+        if self.prior_loss_weight < 0:
+            raise SdtuneError(f"model.objective.prior_loss_weight must be ≥ 0, got {self.prior_loss_weight}")
         if self.min_timestep < 0:
             raise SdtuneError(f"model.objective.min_timestep must be ≥ 0, got {self.min_timestep}")
 

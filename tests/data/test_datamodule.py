@@ -181,7 +181,7 @@ def test_train_dataloader_batches(tmp_path, tiny_model):
 
     assert dm.record_count == 10 and sorted(len(b["caption"]) for b in batches) == [2, 4, 4]
     first = batches[0]
-    assert set(first) == {"pixel_values", "input_ids", "caption", "path", "sample_key", "original_size", "crop_top_left"}
+    assert set(first) == {"pixel_values", "input_ids", "caption", "path", "sample_key", "original_size", "crop_top_left", "is_prior"}
     assert sorted(key for b in batches for key in b["sample_key"]) == [(0, i) for i in range(10)]  # (epoch, index)
     assert first["pixel_values"].shape == (4, 3, 8, 8)
     assert first["input_ids"].shape == (4, 1, dm.tokenizer.model_max_length) and first["input_ids"].dtype == torch.long
