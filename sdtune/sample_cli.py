@@ -24,6 +24,8 @@ EPILOG = """examples:
                 --prompts-file prompts.txt --seed 0 --steps 30 --scheduler dpmpp_2m --out samples/lora
   sdtune sample --model ./my_model --adapter style.safetensors:0.6 --adapter runs/my_lora/adapter \\
                 --prompt "sks dog, watercolor" --negative-prompt "blurry" --clip-skip 2 --out samples/mix
+  sdtune sample --model stable-diffusion-v1-5/stable-diffusion-v1-5 --adapter runs/sks_pivotal/adapter \\
+                --embedding runs/sks_pivotal/adapter/embeddings/sks.safetensors --prompt "a photo of <sks> dog" --out samples/sks
   sdtune sample --model ./my_model --init-image photo.png --strength 0.5 --prompt "an oil painting" --out samples/img2img
   sdtune sample --model ./my_model --init-image photo.png --mask mask.png --prompt "a red hat" --out samples/inpaint
   sdtune sample --model models/dreamshaper_8.safetensors --model-config stable-diffusion-v1-5/stable-diffusion-v1-5 \\
@@ -85,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_arguments(parser)
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (the VAE always decodes in float32)")
     image = parser.add_argument_group("image-to-image and inpainting")
+    parser.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                        help="a textual-inversion embedding (diffusers or A1111 .safetensors, as sdtune fit writes "
+                             "beside the adapter) and the token prompts name it by; repeatable")  # fmt: skip
     image.add_argument("--init-image", metavar="IMG", help="start from this image (resized to --width × --height)")
     image.add_argument("--strength", type=float,
                        help="fraction of the denoising re-run on the init image, in (0, 1] (default: 0.8; 1.0 with --mask)")  # fmt: skip
@@ -192,6 +197,17 @@ def parse_adapter(text: str):
     return Adapter(where, scale)
 
 
+def parse_embedding(text: str) -> tuple[Path, str | None]:
+    """FILE[:TOKEN] → (file, token or None); a path that exists as written is taken whole (it may contain a colon)."""
+    path, token = text, None
+    if not Path(text).expanduser().exists() and ":" in text:
+        path, token = text.rsplit(":", 1)
+    where = Path(path).expanduser()
+    if not where.is_file():
+        raise SdtuneError(f"--embedding '{text}': {path} is not a file (pass an embedding .safetensors, optionally :TOKEN)")
+    return where, token or None
+
+
 def slug(text: str, limit: int = 40) -> str:
     """Lower-case words joined by '-', at most `limit` characters: safe in a file name on every system."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "prompt"
@@ -233,6 +249,7 @@ def main(args: list[str]) -> int:
     # Everything that can be checked without the model is checked first: a typo fails in a second, not after a load.
     prompts, seeds = check_common(ns)
     adapters = [parse_adapter(text) for text in ns.adapter]
+    embeddings = [parse_embedding(text) for text in ns.embedding]
     if ns.mask is not None and ns.init_image is None:
         raise SdtuneError("--mask needs --init-image (the image to inpaint)")
     if ns.strength is not None and ns.init_image is None:
@@ -260,7 +277,7 @@ def main(args: list[str]) -> int:
     import torch
 
     from sdtune.models.pretrained import load_pipeline
-    from sdtune.sampling import iter_images, load_adapters, make_scheduler, prepare_condition
+    from sdtune.sampling import iter_images, load_adapters, load_embedding, make_scheduler, prepare_condition
 
     pipe = load_pipeline(ns.model, revision=ns.revision, variant=ns.variant, dtype=getattr(torch, ns.dtype), device=device,
                          pretrained_config=ns.model_config)  # fmt: skip
@@ -268,6 +285,7 @@ def main(args: list[str]) -> int:
     pipe.scheduler = make_scheduler(ns.scheduler, pipe.scheduler.config)
     image_width, image_height = image_size(pipe, ns)
     adapter_names = load_adapters(pipe, adapters)
+    tokens = [load_embedding(pipe, path, token) for path, token in embeddings]
     condition = None
     if init_image is not None:
         condition = prepare_condition(pipe, init_image, image_width, image_height, strength, mask)
@@ -282,6 +300,7 @@ def main(args: list[str]) -> int:
             {"name": name, "path": str(a.path), "file": str(a.weights_file), "scale": a.scale}
             for name, a in zip(adapter_names, adapters)
         ],
+        "embeddings": [{"token": token, "file": str(path)} for token, (path, _) in zip(tokens, embeddings)],
         "settings": {
             "steps": ns.steps, "guidance": ns.guidance, "scheduler": ns.scheduler,
             "scheduler_class": type(pipe.scheduler).__name__, "width": image_width, "height": image_height,

@@ -385,6 +385,26 @@ def load_lora_file(pipe: StableDiffusionPipeline, path: Path, name: str, what: s
         raise SdtuneError(f"{what} {path}: no LoRA weights matching this model's UNet or text encoder")
 
 
+def load_embedding(pipe, path: Path, token: str | None = None) -> str:
+    """Load a textual-inversion embedding with diffusers' `load_textual_inversion`; returns its token: `token`, else
+    the file's own (diffusers format: its one key), else for A1111's {"emb_params"} the file name, as A1111 does."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as file:
+            keys = list(file.keys())
+    except (SafetensorError, OSError) as err:
+        raise SdtuneError(f"--embedding {path}: not a readable .safetensors file: {first_line(err)}") from err
+    if len(keys) != 1:
+        raise SdtuneError(f"--embedding {path}: not a textual-inversion embedding (it holds {len(keys)} tensors, not one)")
+    token = token or (path.stem if keys[0] == "emb_params" else keys[0])
+    try:
+        pipe.load_textual_inversion(str(path), token=token)
+    except (ValueError, RuntimeError) as err:
+        raise SdtuneError(f"--embedding {path}: could not be loaded as '{token}': {first_line(err)}") from err
+    return token
+
+
 def load_adapters(pipe: StableDiffusionPipeline, adapters: Sequence[Adapter]) -> list[str]:
     """Load each adapter as `a0`, `a1`, ... (diffusers `load_lora_weights`) and activate them all at their scales.
 

@@ -67,3 +67,10 @@ def test_dreambooth_recipe_has_instance_and_generated_class_images():
     assert "sks" in instance["default_caption"] and not instance.get("prior")
     assert prior["prior"] is True and prior["generate"] > 0 and "sks" not in prior["default_caption"]
     assert config["model"]["init_args"]["objective"]["prior_loss_weight"] == 1.0
+
+
+def test_pivotal_recipe_adds_a_token_beside_the_lora():
+    config = yaml.safe_load(next(r for r in RECIPES if r.name == "sd15/pivotal_lora").path.read_text())
+    model = config["model"]["init_args"]
+    assert model["new_tokens"]["tokens"] == ["<sks>"] and len(model["new_tokens"]["init_words"]) == 1
+    assert model["lora"]["rank"] == 16 and any("<sks>" in p for p in config["samples"]["prompts"])

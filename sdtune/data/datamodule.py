@@ -202,6 +202,12 @@ class CaptionDataModule(L.LightningDataModule):
                 "data.pretrained is not set; pass --model.pretrained (the CLI links it) or --data.pretrained PATH"
             )
         tokenizer, *others = load_tokenizers(self.pretrained, self.revision, self.pretrained_config)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        added = getattr(module, "added_tokens", [])
+        if added:  # textual inversion: the model's new tokens, with the ids the model gave them
+            tokenizer.add_tokens(added)
+            if tokenizer.convert_tokens_to_ids(added) != module.tokenizer.convert_tokens_to_ids(added):
+                raise SdtuneError("data.pretrained's tokenizer differs from the model's; the new tokens got other ids")
         chunk_count(tokenizer, self.max_token_length)  # a bad length fails before anything is read
         pairs = self.training_pairs()
         if self.val_root is not None:

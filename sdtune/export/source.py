@@ -20,6 +20,8 @@ from sdtune.models.pretrained import HUB_ID
 
 ADAPTER = "default"
 SD2_TEXT_WIDTH = 1024  # OpenCLIP ViT-H; SD1.x's CLIP ViT-L is 768
+EMBEDDINGS_ONLY = ("{} trained new-token embeddings alone (model.lora: null), so there is no LoRA to export; they are "
+                   "in adapter/embeddings/ (diffusers) and adapter/embeddings_a1111/ (A1111), checked when written")
 # A last.ckpt this much newer than adapter/ comes from training that went on after the adapter was written.
 UNFINISHED_AFTER_S = 60
 
@@ -107,6 +109,8 @@ def _module_from_checkpoint(checkpoint: dict, path: Path, pretrained: str | None
     hparams.pop("init_adapter", None)  # the checkpoint holds the trained weights; the starting file may be gone
     if pretrained is not None:
         hparams.update(pretrained=pretrained, pretrained_config=pretrained_config)
+    if hparams.get("lora", "") is None:
+        raise SdtuneError(EMBEDDINGS_ONLY.format(path))
     module = cls(**hparams)
     module.on_load_checkpoint(checkpoint)  # one-line error when the tensors do not fit
     module.load_state_dict(checkpoint["state_dict"], strict=False)
@@ -155,6 +159,8 @@ def _pick_in_run(run_dir: Path) -> Path:
     last = run_dir / "checkpoints" / "last.ckpt"
     if (run_dir / "model" / "model_index.json").is_file() and not adapter.is_file():
         raise SdtuneError(f"{run_dir} is a full fine-tune: its model/ folder already is a diffusers pipeline")
+    if (run_dir / "adapter" / "embeddings").is_dir() and not adapter.is_file():
+        raise SdtuneError(EMBEDDINGS_ONLY.format(run_dir))
     if adapter.is_file() and (not last.is_file() or last.stat().st_mtime < adapter.stat().st_mtime + UNFINISHED_AFTER_S):
         return adapter
     if last.is_file():
