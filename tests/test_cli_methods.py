@@ -15,7 +15,8 @@ def unet_weights(unet):
 def test_full_recipe_writes_pipelines_that_diffusers_loads(tiny_model_dir, shapes_dir, tmp_path):
     run = tmp_path / "run"
     sdtune("fit", "--config", "tiny/full", "--model.pretrained", tiny_model_dir, "--data.root", shapes_dir,
-           "--trainer.max_steps", 4, "--trainer.default_root_dir", run, "--adapter.every_n_train_steps", 2)
+           "--trainer.max_steps", 4, "--trainer.default_root_dir", run, "--adapter.every_n_train_steps", 2,
+           "--ema.enabled", "true", "--ema.decay", 0.5)
     base = unet_weights(StableDiffusionPipeline.from_pretrained(tiny_model_dir).unet)
     final = StableDiffusionPipeline.from_pretrained(run / "model")
     middle = StableDiffusionPipeline.from_pretrained(run / "model" / "step_000002")
@@ -27,6 +28,11 @@ def test_full_recipe_writes_pipelines_that_diffusers_loads(tiny_model_dir, shape
     assert type(final.scheduler).__name__ == type(StableDiffusionPipeline.from_pretrained(tiny_model_dir).scheduler).__name__
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert {k.removeprefix("unet.") for k in checkpoint["state_dict"]} == set(dict(final.unet.named_parameters()))
+    # The EMA's own pipeline: the checkpoint's average, neither the trained weights nor the base.
+    averaged = unet_weights(StableDiffusionPipeline.from_pretrained(run / "model_ema").unet)
+    shadow = checkpoint["callbacks"]["EMA"]["shadow"]
+    assert all(torch.equal(averaged[k], shadow["unet." + k]) for k in moved)
+    assert all(not torch.equal(averaged[k], trained[k]) and not torch.equal(averaged[k], base[k]) for k in moved[:20])
 
 
 def test_lora_options_stack_and_the_adapter_loads_in_diffusers(tiny_model_dir, shapes_dir, tmp_path):

@@ -74,3 +74,8 @@ def test_pivotal_recipe_adds_a_token_beside_the_lora():
     model = config["model"]["init_args"]
     assert model["new_tokens"]["tokens"] == ["<sks>"] and len(model["new_tokens"]["init_words"]) == 1
     assert model["lora"]["rank"] == 16 and any("<sks>" in p for p in config["samples"]["prompts"])
+
+
+def test_full_recipe_keeps_an_ema():
+    config = yaml.safe_load(next(r for r in RECIPES if r.name == "sd15/full").path.read_text())
+    assert config["ema"] == {"enabled": True, "decay": 0.9999, "for_samples": True}
