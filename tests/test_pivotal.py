@@ -9,8 +9,7 @@ from PIL import Image
 
 from sdtune.data import CaptionDataModule
 from sdtune.errors import SdtuneError
-from sdtune.finetune import LoRAFineTune
-from sdtune.lora import TextEncoderLora
+from sdtune.finetune import LoRAFineTune, TextualInversion
 from sdtune.new_tokens import NewTokens
 from test_cli import sdtune
 from training import fit
@@ -25,7 +24,7 @@ def _encode(module, text):
 
 
 def test_only_the_new_row_trains_and_it_starts_from_its_init_word(tiny_model_dir, shapes_dir, tmp_path):
-    module = LoRAFineTune(str(tiny_model_dir), lora=None, new_tokens=TOKENS)
+    module = TextualInversion(str(tiny_model_dir), new_tokens=TOKENS)
     embedding = module.token_embedding
     base_rows = embedding.weight.detach().clone()
     word_ids = module.tokenizer("circle", add_special_tokens=False).input_ids
@@ -48,8 +47,6 @@ def test_bad_new_tokens_are_one_line(tiny_model_dir, tiny_sdxl_dir):
     cases = [
         (dict(new_tokens={"tokens": ["red"], "init_words": ["blue"]}), "already in the tokenizer's vocabulary"),
         (dict(new_tokens={"tokens": ["<a>", "<b>"], "init_words": ["red"]}), "2 tokens but 1 init_words"),
-        (dict(lora=None), "model.lora is null"),
-        (dict(lora=None, new_tokens=TOKENS, text_encoder_lora=TextEncoderLora()), "model.lora is null"),
     ]
     for kwargs, message in cases:
         with pytest.raises(SdtuneError, match=message):
@@ -97,3 +94,27 @@ def test_pivotal_recipe_trains_through_the_cli_and_both_embedding_files_load_in_
     wrong = sdtune("sample", *common, "--embedding", run / "adapter" / "pytorch_lora_weights.safetensors",
                    "--out", tmp_path / "wrong", check=False)  # fmt: skip
     assert wrong.returncode == 2 and "not a textual-inversion embedding" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_textual_inversion_recipe_writes_embeddings_that_change_diffusers_images(tiny_model_dir, shapes_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    run = tmp_path / "run"
+    sdtune("fit", "--config", "sd15/textual_inversion", "--model.pretrained", tiny_model_dir,
+           "--data.subsets", f"[{{root: {shapes_dir}, prefix: <sks>}}]", "--data.resolution", 64, "--data.buckets", "false",
+           "--data.num_workers", 0, "--trainer.precision", "32-true", "--trainer.max_steps", 4,
+           "--trainer.default_root_dir", run, "--model.new_tokens.init_words", "[circle]", "--model.new_tokens.lr", 0.1, "--model.lr_schedule.warmup_steps", 0,
+           "--samples.enabled", "false")  # fmt: skip
+    assert not (run / "adapter" / "pytorch_lora_weights.safetensors").exists()
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def image(prompt):
+        out = pipe(prompt, num_inference_steps=4, height=64, width=64, generator=torch.Generator().manual_seed(0))
+        return np.asarray(out.images[0], dtype=np.float64)
+
+    init = image("a photo of circle")
+    pipe.load_textual_inversion(str(run / "adapter" / "embeddings_a1111" / "sks.safetensors"), token="<sks>")
+    assert np.abs(image("a photo of <sks>") - init).mean() > 1  # the learned row is not its init word's any more
+    exported = sdtune("export", run, "--format", "kohya", "--out", tmp_path / "x.safetensors", check=False)
+    assert exported.returncode == 2 and "no LoRA to export" in exported.stderr

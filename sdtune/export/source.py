@@ -20,7 +20,7 @@ from sdtune.models.pretrained import HUB_ID
 
 ADAPTER = "default"
 SD2_TEXT_WIDTH = 1024  # OpenCLIP ViT-H; SD1.x's CLIP ViT-L is 768
-EMBEDDINGS_ONLY = ("{} trained new-token embeddings alone (model.lora: null), so there is no LoRA to export; they are "
+EMBEDDINGS_ONLY = ("{} trained new-token embeddings alone (TextualInversion), so there is no LoRA to export; they are "
                    "in adapter/embeddings/ (diffusers) and adapter/embeddings_a1111/ (A1111), checked when written")
 # A last.ckpt this much newer than adapter/ comes from training that went on after the adapter was written.
 UNFINISHED_AFTER_S = 60
@@ -109,7 +109,9 @@ def _module_from_checkpoint(checkpoint: dict, path: Path, pretrained: str | None
     hparams.pop("init_adapter", None)  # the checkpoint holds the trained weights; the starting file may be gone
     if pretrained is not None:
         hparams.update(pretrained=pretrained, pretrained_config=pretrained_config)
-    if hparams.get("lora", "") is None:
+    from sdtune.finetune import TextualInversion
+
+    if issubclass(cls, TextualInversion):
         raise SdtuneError(EMBEDDINGS_ONLY.format(path))
     module = cls(**hparams)
     module.on_load_checkpoint(checkpoint)  # one-line error when the tensors do not fit

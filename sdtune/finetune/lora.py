@@ -23,8 +23,8 @@ class LoRAFineTune(DiffusionFineTune):
             SDXL it adapts both text encoders, with the same settings.
         new_tokens: Tokens to add to the text encoder, each with a trainable embedding row initialised from a word
             (textual inversion; with the LoRA: pivotal tuning). Written beside the adapter for diffusers'
-            load_textual_inversion (`embeddings/`) and AUTOMATIC1111 (`embeddings_a1111/`). With `lora: null` only
-            the embeddings train.
+            load_textual_inversion (`embeddings/`) and AUTOMATIC1111 (`embeddings_a1111/`). `TextualInversion`
+            trains them without a LoRA.
         init_adapter: A LoRA whose weights start training: an sdtune/diffusers adapter folder or
             pytorch_lora_weights.safetensors, or a kohya/AUTOMATIC1111 .safetensors; its ranks must match model.lora
             (and model.text_encoder_lora). Its alpha may differ: the weights are rescaled to the same update.
@@ -37,25 +37,29 @@ class LoRAFineTune(DiffusionFineTune):
     def __init__(
         self,
         pretrained: str,
-        lora: LoraSettings | None = LoraSettings(),
+        lora: LoraSettings = LoraSettings(),
         text_encoder_lora: TextEncoderLora | None = None,
         new_tokens: NewTokens | None = None,
         init_adapter: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(pretrained=pretrained, **kwargs)
-        self.lora = as_settings(LoraSettings, lora)
-        self.new_tokens = as_settings(NewTokens, new_tokens)
-        self.text_encoder_lora = as_settings(TextEncoderLora, text_encoder_lora)
-        if self.lora is None and (self.new_tokens is None or self.text_encoder_lora is not None):
-            raise SdtuneError("model.lora is null: only textual inversion (model.new_tokens, no text_encoder_lora) trains without a UNet LoRA")
+        self._attach(as_settings(LoraSettings, lora), as_settings(TextEncoderLora, text_encoder_lora),
+                     as_settings(NewTokens, new_tokens), init_adapter)  # fmt: skip
+        self._record_hparams(lora=self.lora, text_encoder_lora=self.text_encoder_lora, new_tokens=self.new_tokens,
+                             init_adapter=self.init_adapter)  # fmt: skip
+
+    def _attach(
+        self, lora: LoraSettings | None, text_encoder_lora: TextEncoderLora | None, new_tokens: NewTokens | None,
+        init_adapter: str | None,
+    ) -> None:  # fmt: skip
+        """Attach what trains: the adapters (`lora` None: none on the UNet, for TextualInversion) and new tokens."""
+        self.lora, self.text_encoder_lora, self.new_tokens = lora, text_encoder_lora, new_tokens
         if self.new_tokens is not None and self.is_sdxl:
             raise SdtuneError("model.new_tokens is not supported for SDXL models yet")
         self.init_adapter = None if init_adapter is None else str(init_adapter)
         if self.init_adapter is not None and self.is_sdxl:
             raise SdtuneError("model.init_adapter is not supported for SDXL models yet; train from a fresh adapter")
-        self._record_hparams(lora=self.lora, text_encoder_lora=self.text_encoder_lora, new_tokens=self.new_tokens,
-                             init_adapter=self.init_adapter)  # fmt: skip
         if self.lora is not None:
             add_lora(self.unet, self.lora)
         if self.text_encoder_lora is not None:  # on both of SDXL's text encoders, as kohya's sdxl_train_network
@@ -89,7 +93,6 @@ class LoRAFineTune(DiffusionFineTune):
         return groups
 
     def save_weights(self, out_dir: str | Path) -> Path:
-        """Write the adapter(s) in the diffusers format (`pytorch_lora_weights.safetensors`)."""
         """Write the adapter(s) in the diffusers format (`pytorch_lora_weights.safetensors`) and the new tokens'
         embeddings beside them, each read back by diffusers' reader."""
         path = Path(out_dir)
@@ -102,3 +105,21 @@ class LoRAFineTune(DiffusionFineTune):
         if self.text_encoder_lora is None:
             return save_diffusers_adapter(self.unet, out_dir)
         return save_diffusers_adapter(self.unet, out_dir, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2)
+
+
+class TextualInversion(LoRAFineTune):
+    """Textual inversion: only the new tokens' embedding rows train, no LoRA. Writes `adapter/embeddings/` (diffusers'
+    load_textual_inversion) and `adapter/embeddings_a1111/` (AUTOMATIC1111).
+
+    Args:
+        pretrained: Diffusers model directory or Hugging Face Hub id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5.
+        new_tokens: The tokens to add, each with a trainable embedding row initialised from a word.
+        **kwargs: The options every fine-tune shares (pretrained, optimizer, lr_schedule, objective, …).
+    """
+
+    mismatch_hint = "model.new_tokens differ from the run that wrote it"
+
+    def __init__(self, pretrained: str, new_tokens: NewTokens, **kwargs: Any) -> None:
+        DiffusionFineTune.__init__(self, pretrained=pretrained, **kwargs)
+        self._attach(None, None, as_settings(NewTokens, new_tokens), None)
+        self._record_hparams(new_tokens=self.new_tokens)
