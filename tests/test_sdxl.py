@@ -18,7 +18,7 @@ from sdtune.lora import LoraSettings, TextEncoderLora
 from sdtune.models.pretrained import load_pipeline, load_stable_diffusion, load_tokenizers
 from sdtune.sampling import encode_prompt_pair
 from sdtune.text import caption_ids
-from test_cli import sdtune
+from test_cli import sdtune, sdtune_here
 from training import perturbed
 
 PROMPT = "a red circle"
@@ -218,11 +218,11 @@ def test_sdxl_recipe_trains_through_the_cli_and_every_file_loads_in_diffusers(ti
     # sdtune sample (float32) and the exported files: each loads in plain diffusers and gives sdtune's image.
     sample_options = ["--model", tiny_sdxl_dir, "--prompt", PROMPT, "--seed", 0, "--steps", 4, "--guidance", 6.0,
                       "--scheduler", "dpmpp_2m", "--width", 64, "--height", 64]  # fmt: skip
-    sdtune("sample", *sample_options, "--adapter", run / "adapter", "--out", tmp_path / "ours")
+    sdtune_here("sample", *sample_options, "--adapter", run / "adapter", "--out", tmp_path / "ours")
     ours = _png(next((tmp_path / "ours").glob("*.png")))
     kohya, folder = tmp_path / "lora_kohya.safetensors", tmp_path / "lora_diffusers"
-    sdtune("export", run, "--format", "kohya", "--out", kohya)
-    sdtune("export", run, "--format", "diffusers", "--out", folder)
+    sdtune_here("export", run, "--format", "kohya", "--out", kohya)
+    sdtune_here("export", run, "--format", "diffusers", "--out", folder)
     from safetensors import safe_open
 
     with safe_open(str(kohya), "pt") as file:
