@@ -48,6 +48,7 @@ def test_bad_new_tokens_are_one_line(tiny_model_dir, tiny_sdxl_dir):
     cases = [
         (dict(new_tokens={"tokens": ["red"], "init_words": ["blue"]}), "already in the tokenizer's vocabulary"),
         (dict(new_tokens={"tokens": ["<a>", "<b>"], "init_words": ["red"]}), "2 tokens but 1 init_words"),
+        (dict(lora=None), "nothing would train"),
     ]
     for kwargs, message in cases:
         with pytest.raises(SdtuneError, match=message):

@@ -55,6 +55,8 @@ class LoRAFineTune(DiffusionFineTune):
     ) -> None:  # fmt: skip
         """Attach what trains: the adapters (`lora` None: none on the UNet, for TextualInversion) and new tokens."""
         self.lora, self.text_encoder_lora, self.new_tokens = lora, text_encoder_lora, new_tokens
+        if lora is None and new_tokens is None:
+            raise SdtuneError("model.lora is null and there are no model.new_tokens: nothing would train")
         if self.new_tokens is not None and self.is_sdxl:
             raise SdtuneError("model.new_tokens is not supported for SDXL models yet")
         self.init_adapter = None if init_adapter is None else str(init_adapter)
