@@ -20,7 +20,7 @@ from sdtune.data.captions import process_caption
 from sdtune.data.records import Record
 from sdtune.data.transforms import Geometry, load_image, load_mask, mask_to_tensor, to_tensor
 from sdtune.errors import SdtuneError, first_line
-from sdtune.text import CaptionTokenizer, caption_ids
+from sdtune.text import CaptionTokenizer
 
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -97,14 +97,11 @@ class CaptionDataset(Dataset):
         self.tag_dropout = tag_dropout
         self.max_token_length = max_token_length or tokenizer.model_max_length - 2
         self.masks = masks
-        self.tokenize_all = CaptionTokenizer([t for t in (tokenizer, tokenizer_2) if t is not None], self.max_token_length)
+        # caption → {"input_ids": (chunks, model_max_length), …}: SD1/2 use 77, but nothing here may assume it.
+        self.tokenize = CaptionTokenizer([t for t in (tokenizer, tokenizer_2) if t is not None], self.max_token_length)
 
     def __len__(self) -> int:
         return len(self.records)
-
-    def tokenize(self, caption: str) -> torch.Tensor:
-        """(chunks, model_max_length) ids: SD1/2 use 77, but nothing here may assume it."""
-        return caption_ids(self.tokenizer, self.max_token_length, caption)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         """The sample `key`; when its image cannot be read, the next readable image of the same size (bucket) in
@@ -155,7 +152,7 @@ class CaptionDataset(Dataset):
         geometry = Geometry.plan(image.size, size, self.center_crop, flip, crop_draws)
         sample = {
             "pixel_values": to_tensor(geometry.apply(image)),
-            **self.tokenize_all(caption),
+            **self.tokenize(caption),
             "caption": caption,
             "path": record.path,
             "sample_key": sample_key(key),

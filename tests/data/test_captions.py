@@ -84,4 +84,4 @@ def test_dataset_tag_options_change_captions_but_no_image_or_dropout_draw(tmp_pa
     kept = [b["caption"] for b in tagged if b["caption"]]
     assert all(c.startswith("sks, tag0") for c in kept) and len(set(kept)) == len(kept)
     plain_dataset = CaptionDataset(records, tokenizer, 8)
-    assert all(torch.equal(b["input_ids"], plain_dataset.tokenize(b["caption"])) for b in tagged)
+    assert all(torch.equal(b["input_ids"], plain_dataset.tokenize(b["caption"])["input_ids"]) for b in tagged)

@@ -143,7 +143,7 @@ def test_caption_dropout_rate_and_dropped_ids_equal_empty_caption(tmp_path, toke
     samples = [dataset[i] for i in range(400)]
     dropped = [s for s in samples if s["caption"] == ""]
     assert 0.18 < len(dropped) / 400 < 0.32
-    empty_ids = dataset.tokenize("")
+    empty_ids = dataset.tokenize("")["input_ids"]
     assert all(torch.equal(s["input_ids"], empty_ids) for s in dropped)
     kept = [s for s in samples if s["caption"]]
     assert all(s["caption"] == f"caption {i}" for i, s in enumerate(samples) if s["caption"])
