@@ -1,4 +1,4 @@
-"""The `sdtune` command: `fit` and `validate` through LightningCLI, plus `ls`, `cp`, `sample`, `evaluate`, `export`, `demo`, `toy` and `prep`."""
+"""The `sdtune` command: `fit` and `validate` through LightningCLI, plus `ls`, `cp`, `sample`, `evaluate`, `export`, `demo`, `toy`, `prep` and `env`."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ commands:
   demo        offline end-to-end demo on a tiny model (CPU, a few minutes)
   toy         the toy world's base model: init (random weights), build (reproduce the shipped one)
   prep        dataset tools: build, check, caption, cache, shapes (`sdtune prep --help`)
+  env         versions of sdtune, Python, torch (and its GPUs) and the libraries, for bug reports
 
 examples:
   sdtune prep build ~/photos/my_dog --out data/my_dog --prefix "sks dog"
@@ -111,6 +112,21 @@ def cmd_cp(args: list[str]) -> int:
     return 0
 
 
+def cmd_env(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sdtune env",
+        description="Print the versions of sdtune, Python, torch (CUDA/MPS, GPUs), diffusers, transformers, peft, "
+        "lightning and the other libraries, and whether each is in sdtune's declared range: paste it into bug reports.",
+        epilog="example:\n  sdtune env",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.parse_args(args)
+    from sdtune.environment import report
+
+    print(report())
+    return 0
+
+
 def cmd_lightning(subcommand: str, args: list[str]) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -178,6 +194,10 @@ NOISE = {
 }
 
 
+# Commands that load no model run whatever is installed; `env` reports what is wrong instead of refusing.
+NO_VERSION_CHECK = ("ls", "cp", "env")
+
+
 def _drop_noise() -> None:
     for name, text in NOISE.items():
         logging.getLogger(name).addFilter(lambda record, text=text: text not in record.getMessage())
@@ -192,8 +212,14 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"ls": cmd_ls, "cp": cmd_cp, "sample": cmd_sample, "evaluate": cmd_evaluate, "export": cmd_export, "demo": cmd_demo, "toy": cmd_toy, "prep": cmd_prep}
+    commands = {"ls": cmd_ls, "cp": cmd_cp, "sample": cmd_sample, "evaluate": cmd_evaluate, "export": cmd_export, "demo": cmd_demo, "toy": cmd_toy, "prep": cmd_prep, "env": cmd_env}
     try:
+        if command not in NO_VERSION_CHECK and "-h" not in rest and "--help" not in rest:
+            from sdtune.environment import check_requirements
+
+            problems = check_requirements()
+            if problems:
+                raise SdtuneErrors(problems)
         if command in ("fit", "validate"):
             return cmd_lightning(command, rest)
         if command in commands:
