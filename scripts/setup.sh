@@ -29,7 +29,8 @@ if [ "$venv" = .venv ]; then
     "${pip[@]}" --no-deps -e ".[test]"
     exit 0
 fi
-"${pip[@]}" --upgrade --upgrade-strategy eager -e ".[test]"
+# The lock's torch as a constraint: the newest torch pyproject.toml allows is a CUDA build of several GB here.
+"${pip[@]}" --upgrade --upgrade-strategy eager -e ".[test]" -c /dev/stdin <<<"${torch_lines%% *}"
 echo "newest allowed versions that differ from the lock:"
 normalise() { tr 'A-Z_' 'a-z-' | sort; }
 "$venv/bin/python" -m pip freeze --exclude-editable | normalise > "$venv/resolved.txt"
