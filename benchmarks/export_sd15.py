@@ -53,7 +53,7 @@ def build_adapter(model: Path, out: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from training import trained_adapter
 
-    from sdtune.lora import LoraSettings, TextEncoderLora
+    from sdtune.adapters.lora import LoraSettings, TextEncoderLora
 
     trained_adapter(model, out, std=0.01, lora=LoraSettings(rank=16, alpha=8.0), text_encoder_lora=TextEncoderLora(rank=8, alpha=8.0))
 

@@ -160,7 +160,7 @@ def timed(command: list[str], times_file: Path) -> dict:
 def prepare(work: Path, model: str, resolution: int, images: int) -> tuple[Path, Path]:
     data = work / f"shapes-{images}-{resolution}"
     if not (data / "metadata.jsonl").is_file():
-        from data_prep.shapes import make_shapes_dataset
+        from sdtune.toy.shapes import make_shapes_dataset
 
         make_shapes_dataset(data, count=images, size=resolution, seed=0)
     model_dir = work / model

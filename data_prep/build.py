@@ -26,7 +26,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_prep.build_output import (
-    METADATA_NAME, REPORT_NAME, OutputNames, check_paths, prepare_destination, write_arrow, write_metadata,
+    METADATA_NAME,
+    REPORT_NAME,
+    OutputNames,
+    check_paths,
+    prepare_destination,
+    write_arrow,
+    write_metadata,
     write_report,
 )
 from data_prep.dedupe import DuplicateIndex

@@ -3,11 +3,11 @@
 Per image, the VAE posterior's mean and std (unscaled: no scaling or shift factor applied; stored as float32) at
 the image's bucket size (resized with LANCZOS to cover the bucket, then centre-cropped), and with `flip` also for the
 mirrored image. Training draws `mean + std * eps` and then scales, exactly as encoding on the fly does
-(`data_prep.cache_index.sample_latents`). Per distinct caption (and always the empty caption, for caption dropout),
-the text encoder's output for `sdtune.text.tokenize_chunks` ids: (chunks·model_max_length)×width, float32.
+(`sdtune.data.cache.index.sample_latents`). Per distinct caption (and always the empty caption, for caption dropout),
+the text encoder's output for `sdtune.models.text.tokenize_chunks` ids: (chunks·model_max_length)×width, float32.
 
-The files are laid out as `data_prep.cache_index` describes, one folder per VAE + text encoder + tokenizer; each
-entry is named by a key over everything its tensors depend on (`data_prep.cache_keys`), so a changed input gives a
+The files are laid out as `sdtune.data.cache.index` describes, one folder per VAE + text encoder + tokenizer; each
+entry is named by a key over everything its tensors depend on (`sdtune.data.cache.keys`), so a changed input gives a
 new key, never a stale entry. Entries are written to a temporary file and renamed, so an interrupted run leaves only
 complete entries and a rerun computes only the rest. Old entries are never deleted (switching settings back reuses
 them); delete DST/cache to reclaim the space.
@@ -27,12 +27,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from data_prep.cache_encode import DTYPES, Encoders, SourceImage, compute_latents, compute_text
-from data_prep.cache_index import CacheIndex, CacheRow, cache_root, write_index
-from data_prep.cache_keys import FORMAT, digest, file_hash, latent_key, model_folder, model_identity, text_key
 from data_prep.dataset import DEFAULT_AREA, fill_bucket, load_folder, read_size
 from sdtune.data.buckets import format_bucket, make_buckets, parse_bucket
+from sdtune.data.cache.encode import DTYPES, Encoders, SourceImage, compute_latents, compute_text
+from sdtune.data.cache.index import CacheIndex, CacheRow, cache_root, write_index
+from sdtune.data.cache.keys import FORMAT, digest, file_hash, latent_key, model_folder, model_identity, text_key
 from sdtune.errors import SdtuneError
+from sdtune.models.families import vae_scale_factor
 
 CROPS = ("center",)  # a random crop differs every step; it cannot be cached
 
@@ -106,7 +107,7 @@ def _vae_facts(pretrained: str, revision: str | None, settings: CacheSettings, i
         raise SdtuneError(
             f"prep cache: --clip-skip {settings.clip_skip} is more than the text encoder's {layers} layers"
         )
-    scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    scale = vae_scale_factor(vae_config)
     bad = next((image for image in images if any(side % scale for side in image.bucket)), None)
     if bad is not None:
         raise SdtuneError(
@@ -172,7 +173,7 @@ def build_cache(
     }
     vae_facts = _vae_facts(pretrained, revision, settings, images)
     if missing_text:
-        from sdtune.text import chunk_count
+        from sdtune.models.text import chunk_count
 
         chunk_count(encoders.tokenizer, settings.max_token_length, "--max-token-length")
     total = len(missing_latents) + len(missing_text)

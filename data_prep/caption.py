@@ -55,12 +55,12 @@ def _resolve(model: str) -> str:
 
 def _load(cls: Any, model: str, what: str, **kwargs: Any) -> Any:
     """`cls.from_pretrained` with one-line errors, as `sdtune.models.pretrained._load` does for SD parts."""
-    from sdtune.models.pretrained import _offline_hint
+    from sdtune.models.pretrained import offline_hint
 
     try:
         return cls.from_pretrained(model, **kwargs)
     except (OSError, ValueError, KeyError) as err:
-        raise SdtuneError(f"caption --model '{model}': {what} could not be loaded{_offline_hint()}: {first_line(err)}") from err
+        raise SdtuneError(f"caption --model '{model}': {what} could not be loaded{offline_hint()}: {first_line(err)}") from err
 
 
 def load_captioner(model: str, device: str | None = None) -> tuple[Any, Any]:

@@ -30,7 +30,14 @@ from tqdm import tqdm
 from data_prep.check_captions import check_captions
 from data_prep.check_report import format_table, issue, write_report
 from data_prep.dataset import (
-    DEFAULT_AREA, IMAGE_ERRORS, METADATA, Entry, bucket_order, fill_bucket, load_entries, quote_names,
+    DEFAULT_AREA,
+    IMAGE_ERRORS,
+    METADATA,
+    Entry,
+    bucket_order,
+    fill_bucket,
+    load_entries,
+    quote_names,
     upright_size,
 )
 from sdtune.data.buckets import make_buckets

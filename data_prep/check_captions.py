@@ -35,7 +35,7 @@ def count_tokens(captions: list[str], tokenizer: str | None) -> list[int]:
     if tokenizer is None:
         return [estimate_tokens(caption) for caption in captions]
     from sdtune.models.pretrained import load_tokenizer  # imports diffusers: only when asked for
-    from sdtune.text import text_token_ids
+    from sdtune.models.text import text_token_ids
 
     try:
         loaded = load_tokenizer(tokenizer)

@@ -16,16 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from sdtune.data.buckets import Bucket, assign_bucket, format_bucket, make_buckets, parse_bucket
-from sdtune.data.records import _jsonl_rows, discover_records, upright_size
+from sdtune.data.records import discover_records, jsonl_rows, upright_size
+from sdtune.data.transforms import IMAGE_ERRORS  # what PIL raises on files that are not (valid) images
 from sdtune.errors import SdtuneError, first_line
 
 METADATA = "metadata.jsonl"
 DEFAULT_AREA = 512 * 512
-# What PIL raises on files that are not (valid) images.
-IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 @dataclass
@@ -64,7 +63,7 @@ def metadata_path(dst: str | Path) -> Path:
 def read_rows(dst: str | Path) -> list[dict[str, Any]]:
     """The JSON objects of DST/metadata.jsonl in file order (blank lines skipped); each must have a `file_name`."""
     path = metadata_path(dst)
-    rows = _jsonl_rows(path, setting=str(path.parent))
+    rows = jsonl_rows(path, setting=str(path.parent))
     for number, row in enumerate(rows, start=1):
         if not isinstance(row.get("file_name"), str) or not row["file_name"].strip():
             raise SdtuneError(f"{path}: row {number} has no 'file_name'")

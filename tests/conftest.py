@@ -23,7 +23,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
-    from data_prep.shapes import make_shapes_dataset
+    from sdtune.toy.shapes import make_shapes_dataset
 
     return make_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", count=8, size=64, seed=0)
 

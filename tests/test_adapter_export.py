@@ -5,10 +5,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
-
-from sdtune.finetune import LoRAFineTune
-from sdtune.lora import ADAPTER_WEIGHTS, LoraSettings, TextEncoderLora
 from training import perturbed
+
+from sdtune.adapters.lora import ADAPTER_WEIGHTS, LoraSettings, TextEncoderLora
+from sdtune.finetune import LoRAFineTune
 
 
 @pytest.fixture(scope="module")

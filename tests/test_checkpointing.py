@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdtune.checkpointing import AtomicCheckpointIO, checkpoint_problem, pick_resume_checkpoint
 from sdtune.errors import SdtuneError
+from sdtune.finetune.checkpointing import AtomicCheckpointIO, checkpoint_problem, pick_resume_checkpoint
 
 TESTS = Path(__file__).parent
 
@@ -69,7 +69,7 @@ def test_a_write_that_fails_leaves_the_previous_checkpoint_and_no_partial_file(t
 def test_a_written_file_that_fails_its_check_is_not_renamed(tmp_path, monkeypatch):
     path = save(tmp_path / "last.ckpt", 1.0)
     before = path.read_bytes()
-    monkeypatch.setattr("sdtune.checkpointing.checkpoint_problem", lambda p: "a checksum does not match (data/0)")
+    monkeypatch.setattr("sdtune.finetune.checkpointing.checkpoint_problem", lambda p: "a checksum does not match (data/0)")
     with pytest.raises(SdtuneError, match="failed its check after writing"):
         save(path, 2.0)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
@@ -178,7 +178,7 @@ def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
 
     import numpy as np
 
-    from sdtune.rng_state import gather_states, restore_states
+    from sdtune.finetune.rng_state import gather_states, restore_states
 
     generator = torch.Generator().manual_seed(1)
     torch.randn(3, generator=generator)
@@ -198,7 +198,6 @@ def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
 def test_older_checkpoints_are_pruned_only_after_the_new_one_passed(tiny_model_dir, shapes_dir, tmp_path, monkeypatch):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
-
     from test_optimization import make_model
     from training import make_data
 
@@ -209,7 +208,7 @@ def test_older_checkpoints_are_pruned_only_after_the_new_one_passed(tiny_model_d
         checks.append(path)
         return "a checksum does not match (data/7)" if len(checks) == 3 else None  # step 1: top-k + last; step 2
 
-    monkeypatch.setattr("sdtune.checkpointing.checkpoint_problem", fails_at_step_two)
+    monkeypatch.setattr("sdtune.finetune.checkpointing.checkpoint_problem", fails_at_step_two)
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, plugins=[AtomicCheckpointIO()],
                         callbacks=[ModelCheckpoint(dirpath=folder, every_n_train_steps=1, save_top_k=1, save_last=True)])  # fmt: skip

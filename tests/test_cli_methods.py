@@ -4,7 +4,6 @@ LoRA run that stacks DoRA, conv ranks, a text-encoder adapter, 8-bit AdamW, Hube
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
-
 from test_cli import sdtune
 
 

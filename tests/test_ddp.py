@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-
 from test_cli import sdtune
 
 

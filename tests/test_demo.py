@@ -6,7 +6,7 @@ LoRA that does not train, a loss with the wrong target or a sampler that ignores
 import json
 
 from sdtune.cli import main
-from sdtune.demo import split_scores
+from sdtune.commands.demo import split_scores
 
 
 def test_demo_teaches_the_toy_base_orange_and_keeps_the_known_colours(tmp_path, capsys):

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_cli import sdtune
+from training import perturbed
 
+from sdtune.adapters.lora import LoraSettings
 from sdtune.data import CaptionDataModule
-from sdtune.data.dataset import collate
+from sdtune.data.batch import collate
 from sdtune.errors import SdtuneError
 from sdtune.finetune import LoRAFineTune
 from sdtune.finetune.objective import Objective
-from sdtune.lora import LoraSettings
-from test_cli import sdtune
-from training import perturbed
 
 
 def _batch(tiny_model_dir, shapes_dir, prior):

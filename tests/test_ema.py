@@ -7,13 +7,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from safetensors.torch import load_file
+from test_cli import sdtune, sdtune_here
+from training import fit, make_data, trainable
 
+from sdtune.adapters.lora import LoraSettings
 from sdtune.callbacks import EMA
 from sdtune.errors import SdtuneError
 from sdtune.finetune import LoRAFineTune
-from sdtune.lora import LoraSettings
-from test_cli import sdtune, sdtune_here
-from training import fit, make_data, trainable
 
 
 def test_decay_grows_with_warmup_up_to_its_cap():

@@ -4,11 +4,11 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from packaging.requirements import Requirement
 from packaging.version import Version

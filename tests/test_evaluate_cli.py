@@ -4,12 +4,12 @@ import json
 
 import pytest
 from PIL import Image
-
-from sdtune.cli import main
-from sdtune.lora import LoraSettings
-from sdtune.metrics import clip_scores, load_clip
 from tiny_clip import build_tiny_clip
 from training import trained_adapter
+
+from sdtune.adapters.lora import LoraSettings
+from sdtune.cli import main
+from sdtune.inference.metrics import clip_scores, load_clip
 
 
 @pytest.fixture(scope="module")

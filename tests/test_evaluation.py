@@ -4,10 +4,10 @@ import lightning as L
 import pytest
 import torch
 
+from sdtune.adapters.lora import LoraSettings
 from sdtune.data import CaptionDataModule
-from sdtune.evaluation import dataset_loss
 from sdtune.finetune import LoRAFineTune
-from sdtune.lora import LoraSettings
+from sdtune.finetune.evaluation import dataset_loss
 
 
 def test_dataset_loss_matches_validate_and_moves_only_with_the_weights(tiny_model_dir, shapes_dir):

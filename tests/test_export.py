@@ -12,11 +12,11 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_cli import sdtune
 
 from sdtune.cli import main
+from sdtune.inference.sampling import Adapter, generate, load_adapters
 from sdtune.models.pretrained import load_pipeline
-from sdtune.sampling import generate, load_adapters, Adapter
-from test_cli import sdtune
 
 PROMPT, SEED, STEPS, SIZE = "sks a red circle", 3, 3, 32
 

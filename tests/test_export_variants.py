@@ -5,14 +5,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors import safe_open
-import torch
 from safetensors.torch import load_file, save_file
-
-from sdtune.cli import main
-from sdtune.lora import LoraSettings, TextEncoderLora
 from training import trained_adapter
+
+from sdtune.adapters.lora import LoraSettings, TextEncoderLora
+from sdtune.cli import main
 
 VARIANTS = {
     "conv": dict(lora=LoraSettings(rank=4, alpha=2.0, conv_rank=2, conv_alpha=6.0)),
@@ -98,8 +98,8 @@ def test_a_text_encoder_dora_file_is_refused_by_the_loaders(adapters, tmp_path, 
 
 
 def test_training_starts_from_an_exported_kohya_file(adapters, tiny_model_dir, tmp_path):
+    from sdtune.adapters.lora import lora_state_dict
     from sdtune.finetune import LoRAFineTune
-    from sdtune.lora import lora_state_dict
 
     kohya = tmp_path / "lora.safetensors"
     assert main(["export", str(adapters["text_encoder"]), "--model", str(tiny_model_dir), "--format", "kohya", "--out", str(kohya)]) == 0

@@ -7,12 +7,12 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
-
-from sdtune.errors import SdtuneError
-from sdtune.finetune import LoRAFineTune, LRSchedule
-from sdtune.lora import LoraSettings, add_lora
 from training import fit
 from training import make_data as small_data
+
+from sdtune.adapters.lora import LoraSettings, add_lora
+from sdtune.errors import SdtuneError
+from sdtune.finetune import LoRAFineTune, LRSchedule
 
 
 def make_data(root, tiny_model_dir, batch_size=2):

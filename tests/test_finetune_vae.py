@@ -3,12 +3,12 @@
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from test_cli import sdtune
+from training import fit, make_data, trainable
 
 from sdtune.data import CaptionDataModule
 from sdtune.errors import SdtuneError
 from sdtune.finetune import VAEFineTune
-from test_cli import sdtune
-from training import fit, make_data, trainable
 
 
 def changed(before, after):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
-from sdtune.grid import GAP, GridLayout, make_grid, wrap_text
+from sdtune.inference.grid import GAP, GridLayout, make_grid, wrap_text
 
 
 def noise_images(rows, columns, size, seed=0):

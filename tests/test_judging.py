@@ -7,14 +7,14 @@ import json
 
 import pytest
 from PIL import Image, ImageDraw
+from training import trained_adapter
 
-import sdtune.sampling
-from data_prep.shapes import JUDGE_COLORS, judge
+import sdtune.inference.sampling
+from sdtune.adapters.lora import LoraSettings
 from sdtune.cli import main
 from sdtune.errors import SdtuneError
-from sdtune.judging import accuracy, format_table, judge_palette, parse_prompt, score, shape_prompts
-from sdtune.lora import LoraSettings
-from training import trained_adapter
+from sdtune.toy.judging import accuracy, format_table, judge_palette, parse_prompt, score, shape_prompts
+from sdtune.toy.shapes import JUDGE_COLORS, judge
 
 
 def drawn(color: str | tuple | None, shape: str | None, size: int = 64) -> Image.Image:
@@ -179,7 +179,7 @@ def _draw_instead(monkeypatch, recolor: dict[str, str]):
             for seed in seeds:
                 yield index, seed, drawn(recolor.get(color, color), shape, size=width)
 
-    monkeypatch.setattr(sdtune.sampling, "iter_images", iter_images)
+    monkeypatch.setattr(sdtune.inference.sampling, "iter_images", iter_images)
 
 
 @pytest.mark.parametrize(

@@ -6,13 +6,13 @@ import torch
 import yaml
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
+from test_cli import sdtune
+from training import fit, make_data, perturbed, trainable, trained_adapter
 
+from sdtune.adapters.lora import ADAPTER_WEIGHTS, LoraSettings, TextEncoderLora, lora_state_dict
 from sdtune.cli import main
 from sdtune.errors import SdtuneError
 from sdtune.finetune import LoRAFineTune
-from sdtune.lora import ADAPTER_WEIGHTS, LoraSettings, TextEncoderLora, lora_state_dict
-from test_cli import sdtune
-from training import fit, make_data, perturbed, trainable, trained_adapter
 
 FILE_LORA = dict(lora=LoraSettings(rank=4, alpha=8.0), text_encoder_lora=TextEncoderLora(rank=2, alpha=4.0))
 

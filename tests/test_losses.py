@@ -3,7 +3,7 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-from sdtune import losses
+from sdtune.finetune import losses
 
 
 @pytest.fixture

@@ -3,10 +3,10 @@
 import pytest
 import torch
 from PIL import Image
+from tiny_clip import build_tiny_clip
 
 from sdtune.errors import SdtuneError
-from sdtune.metrics import clip_scores, load_clip
-from tiny_clip import build_tiny_clip
+from sdtune.inference.metrics import clip_scores, load_clip
 
 
 @pytest.fixture(scope="module")

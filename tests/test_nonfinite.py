@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from sdtune.callbacks import NonFiniteGuard
-from sdtune.callbacks.nonfinite import gradients_finite
-from sdtune.checkpointing import checkpoint_problem
-from sdtune.errors import SdtuneError
 from test_checkpointing import fit as fit_cli
 from test_optimization import make_model
 from training import fit, make_data, trainable
+
+from sdtune.callbacks import NonFiniteGuard
+from sdtune.callbacks.nonfinite import gradients_finite
+from sdtune.errors import SdtuneError
+from sdtune.finetune.checkpointing import checkpoint_problem
 
 
 def test_gradients_finite():

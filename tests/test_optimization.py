@@ -11,11 +11,11 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
+from training import fit, make_data, trainable
 
+from sdtune.adapters.lora import LoraSettings, TextEncoderLora
 from sdtune.errors import SdtuneError
 from sdtune.finetune import LoRAFineTune, LRSchedule
-from sdtune.lora import LoraSettings, TextEncoderLora
-from training import fit, make_data, trainable
 
 LR = 1e-3
 

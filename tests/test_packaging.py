@@ -29,7 +29,7 @@ def test_wheel_contents_and_requirements(wheel):
         entry_points = archive.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     assert {"sdtune/cli.py", "data_prep/shapes.py", "sdtune/recipes/sd15/lora.yaml", "sdtune/recipes/tiny/lora.yaml",
             "sdtune/models/tiny_tokenizer/vocab.json", "sdtune/models/tiny_tokenizer/merges.txt",
-            "sdtune/recipes/toy/lora.yaml", "sdtune/models/toy_base/unet/diffusion_pytorch_model.safetensors"} <= names
+            "sdtune/recipes/toy/lora.yaml", "sdtune/toy/base/unet/diffusion_pytorch_model.safetensors"} <= names
     assert "sdtune = sdtune.cli:main" in entry_points
     requirements = {Requirement(r).name: Requirement(r) for r in metadata.get_all("Requires-Dist") if "extra ==" not in r}
     assert "torchvision" not in requirements

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_cli import sdtune, sdtune_here
+from training import fit
 
+from sdtune.adapters.new_tokens import NewTokens
+from sdtune.cli import main
 from sdtune.data import CaptionDataModule
 from sdtune.errors import SdtuneError
 from sdtune.finetune import LoRAFineTune, TextualInversion
-from sdtune.new_tokens import NewTokens
-from sdtune.cli import main
-from test_cli import sdtune, sdtune_here
-from training import fit
 
 TOKENS = {"tokens": ["<sks>"], "init_words": ["circle"], "lr": 5e-2}
 
@@ -35,7 +35,7 @@ def test_only_the_new_row_trains_and_it_starts_from_its_init_word(tiny_model_dir
     plain, with_token = _encode(module, "a red circle"), _encode(module, "a <sks> circle")
     start = embedding.added.detach().clone()
     data = CaptionDataModule(subsets=[{"root": str(shapes_dir), "prefix": "<sks>"}], resolution=32, batch_size=4,
-                             center_crop=True, pretrained=str(tiny_model_dir))  # fmt: skip
+                             center_crop=True, pretrained=str(tiny_model_dir), added_tokens=module.added_tokens)  # fmt: skip
     fit(module, data, 4, tmp_path)
     assert data.tokenizer.convert_tokens_to_ids("<sks>") == len(base_rows)  # the data module tokenized it as one token
     assert torch.equal(embedding.weight, base_rows)  # every base row is the base model's

@@ -11,10 +11,10 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
-
-from sdtune.finetune import FullFineTune, LoRAFineTune, LRSchedule
-from sdtune.lora import LoraSettings
 from training import fit, make_data, trainable
+
+from sdtune.adapters.lora import LoraSettings
+from sdtune.finetune import FullFineTune, LoRAFineTune, LRSchedule
 
 INIT_SCALE = 2.0**10
 

@@ -18,7 +18,7 @@ def no_weights(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("model weights were loaded before the config was checked")
 
-    monkeypatch.setattr("sdtune.finetune.base.load_stable_diffusion", refuse)
+    monkeypatch.setattr("sdtune.finetune.base.load_model", refuse)
 
 
 def fit_errors(capsys, tiny_model_dir, shapes_dir, tmp_path, *args) -> list[str]:
@@ -97,7 +97,7 @@ def test_a_bad_setting_is_one_line_naming_its_key(name, capsys, tiny_model_dir, 
 
 def test_too_little_disk_for_the_checkpoints(capsys, tiny_model_dir, shapes_dir, tmp_path, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr("sdtune.preflight.shutil.disk_usage", lambda path: usage._replace(free=10 * 1024**2))
+    monkeypatch.setattr("sdtune.commands.preflight.shutil.disk_usage", lambda path: usage._replace(free=10 * 1024**2))
     errors = fit_errors(capsys, tiny_model_dir, shapes_dir, tmp_path)
     assert len(errors) == 1 and "has 0.0 GB free, but this run's checkpoints need about" in errors[0], errors
     assert "lower checkpoint.save_top_k" in errors[0]

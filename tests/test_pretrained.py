@@ -5,11 +5,11 @@ import sys
 import pytest
 
 from sdtune.errors import SdtuneError
-from sdtune.models import load_stable_diffusion, load_tokenizer
+from sdtune.models import load_model, load_tokenizer
 
 
 def test_tiny_model_loads_through_the_real_loader(tiny_model_dir):
-    parts = load_stable_diffusion(str(tiny_model_dir))
+    parts = load_model(str(tiny_model_dir))
     # Read from configs, never assumed: the tiny model differs from SD1.x on each of these.
     assert parts.vae_scale_factor == 2
     assert parts.text_encoder.config.hidden_size == parts.unet.config.cross_attention_dim == 32
@@ -31,10 +31,10 @@ def test_hub_id_offline_without_cache_is_one_clear_line(tmp_path, monkeypatch):
 
 def test_missing_local_directory_and_incomplete_directory(tmp_path):
     with pytest.raises(SdtuneError, match="does not exist"):
-        load_stable_diffusion(str(tmp_path / "nope" / "model"))
+        load_model(str(tmp_path / "nope" / "model"))
     (tmp_path / "half" / "unet").mkdir(parents=True)
     with pytest.raises(SdtuneError, match="missing vae/, text_encoder/, tokenizer/, scheduler/"):
-        load_stable_diffusion(str(tmp_path / "half"))
+        load_model(str(tmp_path / "half"))
 
 
 def test_tiny_model_is_a_complete_diffusers_pipeline(tiny_model_dir):

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from sdtune.cli import main
-from sdtune.recipes import list_recipes
+from sdtune.commands.recipes import list_recipes
 
 RECIPES = list_recipes()
 

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-
-from sdtune.cli import main
-from sdtune.lora import LoraSettings
 from training import trained_adapter
+
+from sdtune.adapters.lora import LoraSettings
+from sdtune.cli import main
 
 FAST = ["--steps", "2", "--width", "32", "--height", "32"]
 

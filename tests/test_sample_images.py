@@ -13,17 +13,17 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
+from training import fit, make_data, trainable
 
+from sdtune.adapters.lora import LoraSettings
 from sdtune.callbacks import SampleImages
 from sdtune.callbacks.sample_images import untouched
 from sdtune.cli import main
+from sdtune.commands.recipes import find_recipe
 from sdtune.data import CaptionDataModule
 from sdtune.errors import SdtuneError
 from sdtune.finetune import LoRAFineTune, LRSchedule
-from sdtune.grid import GridLayout
-from sdtune.lora import LoraSettings
-from sdtune.recipes import find_recipe
-from training import fit, make_data, trainable
+from sdtune.inference.grid import GridLayout
 
 PROMPTS = ["a red circle", "a blue square"]
 FAST = dict(prompts=PROMPTS, seeds=[0, 1], steps=2, guidance_scale=4.0)

@@ -5,12 +5,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-
-from sdtune.errors import SdtuneError
-from sdtune.lora import LoraSettings, TextEncoderLora
 from training import trained_adapter
-from sdtune.models.pretrained import load_pipeline
-from sdtune.sampling import (
+
+from sdtune.adapters.lora import LoraSettings, TextEncoderLora
+from sdtune.errors import SdtuneError
+from sdtune.inference.sampling import (
     SCHEDULERS,
     Adapter,
     check_strength,
@@ -22,7 +21,8 @@ from sdtune.sampling import (
     make_scheduler,
     prepare_condition,
 )
-from sdtune.text import text_token_ids
+from sdtune.models.pretrained import load_pipeline
+from sdtune.models.text import text_token_ids
 
 SIZE = 32
 PROMPT = "a red circle"

@@ -5,11 +5,11 @@ from functools import partial
 
 import torch
 from safetensors.torch import load_file
+from training import fit, make_data
 
+from sdtune.adapters.lora import ADAPTER_WEIGHTS, LoraSettings
 from sdtune.callbacks import SaveAdapter
 from sdtune.finetune import FullFineTune, LoRAFineTune, LRSchedule
-from sdtune.lora import ADAPTER_WEIGHTS, LoraSettings
-from training import fit, make_data
 
 
 def make_model(tiny_model_dir):

@@ -8,14 +8,13 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler
 from PIL import Image
-
-from sdtune import losses
-from sdtune.errors import SdtuneError
-from sdtune.finetune import LoRAFineTune
-from sdtune.finetune.objective import Objective
-from sdtune.lora import LoraSettings
-from sdtune.sampling import make_scheduler
 from test_cli import sdtune, sdtune_here
+
+from sdtune.adapters.lora import LoraSettings
+from sdtune.errors import SdtuneError
+from sdtune.finetune import LoRAFineTune, losses
+from sdtune.finetune.objective import Objective
+from sdtune.inference.sampling import make_scheduler
 
 PROMPT = "a red circle"
 

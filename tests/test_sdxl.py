@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_cli import sdtune, sdtune_here
+from training import perturbed
 
+from sdtune.adapters.lora import LoraSettings, TextEncoderLora
 from sdtune.data import CaptionDataModule
 from sdtune.data.dataset import CaptionDataset
 from sdtune.data.records import discover_records
 from sdtune.errors import SdtuneError
 from sdtune.finetune import LoRAFineTune
-from sdtune.lora import LoraSettings, TextEncoderLora
-from sdtune.models.pretrained import load_pipeline, load_stable_diffusion, load_tokenizers
-from sdtune.sampling import encode_prompt_pair
-from sdtune.text import caption_ids
-from test_cli import sdtune, sdtune_here
-from training import perturbed
+from sdtune.inference.sampling import encode_prompt_pair
+from sdtune.models.pretrained import load_model, load_pipeline, load_tokenizers
+from sdtune.models.text import caption_ids
 
 PROMPT = "a red circle"
 
@@ -37,20 +37,20 @@ def wide_dir(tmp_path_factory):
 
 
 def test_tiny_sdxl_loads_with_both_text_encoders_and_tokenizers(tiny_sdxl_dir, tmp_path):
-    parts = load_stable_diffusion(str(tiny_sdxl_dir))
+    parts = load_model(str(tiny_sdxl_dir))
     assert type(parts.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
-    assert parts.force_zeros_for_empty_prompt
+    assert parts.family.name == "sdxl" and parts.options["force_zeros_for_empty_prompt"]
     assert [t.pad_token for t in load_tokenizers(str(tiny_sdxl_dir))] == ["<|endoftext|>", "!"]
     assert parts.vae.config.scaling_factor == 0.13025
     broken = tmp_path / "broken"
     shutil.copytree(tiny_sdxl_dir, broken)
     shutil.rmtree(broken / "tokenizer_2")
     with pytest.raises(SdtuneError, match=r"missing tokenizer_2/"):
-        load_stable_diffusion(str(broken))
+        load_model(str(broken))
     single = tmp_path / "sdxl.safetensors"
     single.write_bytes(b"not read")
     with pytest.raises(SdtuneError, match=r"single-file SDXL checkpoints are not supported; pass the diffusers"):
-        load_stable_diffusion(str(single), pretrained_config=str(tiny_sdxl_dir))
+        load_model(str(single), pretrained_config=str(tiny_sdxl_dir))
 
 
 @pytest.mark.parametrize("clip_skip", [1, 2])
@@ -76,7 +76,7 @@ def test_prompt_encoding_is_the_sdxl_pipelines(tiny_sdxl_dir, clip_skip):
 def test_each_sample_records_its_original_size_and_crop(tiny_sdxl_dir, wide_dir):
     tokenizer, tokenizer_2 = load_tokenizers(str(tiny_sdxl_dir))
     records = sorted(discover_records(wide_dir), key=lambda r: r.path)
-    dataset = CaptionDataset(records, tokenizer, 32, random_flip=True, tokenizer_2=tokenizer_2)
+    dataset = CaptionDataset(records, [tokenizer, tokenizer_2], 32, random_flip=True)
     crops, flips = set(), set()
     for epoch in range(6):
         sample = dataset[(epoch, 0)]  # a 96×64 image: resized to 48×32, a random 32×32 window
@@ -103,8 +103,8 @@ def _pixels(image):
 def test_the_crop_and_sizes_reach_the_unet_as_time_ids(tiny_sdxl_dir, wide_dir):
     tokenizer, tokenizer_2 = load_tokenizers(str(tiny_sdxl_dir))
     records = sorted(discover_records(wide_dir), key=lambda r: r.path)
-    dataset = CaptionDataset(records[:2], tokenizer, 32, tokenizer_2=tokenizer_2)
-    from sdtune.data.dataset import collate
+    dataset = CaptionDataset(records[:2], [tokenizer, tokenizer_2], 32)
+    from sdtune.data.batch import collate
 
     batch = collate([dataset[0], dataset[1]])
     module = LoRAFineTune(str(tiny_sdxl_dir), lora=LoraSettings(rank=4), noise_seed=0).eval()
@@ -125,7 +125,7 @@ def test_caption_dropout_empties_the_caption_of_both_encoders(tiny_sdxl_dir, sha
                            pretrained=str(tiny_sdxl_dir), seed=1)  # fmt: skip
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    empty, empty_2 = caption_ids(dm.tokenizer, 75, ""), caption_ids(dm.tokenizer_2, 75, "")
+    empty, empty_2 = caption_ids(dm.tokenizer, 75, ""), caption_ids(dm.tokenizers[1], 75, "")
     assert not torch.equal(empty, empty_2)  # "!" pads the second
     dropped = [caption == "" for caption in batch["caption"]]
     assert any(dropped) and not all(dropped)
@@ -271,13 +271,13 @@ def test_long_captions_are_encoded_in_windows_with_the_first_windows_pooled_embe
 
 
 def test_image_to_image_and_inpainting_run_the_sdxl_pipelines(tiny_sdxl_dir):
-    from sdtune.sampling import _pipeline_for, denoise, generate, prepare_condition
+    from sdtune.inference.sampling import denoise, generate, pipeline_for, prepare_condition
 
     pipe = load_pipeline(str(tiny_sdxl_dir))
     pipe.set_progress_bar_config(disable=True)
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     condition = prepare_condition(pipe, image, 64, 64, 0.05)
-    assert type(_pipeline_for(pipe, condition)).__name__ == "StableDiffusionXLImg2ImgPipeline"
+    assert type(pipeline_for(pipe, condition)).__name__ == "StableDiffusionXLImg2ImgPipeline"
     text = encode_prompt_pair(pipe, PROMPT, None)
     moved = {}
     for strength in (0.05, 0.6):  # the random UNet cannot denoise, so compare latents: they move with the strength
@@ -287,7 +287,7 @@ def test_image_to_image_and_inpainting_run_the_sdxl_pipelines(tiny_sdxl_dir):
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))
     inpaint = prepare_condition(pipe, image, 64, 64, 1.0, mask)
-    assert type(_pipeline_for(pipe, inpaint)).__name__ == "StableDiffusionXLInpaintPipeline"
+    assert type(pipeline_for(pipe, inpaint)).__name__ == "StableDiffusionXLInpaintPipeline"
     out = np.asarray(generate(pipe, [PROMPT], [0], steps=4, height=64, width=64, condition=inpaint)[0][0], dtype=np.float64)
     original = np.asarray(image, dtype=np.float64)
     assert np.abs(out[:8] - original[:8]).max() <= 1  # outside the (feathered) mask: the init image's own pixels

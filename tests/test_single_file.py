@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from ldm_checkpoint import write_ldm_checkpoint
 from PIL import Image
 from safetensors.torch import save_file
-
-from ldm_checkpoint import write_ldm_checkpoint
-from sdtune.cli import main
-from sdtune.errors import SdtuneError
-from sdtune.lora import LoraSettings
-from sdtune.models.pretrained import load_stable_diffusion, load_tokenizer
 from test_cli import sdtune
 from training import trained_adapter
+
+from sdtune.adapters.lora import LoraSettings
+from sdtune.cli import main
+from sdtune.errors import SdtuneError
+from sdtune.models.pretrained import load_model, load_tokenizer
 
 FAST = ["--steps", "2", "--width", "32", "--height", "32"]
 
@@ -33,7 +33,7 @@ def ldm_files(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def from_directory(tiny_model_dir):
-    return load_stable_diffusion(str(tiny_model_dir))
+    return load_model(str(tiny_model_dir))
 
 
 def outputs(parts) -> dict[str, torch.Tensor]:
@@ -55,7 +55,7 @@ def outputs(parts) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
 def test_parts_from_the_file_compute_what_the_directory_does(suffix, ldm_files, tiny_model_dir, from_directory):
-    parts = load_stable_diffusion(str(ldm_files[suffix]), pretrained_config=str(tiny_model_dir))
+    parts = load_model(str(ldm_files[suffix]), pretrained_config=str(tiny_model_dir))
     expected, got = outputs(from_directory), outputs(parts)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0, msg=name)
@@ -64,8 +64,8 @@ def test_parts_from_the_file_compute_what_the_directory_does(suffix, ldm_files, 
 
 
 def test_parts_load_in_their_own_dtypes(ldm_files, tiny_model_dir):
-    parts = load_stable_diffusion(str(ldm_files[".safetensors"]), pretrained_config=str(tiny_model_dir),
-                                  dtype=torch.bfloat16, unet_dtype=torch.float32)  # fmt: skip
+    parts = load_model(str(ldm_files[".safetensors"]), pretrained_config=str(tiny_model_dir),
+                                  dtype=torch.bfloat16, denoiser_dtype=torch.float32)  # fmt: skip
     assert (parts.vae.dtype, parts.text_encoder.dtype, parts.unet.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
 
 
@@ -182,7 +182,7 @@ def test_a_hub_id_in_the_offline_cache_gives_the_configs(ldm_files, tiny_model_d
     (repo / "refs" / "main").write_text(commit)
     copy_configs(tiny_model_dir, repo / "snapshots" / commit)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))  # read at import
-    parts = load_stable_diffusion(str(ldm_files[".safetensors"]), pretrained_config="org/tiny-sd")
+    parts = load_model(str(ldm_files[".safetensors"]), pretrained_config="org/tiny-sd")
     assert parts.unet.config.cross_attention_dim == 32 and parts.tokenizer.model_max_length == 77
 
 

@@ -5,9 +5,9 @@ from functools import partial
 
 import torch
 
+from sdtune.adapters.lora import LoraSettings, lora_state_dict
 from sdtune.data import CaptionDataModule
 from sdtune.finetune import LoRAFineTune
-from sdtune.lora import LoraSettings, lora_state_dict
 
 INPUT = (torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 700]))
 

@@ -11,8 +11,11 @@ import torch
 import yaml
 from lightning.fabric.utilities.throughput import measure_flops
 from lightning.pytorch.loggers import Logger
+from test_cli import sdtune
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from training import fit, make_data, trainable
 
+from sdtune.adapters.lora import LoraSettings
 from sdtune.callbacks import Throughput
 from sdtune.callbacks import throughput as throughput_module
 from sdtune.callbacks.throughput import batch_size, peak_rss_bytes, unet_flops_per_sample, unet_input_shape
@@ -20,9 +23,6 @@ from sdtune.cli import main
 from sdtune.data import CaptionDataModule
 from sdtune.errors import SdtuneError
 from sdtune.finetune import LoRAFineTune, LRSchedule
-from sdtune.lora import LoraSettings
-from test_cli import sdtune
-from training import fit, make_data, trainable
 
 KEYS = {"perf/step_time_ms", "perf/samples_per_sec", "perf/peak_memory_gb"}
 

@@ -3,12 +3,12 @@
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_cli import sdtune
 from transformers import CLIPTokenizer
 
 from sdtune.errors import SdtuneError
-from sdtune.models import load_stable_diffusion
-from sdtune.models.toy import TOY_WORDS, build_toy_stable_diffusion
-from test_cli import sdtune
+from sdtune.models import load_model
+from sdtune.toy.model import TOY_WORDS, build_toy_stable_diffusion
 
 
 def test_toy_words_are_single_tokens_and_other_text_still_tokenizes(tmp_path):
@@ -19,11 +19,11 @@ def test_toy_words_are_single_tokens_and_other_text_still_tokenizes(tmp_path):
     ids = [tokenizer(f"a {color} circle").input_ids for color in ("red", "green", "purple")]
     assert len({tuple(i) for i in ids}) == 3 and all(len(i) == 5 for i in ids)  # start, a, colour, circle, end
     assert tokenizer.decode(tokenizer("a zebra-striped hexagon").input_ids, skip_special_tokens=True) == "a zebra - striped hexagon"
-    assert len(tokenizer) == load_stable_diffusion(str(tmp_path / "toy")).text_encoder.config.vocab_size
+    assert len(tokenizer) == load_model(str(tmp_path / "toy")).text_encoder.config.vocab_size
 
 
 def test_toy_model_encodes_32_pixels_to_8x8_latents(tmp_path):
-    parts = load_stable_diffusion(str(build_toy_stable_diffusion(tmp_path / "toy")))
+    parts = load_model(str(build_toy_stable_diffusion(tmp_path / "toy")))
     with torch.no_grad():
         latents = parts.vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean
     assert latents.shape == (1, 4, 8, 8) and parts.unet.config.sample_size == 8
@@ -40,12 +40,12 @@ def test_toy_build_runs_every_step_and_writes_a_float16_base(tmp_path):
     files = load_file(base / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(t.dtype == torch.float16 for t in files.values())
     assert all(t.dtype == torch.float32 for t in load_file(base / "text_encoder" / "model.safetensors").values())
-    parts = load_stable_diffusion(str(base))
-    trained = load_stable_diffusion(str(tmp_path / "toy" / "base" / "model"))
+    parts = load_model(str(base))
+    trained = load_model(str(tmp_path / "toy" / "base" / "model"))
     assert parts.unet.dtype == torch.float32
     for name, tensor in trained.unet.state_dict().items():
         torch.testing.assert_close(parts.unet.state_dict()[name], tensor, rtol=1e-3, atol=1e-4)
-    random = load_stable_diffusion(str(tmp_path / "toy" / "random"))
+    random = load_model(str(tmp_path / "toy" / "random"))
     assert not torch.equal(trained.text_encoder.get_input_embeddings().weight, random.text_encoder.get_input_embeddings().weight)
     assert parts.vae.config.scaling_factor != random.vae.config.scaling_factor  # measured by the VAE run
     again = sdtune("toy", "build", "--out", tmp_path / "toy", check=False)
@@ -53,10 +53,10 @@ def test_toy_build_runs_every_step_and_writes_a_float16_base(tmp_path):
 
 
 def test_the_shipped_toy_base_is_found_by_name():
-    parts = load_stable_diffusion("sdtune:toy")
+    parts = load_model("sdtune:toy")
     assert parts.unet.config.sample_size * 4 == 32 and parts.unet.dtype == torch.float32
     with pytest.raises(SdtuneError, match="'sdtune:tiny' is not a model sdtune ships"):
-        load_stable_diffusion("sdtune:tiny")
+        load_model("sdtune:tiny")
 
 
 @pytest.mark.parametrize("command", ["init", "build"])

@@ -3,13 +3,13 @@ training that encodes every step; later runs reuse the entries (also those `sdtu
 
 import pytest
 import torch
+from test_cli import sdtune
+from training import fit, trainable
 
+from sdtune.adapters.lora import LoraSettings, TextEncoderLora
 from sdtune.data import CaptionDataModule
 from sdtune.errors import SdtuneError
 from sdtune.finetune import LoRAFineTune
-from sdtune.lora import LoraSettings, TextEncoderLora
-from test_cli import sdtune
-from training import fit, trainable
 
 SETTINGS = dict(resolution=32, batch_size=4, center_crop=True, random_flip=True, caption_dropout=0.5, seed=3)
 
@@ -70,7 +70,7 @@ def test_a_second_run_reuses_every_entry(tiny_model_dir, shapes_dir, tmp_path, m
     first.prepare_data()
     entries = sorted(p.name for p in (tmp_path / "cache").rglob("*.safetensors"))
     assert len([e for e in entries]) == 8 * 2 + len({*first.cached.captions, ""})  # upright + mirrored, captions
-    import data_prep.cache_training as cache_training
+    import sdtune.data.cache.training as cache_training
 
     monkeypatch.setattr(cache_training, "Encoders", None)  # loading the encoders again would fail the test
     again = data(shapes_dir, tiny_model_dir, tmp_path / "cache")
@@ -110,7 +110,7 @@ def test_fit_reuses_what_prep_cache_computed(tiny_model_dir, shapes_dir, tmp_pat
     dst = tmp_path / "shapes"
     shutil.copytree(shapes_dir, dst)
     build_cache(dst, str(tiny_model_dir), settings=CacheSettings(resolution=32))
-    import data_prep.cache_training as cache_training
+    import sdtune.data.cache.training as cache_training
 
     monkeypatch.setattr(cache_training, "Encoders", None)  # nothing may be computed again
     dm = CaptionDataModule(str(dst), pretrained=str(tiny_model_dir), cache=True, **{**SETTINGS, "random_flip": False})

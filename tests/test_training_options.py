@@ -6,10 +6,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from sdtune import losses
+from sdtune.adapters.lora import LoraSettings, TextEncoderLora
 from sdtune.errors import SdtuneError
-from sdtune.finetune import FullFineTune, LoRAFineTune, Objective
-from sdtune.lora import LoraSettings, TextEncoderLora
+from sdtune.finetune import FullFineTune, LoRAFineTune, Objective, losses
 from sdtune.models.clip import encode_text
 
 
@@ -178,7 +177,6 @@ def test_full_fine_tune_trains_every_unet_weight_in_fp32(tiny_model_dir):
 
 def test_full_fine_tune_can_train_the_text_encoder_and_saves_it(tiny_model_dir, shapes_dir, tmp_path):
     from diffusers import StableDiffusionPipeline as Pipeline
-
     from training import fit, make_data
 
     model = FullFineTune(str(tiny_model_dir), weight_dtype="bfloat16", train_text_encoder=True, text_encoder_lr=1e-2,

@@ -74,6 +74,8 @@ class EMA(L.Callback):
             raise SdtuneError("ema: the checkpoint's average covers other weights than this run trains; was it written by another kind of run?")
         for name, param in own.items():
             self.shadow[name] = self.shadow[name].to(param.device)
+        if self.for_samples and hasattr(pl_module, "sampling_weights"):
+            pl_module.sampling_weights = ("EMA weights", lambda: self.applied(pl_module))
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -129,8 +131,3 @@ class EMA(L.Callback):
     def _trainable(pl_module: L.LightningModule) -> dict[str, torch.nn.Parameter]:
         return {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
 
-
-def find_ema(trainer: L.Trainer | None) -> EMA | None:
-    """The run's enabled EMA callback, if any."""
-    callbacks = getattr(trainer, "callbacks", None) or []
-    return next((c for c in callbacks if isinstance(c, EMA) and c.enabled), None)

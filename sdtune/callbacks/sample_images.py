@@ -11,11 +11,10 @@ sampling gives bit-identical losses to a run without it.
 
 from __future__ import annotations
 
-import random
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -25,12 +24,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
-from sdtune.callbacks.ema import find_ema
 from sdtune.errors import SdtuneError
-from sdtune.grid import make_grid
-from sdtune.sampling import SCHEDULERS, generate, make_scheduler, pipeline_from_parts
-
-REQUIRED_PARTS = ("vae", "text_encoder", "tokenizer", "unet", "noise_scheduler")
+from sdtune.finetune.rng_state import untouched
+from sdtune.inference.grid import make_grid
+from sdtune.inference.sampling import SCHEDULERS, generate, make_scheduler
+from sdtune.models.families import vae_scale_factor
 
 
 class SampleImages(L.Callback):
@@ -102,11 +100,8 @@ class SampleImages(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.enabled and stage == TrainerFn.FITTING:
-            missing = [name for name in REQUIRED_PARTS if not hasattr(pl_module, name)]
-            if missing:
-                raise SdtuneError(
-                    f"samples: {type(pl_module).__name__} has no {', '.join(missing)}; set samples.enabled false"
-                )
+            if not hasattr(pl_module, "parts"):
+                raise SdtuneError(f"samples: {type(pl_module).__name__} has no model parts to sample; set samples.enabled false")
             self.resolution(trainer, pl_module)  # a size sampling cannot use fails now, not at the first sampling
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -147,8 +142,7 @@ class SampleImages(L.Callback):
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         default = getattr(datamodule, "resolution", None)
         if not isinstance(default, int):
-            vae_factor = 2 ** (len(pl_module.vae.config.block_out_channels) - 1)
-            default = pl_module.unet.config.sample_size * vae_factor
+            default = pl_module.denoiser.config.sample_size * vae_scale_factor(pl_module.vae)
         width, height = self.width or default, self.height or default
         for name, value in (("width", width), ("height", height)):
             if value % 8:  # diffusers' pipelines refuse other sizes
@@ -161,10 +155,10 @@ class SampleImages(L.Callback):
         """Images[prompt][seed] from the module's current weights; leaves randomness, modes and flags as found."""
         config = {**pl_module.noise_scheduler.config, "prediction_type": pl_module.prediction_type}
         scheduler = make_scheduler(self.scheduler, config)
-        pipe = pipeline_from_parts(pl_module, scheduler)
+        pipe = pl_module.parts.pipeline(scheduler)
         pipe.set_progress_bar_config(disable=True)
         # bf16 autocast matches how bf16-mixed training runs the UNet; fp16 autocast would risk the VAE overflowing.
-        device_type = pl_module.unet.device.type
+        device_type = pl_module.denoiser.device.type
         autocast = torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
         with untouched(pl_module), torch.inference_mode(False), torch.no_grad(), autocast:
             pl_module.eval()
@@ -178,9 +172,8 @@ class SampleImages(L.Callback):
         started = time.perf_counter()
         step = trainer.global_step
         width, height = self.resolution(trainer, pl_module)
-        ema = find_ema(trainer)
-        ema = ema if ema is not None and ema.for_samples else None
-        with ema.applied(pl_module) if ema is not None else nullcontext():
+        weights, swapped = pl_module.weights_for_sampling() if hasattr(pl_module, "weights_for_sampling") else (None, nullcontext())
+        with swapped:
             images = self.generate(pl_module, width, height, precision=str(trainer.precision))
         folder = self.folder(trainer, step)
         folder.mkdir(parents=True, exist_ok=True)
@@ -196,30 +189,5 @@ class SampleImages(L.Callback):
                 chw = torch.from_numpy(np.array(grid)).permute(2, 0, 1).contiguous()
                 logger.experiment.add_image("samples", chw, step, dataformats="CHW")
             logger.log_metrics({"samples/seconds": seconds}, step=step)
-        rank_zero_info(f"samples: {folder / 'grid.png'} ({seconds:.1f} s{', EMA weights' if ema is not None else ''})")
+        rank_zero_info(f"samples: {folder / 'grid.png'} ({seconds:.1f} s{f', {weights}' if weights else ''})")
         return folder
-
-
-@contextmanager
-def untouched(module: torch.nn.Module) -> Iterator[None]:
-    """Restore on exit: global random states, the module's `_generator`, each submodule's mode, requires_grad."""
-    python_state, numpy_state, cpu_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    generator = getattr(module, "_generator", None)
-    generator_state = generator.get_state() if isinstance(generator, torch.Generator) else None
-    modes = [(submodule, submodule.training) for submodule in module.modules()]
-    flags = [(parameter, parameter.requires_grad) for parameter in module.parameters()]
-    try:
-        yield
-    finally:
-        for submodule, training in modes:
-            submodule.training = training
-        for parameter, requires_grad in flags:
-            parameter.requires_grad_(requires_grad)
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-        torch.set_rng_state(cpu_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-        if generator_state is not None:
-            generator.set_state(generator_state)

@@ -37,8 +37,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 
-from sdtune.callbacks.sample_images import untouched
 from sdtune.errors import SdtuneError, first_line
+from sdtune.finetune.rng_state import untouched
+from sdtune.models.families import vae_scale_factor
 
 GIB = 2**30
 
@@ -229,7 +230,7 @@ def unet_input_shape(pl_module: L.LightningModule, batch: Any) -> tuple[tuple[in
     if isinstance(batch.get("latent_mean"), torch.Tensor):
         height, width = batch["latent_mean"].shape[-2:]
     elif isinstance(batch.get("pixel_values"), torch.Tensor) and hasattr(pl_module, "vae"):
-        factor = 2 ** (len(pl_module.vae.config.block_out_channels) - 1)
+        factor = vae_scale_factor(pl_module.vae)
         height, width = (size // factor for size in batch["pixel_values"].shape[-2:])
     else:
         return None
@@ -254,7 +255,7 @@ def unet_flops_per_sample(pl_module: L.LightningModule, latent_shape: tuple[int,
     is computed or allocated and the real weights and their gradients are not touched; random states, modes and
     requires_grad flags are restored afterwards all the same.
     """
-    unet = pl_module.unet
+    unet = pl_module.denoiser
     tensors = {**dict(unet.named_parameters()), **dict(unet.named_buffers())}
     meta = {name: torch.empty_like(t, device="meta").requires_grad_(t.requires_grad) for name, t in tensors.items()}
     dtype = unet.dtype

@@ -123,6 +123,7 @@ class BucketBatchSampler(Sampler[list[Key]]):
         self.total_batches = total
         self._per_rank = total // num_replicas
         self._position = 0  # batches of self.epoch handed out so far, including any skipped on resume
+        self.trained = 0  # batches of self.epoch trained on (see `mark_trained`), including any skipped on resume
         self._resume: tuple[int, int] | None = None  # (epoch, batches to skip), from load_state_dict
 
     @property
@@ -135,6 +136,7 @@ class BucketBatchSampler(Sampler[list[Key]]):
         if epoch != self.epoch:
             self._resume = None
             self._position = 0
+            self.trained = 0
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -165,7 +167,7 @@ class BucketBatchSampler(Sampler[list[Key]]):
         # runs out): torch's worker loader calls iter() twice and throws the first iterator away unused.
         epoch, resume = self.epoch, self._resume
         start = resume[1] if resume is not None and resume[0] == epoch else 0
-        self._position = start
+        self._position = self.trained = start
         batches = [[(epoch, index) for index in batch] for batch in self.rank_batches(epoch)[start:]]
         return self._hand_out(batches, resume)
 
@@ -178,6 +180,10 @@ class BucketBatchSampler(Sampler[list[Key]]):
         if resume is not None and self._resume is resume:
             self._resume = None
 
+    def mark_trained(self) -> None:
+        """One more of this epoch's batches was trained on (the DataModule calls this as each reaches the model)."""
+        self.trained += 1
+
     def state_dict(self, consumed: int | None = None) -> dict[str, int]:
         """Where this rank is in the current epoch: `{"epoch", "batches_yielded"}`.
 
@@ -185,9 +191,9 @@ class BucketBatchSampler(Sampler[list[Key]]):
         start of the epoch (a resumed epoch's skipped batches included). Pass it when iterating through a
         DataLoader: the loader asks for batches ahead of the training step (its workers' prefetch, and
         Lightning's fetcher keeps one batch in hand), so the count this sampler keeps itself (used when
-        `consumed` is None) is batches handed to the loader, not batches trained on. In Lightning that is
-        `trainer.fit_loop.epoch_loop.batch_progress.current.processed`, which ModelCheckpoint's mid-epoch saves
-        (in `on_train_batch_end`) count including the batch just trained.
+        `consumed` is None) is batches handed to the loader, not batches trained on. `trained` counts the
+        latter when `mark_trained` is called for each batch the model receives (the DataModule does, so a
+        ModelCheckpoint save in `on_train_batch_end` counts the batch just trained).
 
         A finished epoch is saved as the start of the next one, so a resume goes on with the next epoch.
         """

@@ -26,9 +26,9 @@ class CachedCaptionDataset(Dataset):
     """`(epoch, index)` → {"latent_mean", "latent_std" (C×h×w, unscaled), "text_embeds" (tokens×width) and for SDXL
     "pooled_text_embeds", "caption", "path", "sample_key" ((epoch, index): the model seeds this sample's noise with
     it), "original_size" and "crop_top_left" (SDXL's size conditioning, as `CaptionDataset` gives them)}, and the
-    token ids ("input_ids", …) when `tokenize` (a `sdtune.text.CaptionTokenizer`) is given: a model whose text
+    token ids ("input_ids", …) when `tokenize` (a `sdtune.data.batch.CaptionTokenizer`) is given: a model whose text
     encoder trains encodes them instead of using the cached outputs. `keys[i]` (a
-    `data_prep.cache_training.SampleKeys`) names record i's entries in `cache`; `sizes[i]` is record i's upright
+    `sdtune.data.cache.training.SampleKeys`) names record i's entries in `cache`; `sizes[i]` is record i's upright
     (width, height) and `buckets[i]` the size it was encoded at."""
 
     def __init__(
@@ -86,7 +86,7 @@ def check_cacheable(center_crop: bool, shuffle_tags: bool, tag_dropout: float, m
 class CachePlan:
     """Every training sample's cache entries: what `prepare_data` computes and the cached dataset reads."""
 
-    cache: Any  # data_prep.cache_training.TrainingCache
+    cache: Any  # sdtune.data.cache.training.TrainingCache
     records: list
     contents: list[str]
     captions: list[str]
@@ -100,7 +100,7 @@ class CachePlan:
         clip_skip: int, max_token_length: int, flip: bool,
     ) -> CachePlan:  # fmt: skip
         """`buckets[i]` is the (width, height) record i is encoded at."""
-        from data_prep.cache_training import TrainingCache, content_hash
+        from sdtune.data.cache.training import TrainingCache, content_hash
 
         if Path(pretrained).expanduser().is_file():
             raise SdtuneError("data.cache needs a diffusers directory or Hub id as model.pretrained, not a single file")

@@ -31,8 +31,8 @@ def generate_class_images(
     made. Image i's noise comes from (seed, i), so an interrupted run's rerun makes the same images."""
     import torch
 
+    from sdtune.inference.sampling import generate, make_scheduler
     from sdtune.models.pretrained import load_pipeline
-    from sdtune.sampling import generate, make_scheduler
 
     folder = Path(folder).expanduser()
     have = existing_images(folder)

@@ -9,6 +9,7 @@ it had not trained on.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,172 +18,154 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from sdtune.data.batch import CaptionTokenizer, collate
 from sdtune.data.bucket_sampler import BucketBatchSampler, bucket_report
 from sdtune.data.buckets import Bucket, assign_bucket, make_buckets
 from sdtune.data.cached_dataset import CachePlan, check_cacheable
-from sdtune.data.class_images import generate_class_images
 from sdtune.data.captions import with_prefix
-from sdtune.data.dataset import UNREADABLE, CaptionDataset, collate, derive_seed
+from sdtune.data.class_images import generate_class_images
+from sdtune.data.dataset import CaptionDataset, derive_seed
 from sdtune.data.records import Record
 from sdtune.data.subsets import Subset, check_subsets, load_subsets
-from sdtune.data.transforms import has_alpha
+from sdtune.data.transforms import IMAGE_ERRORS, has_alpha
 from sdtune.errors import SdtuneError, first_line
 from sdtune.models.pretrained import load_tokenizers
-from sdtune.text import CaptionTokenizer, chunk_count, text_token_ids
+from sdtune.models.text import chunk_count, text_token_ids
 
 __all__ = ["CaptionDataModule", "CaptionDataset", "collate", "derive_seed"]
 
 
+@dataclass(eq=False)
 class CaptionDataModule(L.LightningDataModule):
-    """Captioned images for text-to-image fine-tuning."""
+    """Captioned images for text-to-image fine-tuning: every setting below is a `data.*` key of `sdtune fit`."""
 
-    def __init__(
-        self,
-        root: str | None = None,
-        subsets: list[Subset] | None = None,
-        resolution: int = 512,
-        batch_size: int = 1,
-        center_crop: bool = False,
-        buckets: bool = False,
-        bucket_step: int = 64,
-        bucket_min_side: int | None = None,
-        bucket_max_side: int | None = None,
-        random_flip: bool = False,
-        caption_dropout: float = 0.0,
-        shuffle_tags: bool = False,
-        keep_tokens: int = 0,
-        tag_dropout: float = 0.0,
-        max_token_length: int = 75,
-        mask_dir: str | None = None,
-        alpha_mask: bool = False,
-        num_workers: int = 0,
-        pin_memory: bool | None = None,
-        persistent_workers: bool = True,
-        cache: bool = False,
-        cache_dir: str | None = None,
-        pretrained: str | None = None,
-        revision: str | None = None,
-        pretrained_config: str | None = None,
-        clip_skip: int = 1,
-        val_root: str | None = None,
-        val_fraction: float = 0.0,
-        seed: int = 0,
-    ) -> None:
-        """
-        Args:
-            root: Training images: an imagefolder with metadata.jsonl/metadata.csv, images with .txt/.caption
-                sidecars, a `datasets.save_to_disk` folder, or a kohya parent whose only contents are
-                `<repeats>_<class words>` folders (e.g. `10_sks dog`). Give this or `subsets`, not both.
-            subsets: Several folders, each `{root, repeats, prefix, default_caption, prior, generate}`: e.g. a few
-                instance images with repeats 10 and prefix "sks" next to class images with `prior: true` (DreamBooth's
-                prior preservation; `generate: 200` makes missing ones with the base model from default_caption).
-            resolution: Side of the square training crop, in pixels (the shorter side is resized to it first);
-                with `buckets`, the side of the square whose area every bucket has at most.
-            batch_size: Images per batch on each device.
-            center_crop: Crop the middle instead of a random square (or random bucket-sized box).
-            buckets: Aspect-ratio buckets (kohya's enable_bucket): each image trains at the size of about
-                resolution² pixels whose aspect ratio is closest to its own, instead of a resolution² square, so
-                wide and tall images keep their edges; it is resized to cover that size and cropped. Each batch
-                holds one bucket; the log lists the buckets and their batch counts.
-            bucket_step: Bucket sides are multiples of this many pixels (of 8, the VAE's downscaling; 64 is kohya's
-                default and keeps every UNet level of SD even).
-            bucket_min_side: Shortest bucket side; null: resolution / 2.
-            bucket_max_side: Longest bucket side; null: 2 × resolution.
-            random_flip: Mirror half of the images horizontally (avoid for text or asymmetric subjects).
-            caption_dropout: Fraction of captions replaced by "" so the model also learns the unconditional case
-                that classifier-free guidance needs.
-            shuffle_tags: Treat captions as comma-separated tags and shuffle them for every sample, so no concept
-                is tied to a position (for booru-style tag captions, not sentences).
-            keep_tokens: The first N tags of each caption stay in place and are never dropped (kohya semantics;
-                a subset's prefix is in front of them and always kept).
-            tag_dropout: Drop each other tag with this probability, so the model learns to fill in unprompted
-                details.
-            max_token_length: Caption tokens the text encoder sees: 75 (one CLIP window) or a multiple, split
-                into 75-token windows that are encoded separately and concatenated (AUTOMATIC1111-style).
-            mask_dir: Loss-weight masks mirroring the image folders (same relative path, any image suffix);
-                white trains fully, black not at all. Images without a mask train with full weight.
-            alpha_mask: Use each image's alpha channel as its loss mask (opaque trains fully).
-            num_workers: DataLoader worker processes; 0 loads in the training process.
-            pin_memory: Page-locked batches for faster host-to-GPU copies; null: on when CUDA is available.
-            persistent_workers: Keep worker processes between epochs (with num_workers > 0) instead of restarting
-                them, which costs seconds per epoch on small datasets.
-            cache: Train from cached VAE latents and text-encoder outputs instead of encoding every step: the first
-                run computes what is missing (the entries `sdtune prep cache` writes, shared with it), later runs
-                only read. Needs center_crop, no tag shuffling or dropout and no masks; random_flip caches both
-                orientations. A text encoder that trains encodes the captions every step (only the latents are
-                then taken from the cache).
-            cache_dir: Where the cache lives; null: `cache/` inside data.root (or the first subset's root), where
-                `sdtune prep cache` puts it.
-            pretrained: Model whose tokenizer encodes the captions (the CLI links it from --model.pretrained).
-            revision: Hub revision of `pretrained` (of `pretrained_config` for a single-file `pretrained`).
-            pretrained_config: For a single-file `pretrained`, the diffusers directory or Hub id whose tokenizer
-                it uses (the CLI links it from --model.pretrained_config).
-            clip_skip: Text-encoder layer the cached text outputs come from (the CLI links it from --model.clip_skip).
-            val_root: Held-out images for validation, in any layout `root` accepts.
-            val_fraction: Without val_root (which takes precedence), hold out this fraction of the images for
-                validation; the split is fixed by seed.
-            seed: Seed for shuffling, the validation split and every augmentation.
-        """
+    root: str | None = None
+    """Training images: an imagefolder with metadata.jsonl/metadata.csv, images with .txt/.caption sidecars, a
+    `datasets.save_to_disk` folder, or a kohya parent whose only contents are `<repeats>_<class words>` folders
+    (e.g. `10_sks dog`). Give this or `subsets`, not both."""
+    subsets: list[Subset] | None = None
+    """Several folders, each `{root, repeats, prefix, default_caption, prior, generate}`: e.g. a few instance images
+    with repeats 10 and prefix "sks" next to class images with `prior: true` (DreamBooth's prior preservation;
+    `generate: 200` makes missing ones with the base model from default_caption)."""
+    resolution: int = 512
+    """Side of the square training crop, in pixels (the shorter side is resized to it first); with `buckets`, the
+    side of the square whose area every bucket has at most."""
+    batch_size: int = 1
+    """Images per batch on each device."""
+    center_crop: bool = False
+    """Crop the middle instead of a random square (or random bucket-sized box)."""
+    buckets: bool = False
+    """Aspect-ratio buckets (kohya's enable_bucket): each image trains at the size of about resolution² pixels whose
+    aspect ratio is closest to its own, instead of a resolution² square, so wide and tall images keep their edges;
+    it is resized to cover that size and cropped. Each batch holds one bucket; the log lists the buckets and their
+    batch counts."""
+    bucket_step: int = 64
+    """Bucket sides are multiples of this many pixels (of 8, the VAE's downscaling; 64 is kohya's default and keeps
+    every UNet level of SD even)."""
+    bucket_min_side: int | None = None
+    """Shortest bucket side; null: resolution / 2."""
+    bucket_max_side: int | None = None
+    """Longest bucket side; null: 2 × resolution."""
+    random_flip: bool = False
+    """Mirror half of the images horizontally (avoid for text or asymmetric subjects)."""
+    caption_dropout: float = 0.0
+    """Fraction of captions replaced by "" so the model also learns the unconditional case that classifier-free
+    guidance needs."""
+    shuffle_tags: bool = False
+    """Treat captions as comma-separated tags and shuffle them for every sample, so no concept is tied to a position
+    (for booru-style tag captions, not sentences)."""
+    keep_tokens: int = 0
+    """The first N tags of each caption stay in place and are never dropped (kohya semantics; a subset's prefix is in
+    front of them and always kept)."""
+    tag_dropout: float = 0.0
+    """Drop each other tag with this probability, so the model learns to fill in unprompted details."""
+    max_token_length: int = 75
+    """Caption tokens the text encoder sees: 75 (one CLIP window) or a multiple, split into 75-token windows that are
+    encoded separately and concatenated (AUTOMATIC1111-style)."""
+    mask_dir: str | None = None
+    """Loss-weight masks mirroring the image folders (same relative path, any image suffix); white trains fully,
+    black not at all. Images without a mask train with full weight."""
+    alpha_mask: bool = False
+    """Use each image's alpha channel as its loss mask (opaque trains fully)."""
+    num_workers: int = 0
+    """DataLoader worker processes; 0 loads in the training process."""
+    pin_memory: bool | None = None
+    """Page-locked batches for faster host-to-GPU copies; null: on when CUDA is available."""
+    persistent_workers: bool = True
+    """Keep worker processes between epochs (with num_workers > 0) instead of restarting them, which costs seconds
+    per epoch on small datasets."""
+    cache: bool = False
+    """Train from cached VAE latents and text-encoder outputs instead of encoding every step: the first run computes
+    what is missing (the entries `sdtune prep cache` writes, shared with it), later runs only read. Needs
+    center_crop, no tag shuffling or dropout and no masks; random_flip caches both orientations. A text encoder that
+    trains encodes the captions every step (only the latents are then taken from the cache)."""
+    cache_dir: str | None = None
+    """Where the cache lives; null: `cache/` inside data.root (or the first subset's root), where `sdtune prep cache`
+    puts it."""
+    pretrained: str | None = None
+    """Model whose tokenizers encode the captions (the CLI links it from --model.pretrained)."""
+    revision: str | None = None
+    """Hub revision of `pretrained` (of `pretrained_config` for a single-file `pretrained`)."""
+    pretrained_config: str | None = None
+    """For a single-file `pretrained`, the diffusers directory or Hub id whose tokenizer it uses (the CLI links it
+    from --model.pretrained_config)."""
+    clip_skip: int = 1
+    """Text-encoder layer the cached text outputs come from (the CLI links it from --model.clip_skip)."""
+    added_tokens: dict[str, int] = field(default_factory=dict)
+    """Tokens the model adds to its tokenizer (textual inversion, pivotal tuning) and the ids it gave them; the CLI
+    links them from the model, so captions are tokenized with the same ids."""
+    val_root: str | None = None
+    """Held-out images for validation, in any layout `root` accepts."""
+    val_fraction: float = 0.0
+    """Without val_root (which takes precedence), hold out this fraction of the images for validation; the split is
+    fixed by seed."""
+    seed: int | None = None
+    """Seed of the shuffling, the validation split and every augmentation; null takes seed_everything's value (the
+    seed of torch's global generator when the module is built), as the model's noise does."""
+
+    def __post_init__(self) -> None:
         super().__init__()
-        if (root is None) == (subsets is None):
-            raise SdtuneError("pass exactly one of data.root and data.subsets" + (", not both" if root else ""))
-        if resolution <= 0:
-            raise SdtuneError(f"data.resolution must be positive, got {resolution}")
-        if batch_size < 1:
-            raise SdtuneError(f"data.batch_size must be at least 1, got {batch_size}")
-        for name, value in (("caption_dropout", caption_dropout), ("tag_dropout", tag_dropout)):
-            if not 0.0 <= value <= 1.0:
-                raise SdtuneError(f"data.{name} must be between 0 and 1, got {value}")
-        if keep_tokens < 0:
-            raise SdtuneError(f"data.keep_tokens must be 0 or more, got {keep_tokens}")
-        if mask_dir is not None and alpha_mask:
-            raise SdtuneError("data.mask_dir and data.alpha_mask both set; masks come from one of them, pick one")
-        if not 0.0 <= val_fraction < 1.0:
-            raise SdtuneError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
-        if num_workers < 0:
-            raise SdtuneError(f"data.num_workers must be 0 or more, got {num_workers}")
-        if buckets:
-            self._check_bucket_settings(resolution, bucket_step, bucket_min_side, bucket_max_side)
-        if cache:
-            check_cacheable(center_crop, shuffle_tags, tag_dropout, mask_dir, alpha_mask)
-        self.save_hyperparameters()
-        self.subsets = check_subsets(subsets) if subsets is not None else None
-        self.root = root
-        self.resolution = resolution
-        self.batch_size = batch_size
-        self.center_crop = center_crop
-        self.buckets, self.bucket_step = buckets, bucket_step
-        self.bucket_min_side, self.bucket_max_side = bucket_min_side, bucket_max_side
-        self.random_flip = random_flip
-        self.caption_dropout = caption_dropout
-        self.shuffle_tags = shuffle_tags
-        self.keep_tokens = keep_tokens
-        self.tag_dropout = tag_dropout
-        self.max_token_length = max_token_length
-        self.mask_dir = mask_dir
-        self.alpha_mask = alpha_mask
-        self.num_workers = num_workers
-        self.pretrained = pretrained
-        self.revision = revision
-        self.pretrained_config = pretrained_config
-        self.cache, self.cache_dir, self.clip_skip = cache, cache_dir, clip_skip
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.persistent_workers = persistent_workers
+        self.check()
+        self.subsets = check_subsets(self.subsets) if self.subsets is not None else None
+        self.added_tokens = dict(self.added_tokens or {})
+        if self.seed is None:
+            self.seed = torch.initial_seed()  # seed_everything's value: LightningCLI seeds before building
+        self.pin_memory = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
         self.cached: CachePlan | None = None  # the training samples' cache entries, once setup() has found them
-        self.val_root = val_root
-        self.val_fraction = val_fraction
-        self.seed = seed
         # Samples per epoch: an image appears once per repeat of its subset. Validation has no repeats.
         self.train_records: list[Record] = []
         self.val_records: list[Record] = []
         # The (width, height) each sample is cropped to, index for index with the records.
         self.train_buckets: list[Bucket] = []
         self.val_buckets: list[Bucket] = []
-        self.tokenizer: Any = None
-        self.tokenizer_2: Any = None
+        self.tokenizers: list[Any] = []
         self._train_batches: BucketBatchSampler | None = None  # the training loader's, for state_dict()
         self._resume: dict[str, int] | None = None  # from a checkpoint, until the training loader exists
         self.unreadable: dict[str, int] = {}  # image files that failed to load in training: how often
+
+    def check(self) -> None:
+        """The settings' own rules, one line for the first broken one (pre-flight builds the module to run them)."""
+        if (self.root is None) == (self.subsets is None):
+            raise SdtuneError("pass exactly one of data.root and data.subsets" + (", not both" if self.root else ""))
+        if self.resolution <= 0:
+            raise SdtuneError(f"data.resolution must be positive, got {self.resolution}")
+        if self.batch_size < 1:
+            raise SdtuneError(f"data.batch_size must be at least 1, got {self.batch_size}")
+        for name in ("caption_dropout", "tag_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise SdtuneError(f"data.{name} must be between 0 and 1, got {getattr(self, name)}")
+        if self.keep_tokens < 0:
+            raise SdtuneError(f"data.keep_tokens must be 0 or more, got {self.keep_tokens}")
+        if self.mask_dir is not None and self.alpha_mask:
+            raise SdtuneError("data.mask_dir and data.alpha_mask both set; masks come from one of them, pick one")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise SdtuneError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.num_workers < 0:
+            raise SdtuneError(f"data.num_workers must be 0 or more, got {self.num_workers}")
+        if self.buckets:
+            self._check_bucket_settings(self.resolution, self.bucket_step, self.bucket_min_side, self.bucket_max_side)
+        if self.cache:
+            check_cacheable(self.center_crop, self.shuffle_tags, self.tag_dropout, self.mask_dir, self.alpha_mask)
 
     @property
     def record_count(self) -> int:
@@ -195,33 +178,31 @@ class CaptionDataModule(L.LightningDataModule):
         return "alpha" if self.alpha_mask else "file" if self.mask_dir else None
 
     def setup(self, stage: str | None = None) -> None:
-        if self.tokenizer is not None:
+        if self.tokenizers:
             return  # Lightning calls setup once per stage; discovery and tokenizer loading need to happen once.
         if self.pretrained is None:
             raise SdtuneError(
                 "data.pretrained is not set; pass --model.pretrained (the CLI links it) or --data.pretrained PATH"
             )
-        tokenizer, *others = load_tokenizers(self.pretrained, self.revision, self.pretrained_config)
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        added = getattr(module, "added_tokens", [])
-        if added:  # textual inversion: the model's new tokens, with the ids the model gave them
-            tokenizer.add_tokens(added)
-            if tokenizer.convert_tokens_to_ids(added) != module.tokenizer.convert_tokens_to_ids(added):
+        tokenizers = load_tokenizers(self.pretrained, self.revision, self.pretrained_config)
+        if self.added_tokens:  # textual inversion: the model's new tokens, with the ids the model gave them
+            tokenizers[0].add_tokens(list(self.added_tokens))
+            if tokenizers[0].convert_tokens_to_ids(list(self.added_tokens)) != list(self.added_tokens.values()):
                 raise SdtuneError("data.pretrained's tokenizer differs from the model's; the new tokens got other ids")
-        chunk_count(tokenizer, self.max_token_length)  # a bad length fails before anything is read
+        chunk_count(tokenizers[0], self.max_token_length)  # a bad length fails before anything is read
         pairs = self.training_pairs()
         if self.val_root is not None:
             val_pairs = load_subsets([Subset(self.val_root)], ["data.val_root"], self.mask_dir, announce=False)
         elif self.val_fraction > 0:
-            pairs, val_pairs = self._split(pairs)
+            pairs, val_pairs = self.split(pairs)
         else:
             val_pairs = []
         self.train_records = [record for record, repeats in pairs for _ in range(repeats)]
         self.val_records = [record for record, _ in val_pairs]
-        self._warn_about_long_captions(tokenizer, [record for record, _ in pairs])
+        self._warn_about_long_captions(tokenizers[0], [record for record, _ in pairs])
         self._warn_about_missing_masks([record for record, _ in pairs])
-        self.train_buckets = self._assign_buckets(self.train_records)
-        self.val_buckets = self._assign_buckets(self.val_records)
+        self.train_buckets = self.assign_buckets(self.train_records)
+        self.val_buckets = self.assign_buckets(self.val_records)
         if self.buckets:
             rank_zero_info(f"data.buckets: {bucket_report(self.train_buckets, self.batch_size)}")
         if self.cache:
@@ -230,8 +211,12 @@ class CaptionDataModule(L.LightningDataModule):
                 self.train_records, self.train_buckets, folder, self.pretrained, self.revision, self.clip_skip,
                 self.max_token_length, self.random_flip,
             )
-        self.tokenizer = tokenizer
-        self.tokenizer_2 = others[0] if others else None  # SDXL's second tokenizer
+        self.tokenizers = tokenizers
+
+    @property
+    def tokenizer(self) -> Any:
+        """The first text encoder's tokenizer (None before `setup`)."""
+        return self.tokenizers[0] if self.tokenizers else None
 
     def training_pairs(self, announce: bool = True) -> list[tuple[Record, int]]:
         """(record, repeats) of every image in data.root or data.subsets, before any validation split."""
@@ -265,7 +250,7 @@ class CaptionDataModule(L.LightningDataModule):
         if min_side is not None and max_side is not None and min_side > max_side:
             raise SdtuneError(f"data.bucket_min_side {min_side} is above data.bucket_max_side {max_side}")
 
-    def _assign_buckets(self, records: list[Record]) -> list[Bucket]:
+    def assign_buckets(self, records: list[Record]) -> list[Bucket]:
         """Each record's training size: its aspect-ratio bucket (from the image header) or the square."""
         if not self.buckets:
             return [(self.resolution, self.resolution)] * len(records)
@@ -276,7 +261,7 @@ class CaptionDataModule(L.LightningDataModule):
                 found[record.path, record.row] = assign_bucket(*self._read_header(record, Record.upright_size), table)
         return [found[record.path, record.row] for record in records]
 
-    def _split(self, pairs: list[tuple[Record, int]]) -> tuple[list[tuple[Record, int]], list[tuple[Record, int]]]:
+    def split(self, pairs: list[tuple[Record, int]]) -> tuple[list[tuple[Record, int]], list[tuple[Record, int]]]:
         """Hold out whole images (never one repeat of an image that is also trained on)."""
         held_out = max(1, round(len(pairs) * self.val_fraction))
         if held_out >= len(pairs):
@@ -323,7 +308,7 @@ class CaptionDataModule(L.LightningDataModule):
         """`read(record)` (something from the image's header), with an unreadable file as one line naming it."""
         try:
             return read(record)
-        except UNREADABLE as err:
+        except IMAGE_ERRORS as err:
             raise SdtuneError(f"image '{record.path}' could not be read ({first_line(err)}); fix or remove it") from err
 
     def _loader(self, dataset: Any, buckets: list[Bucket], train: bool) -> DataLoader:
@@ -346,7 +331,7 @@ class CaptionDataModule(L.LightningDataModule):
         self.setup("fit")
         if self.cached is not None:
             # Token ids too: a text encoder that trains encodes them instead of reading its cached outputs.
-            tokenize = CaptionTokenizer([t for t in (self.tokenizer, self.tokenizer_2) if t], self.max_token_length)
+            tokenize = CaptionTokenizer(self.tokenizers, self.max_token_length)
             dataset = self.cached.dataset(self.random_flip, self.caption_dropout, self.seed, tokenize)
         else:
             dataset = self._train_dataset()
@@ -358,7 +343,10 @@ class CaptionDataModule(L.LightningDataModule):
         return loader
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Count (and warn once about) images that failed to load; their batch trains on stand-ins of its size."""
+        """Count the training batches trained on (what a checkpoint saved now must skip on resume), and count (and
+        warn once about) images that failed to load; their batch trains on stand-ins of its size."""
+        if self._train_batches is not None and self.trainer is not None and self.trainer.training:
+            self._train_batches.mark_trained()
         failed_files = batch.pop("unreadable", []) if isinstance(batch, dict) else []
         for failed in failed_files:
             if failed not in self.unreadable:
@@ -376,10 +364,9 @@ class CaptionDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """The training batches' position in the epoch, counted in batches trained (not fetched ahead)."""
-        if self._train_batches is None or self.trainer is None:
+        if self._train_batches is None:
             return {}
-        trained = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"train_batches": self._train_batches.state_dict(min(trained, len(self._train_batches)))}
+        return {"train_batches": self._train_batches.state_dict(self._train_batches.trained)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Lightning restores this before it asks for the training loader, which then starts where it stopped."""
@@ -392,7 +379,7 @@ class CaptionDataModule(L.LightningDataModule):
     def _train_dataset(self) -> CaptionDataset:
         return CaptionDataset(
             self.train_records,
-            self.tokenizer,
+            self.tokenizers,
             self.resolution,
             center_crop=self.center_crop,
             random_flip=self.random_flip,
@@ -404,7 +391,6 @@ class CaptionDataModule(L.LightningDataModule):
             max_token_length=self.max_token_length,
             masks=self.masks,
             buckets=self.train_buckets,
-            tokenizer_2=self.tokenizer_2,
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -416,8 +402,7 @@ class CaptionDataModule(L.LightningDataModule):
         if not self.val_records:
             return []
         dataset = CaptionDataset(
-            self.val_records, self.tokenizer, self.resolution, center_crop=True, seed=self.seed,
+            self.val_records, self.tokenizers, self.resolution, center_crop=True, seed=self.seed,
             max_token_length=self.max_token_length, masks=self.masks, buckets=self.val_buckets,
-            tokenizer_2=self.tokenizer_2,
         )  # fmt: skip
         return self._loader(dataset, self.val_buckets, train=False)

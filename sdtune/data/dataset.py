@@ -15,14 +15,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from sdtune.data.batch import CaptionTokenizer
 from sdtune.data.buckets import Bucket
 from sdtune.data.captions import process_caption
 from sdtune.data.records import Record
-from sdtune.data.transforms import Geometry, load_image, load_mask, mask_to_tensor, to_tensor
+from sdtune.data.transforms import IMAGE_ERRORS, Geometry, load_image, load_mask, mask_to_tensor, to_tensor
 from sdtune.errors import SdtuneError, first_line
-from sdtune.text import CaptionTokenizer
-
-UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class UnreadableImage(SdtuneError):
@@ -54,7 +52,8 @@ def first_draws(seed: int, key: int | tuple[int, int]) -> tuple[int, torch.Gener
 
 
 class CaptionDataset(Dataset):
-    """Records -> dicts of pixel values, token ids (`input_ids`, and `input_ids_2` from SDXL's `tokenizer_2`), the
+    """Records -> dicts of pixel values, token ids (`input_ids` from the first of `tokenizers` (one tokenizer or the
+    model's list), `input_ids_2` from SDXL's second), the
     caption actually used, the path, the sample's `(epoch, index)` key (the model seeds this sample's noise with
     it), the image's `original_size` (h, w) and `crop_top_left` (SDXL's size conditioning; see `size_conditioning`)
     and, with masks, the loss mask.
@@ -68,7 +67,7 @@ class CaptionDataset(Dataset):
     def __init__(
         self,
         records: Sequence[Record],
-        tokenizer: Any,
+        tokenizers: Any | Sequence[Any],
         resolution: int,
         center_crop: bool = False,
         random_flip: bool = False,
@@ -80,13 +79,12 @@ class CaptionDataset(Dataset):
         max_token_length: int | None = None,
         masks: Literal["file", "alpha"] | None = None,
         buckets: Sequence[Bucket] | None = None,
-        tokenizer_2: Any = None,
     ) -> None:
         if buckets is not None and len(buckets) != len(records):
             raise ValueError(f"{len(buckets)} buckets for {len(records)} records")
         self.records = list(records)
         self.buckets = list(buckets) if buckets is not None else None
-        self.tokenizer = tokenizer
+        tokenizers = list(tokenizers) if isinstance(tokenizers, (list, tuple)) else [tokenizers]
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
@@ -95,10 +93,10 @@ class CaptionDataset(Dataset):
         self.shuffle_tags = shuffle_tags
         self.keep_tokens = keep_tokens
         self.tag_dropout = tag_dropout
-        self.max_token_length = max_token_length or tokenizer.model_max_length - 2
+        self.max_token_length = max_token_length or tokenizers[0].model_max_length - 2
         self.masks = masks
         # caption → {"input_ids": (chunks, model_max_length), …}: SD1/2 use 77, but nothing here may assume it.
-        self.tokenize = CaptionTokenizer([t for t in (tokenizer, tokenizer_2) if t is not None], self.max_token_length)
+        self.tokenize = CaptionTokenizer(tokenizers, self.max_token_length)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -145,7 +143,7 @@ class CaptionDataset(Dataset):
             caption = ""
         try:
             image, alpha = load_image(record.open())
-        except UNREADABLE as err:
+        except IMAGE_ERRORS as err:
             raise UnreadableImage(f"image '{record.path}' could not be read ({first_line(err)})") from err
         flip = self.random_flip and flip_draw < 0.5
         size = self.buckets[index] if self.buckets is not None else (self.resolution, self.resolution)
@@ -174,7 +172,7 @@ class CaptionDataset(Dataset):
             return None
         try:
             mask = load_mask(record.mask)
-        except UNREADABLE as err:
+        except IMAGE_ERRORS as err:
             raise SdtuneError(f"mask '{record.mask}' could not be read ({first_line(err)}); fix or remove it") from err
         if mask.size != size:
             if abs(mask.size[0] / mask.size[1] - size[0] / size[1]) > 0.01 * size[0] / size[1]:
@@ -189,18 +187,3 @@ class CaptionDataset(Dataset):
 def size_conditioning(size: tuple[int, int], geometry: Geometry) -> dict[str, torch.Tensor]:
     """"original_size" (h, w) of the upright image and "crop_top_left" (top, left) of its training crop."""
     return {"original_size": torch.tensor([size[1], size[0]]), "crop_top_left": torch.tensor(geometry.crop_top_left())}
-
-
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors; keep strings (captions, paths) as lists for logging and sample callbacks. "unreadable" (on a
-    substituted sample only) becomes the list of the batch's failed files, when there is one."""
-    batch: dict[str, Any] = {}
-    for key, first in samples[0].items():
-        if key == "unreadable":
-            continue
-        values = [sample[key] for sample in samples]
-        batch[key] = torch.stack(values) if isinstance(first, torch.Tensor) else values
-    failed = [sample["unreadable"] for sample in samples if "unreadable" in sample]
-    if failed:
-        batch["unreadable"] = failed
-    return batch

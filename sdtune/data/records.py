@@ -90,7 +90,7 @@ def discover_records(root: str | Path, setting: str = "data.root") -> list[Recor
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         records = _from_saved_dataset(path, setting)
     elif (path / "metadata.jsonl").is_file():
-        records = _from_metadata(path, path / "metadata.jsonl", _jsonl_rows(path / "metadata.jsonl", setting), setting)
+        records = _from_metadata(path, path / "metadata.jsonl", jsonl_rows(path / "metadata.jsonl", setting), setting)
     elif (path / "metadata.csv").is_file():
         records = _from_metadata(path, path / "metadata.csv", _csv_rows(path / "metadata.csv"), setting)
     else:
@@ -121,7 +121,7 @@ def _from_sidecars(root: Path) -> list[Record]:
     return records
 
 
-def _jsonl_rows(path: Path, setting: str) -> list[dict]:
+def jsonl_rows(path: Path, setting: str) -> list[dict]:
     rows = []
     for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():

@@ -12,6 +12,8 @@ import torch
 from PIL import Image, ImageOps
 
 WHITE = (255, 255, 255)
+# What Pillow raises for a file that is not a readable image (UnidentifiedImageError is an OSError).
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def load_image(source: str | IO[bytes]) -> tuple[Image.Image, Image.Image | None]:

@@ -13,9 +13,7 @@ from dataclasses import dataclass
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from sdtune.models.clip import encode_ids
-from sdtune.models.sdxl import added_cond_kwargs, time_ids
-from sdtune.sampling import text_encoders, vae_scale_factor
+from sdtune.inference.sampling import denoiser_of, prompt_encoders, vae_scale_factor
 
 # A file that loads right reproduces the adapter's effect to this fraction ...
 EFFECT_RTOL = 1e-3
@@ -34,12 +32,12 @@ class Probe:
 
     @classmethod
     def for_pipeline(cls, pipe) -> Probe:
-        config = pipe.unet.config
+        config = denoiser_of(pipe).config
         size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
         side = min(size, 32)  # small enough to stay cheap on CPU for SD1.5, large enough for every down block
         generator = torch.Generator().manual_seed(0)
         latents = torch.randn(2, config.in_channels, side, side, generator=generator)
-        tokenizers, _ = text_encoders(pipe)
+        _, tokenizers, _ = prompt_encoders(pipe)
         ids = [
             tokenizer([PROMPT, ""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                       return_tensors="pt").input_ids
@@ -50,22 +48,19 @@ class Probe:
 
 @torch.no_grad()
 def unet_output(pipe, probe: Probe) -> torch.Tensor:
-    """The UNet's prediction for the probe, conditioned as sampling conditions it (SDXL: pooled text and the size
-    and crop numbers of an uncropped image of the probe's size)."""
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    _, encoders = text_encoders(pipe)
-    text = encode_ids(encoders, [ids.to(device) for ids in probe.input_ids])
-    added = None
-    if text.pooled is not None:
-        side = probe.latents.shape[-1] * vae_scale_factor(pipe)
-        added = added_cond_kwargs(text, time_ids({}, (side, side), len(probe.latents)), dtype)
-    latents = probe.latents.to(device, dtype)
-    out = pipe.unet(latents, probe.timestep.to(device), text.hidden.to(dtype), added_cond_kwargs=added)
-    return out.sample.float().cpu()
+    """The denoiser's prediction for the probe, conditioned as sampling conditions it (SDXL: pooled text and the
+    size and crop numbers of an uncropped image of the probe's size)."""
+    family, _, encoders = prompt_encoders(pipe)
+    denoiser = denoiser_of(pipe)
+    device = denoiser.device
+    text = family.encode_prompt(encoders, [ids.to(device) for ids in probe.input_ids])
+    side = probe.latents.shape[-1] * vae_scale_factor(pipe)
+    out = family.predict(denoiser, probe.latents.to(device), probe.timestep.to(device), text, {}, (side, side))
+    return out.float().cpu()
 
 
 def _tuner_layers(pipe) -> list[BaseTunerLayer]:
-    models = [pipe.unet, *text_encoders(pipe)[1]]
+    models = [denoiser_of(pipe), *prompt_encoders(pipe)[2]]
     return [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 

@@ -15,20 +15,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from sdtune.adapters.lora import adapter_file, lora_state_dict, save_diffusers_adapter
 from sdtune.errors import SdtuneError, first_line
 from sdtune.export import kohya
 from sdtune.export.source import ADAPTER, Adapted
+from sdtune.inference.sampling import denoiser_of
+from sdtune.models.families import family_of_pipeline
 from sdtune.models.tokenizer_files import save_tokenizer
-from sdtune.lora import lora_state_dict, save_diffusers_adapter
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
-TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")  # pipeline attributes, and peft's subfolders
 
 
 def write_diffusers(adapted: Adapted, out: Path, dtype: torch.dtype) -> None:
-    encoders = adapted.text_encoders
-    text_encoder_2 = encoders[1] if len(encoders) == 2 else None
-    save_diffusers_adapter(adapted.pipe.unet, out, text_encoder=encoders[0], dtype=dtype, text_encoder_2=text_encoder_2)
+    save_diffusers_adapter(adapted.family, denoiser_of(adapted.pipe), out, adapted.text_encoders, dtype=dtype)
 
 
 def _write_peft_model(model: torch.nn.Module, out: Path, dtype: torch.dtype, base: str) -> None:
@@ -43,29 +42,29 @@ def _write_peft_model(model: torch.nn.Module, out: Path, dtype: torch.dtype, bas
 
 
 def write_peft(adapted: Adapted, out: Path, dtype: torch.dtype) -> None:
-    _write_peft_model(adapted.pipe.unet, out, dtype, f"{adapted.pretrained}/unet")
-    for name, encoder in zip(TEXT_ENCODER_NAMES, adapted.text_encoders):
+    denoiser = adapted.family.denoiser
+    _write_peft_model(getattr(adapted.pipe, denoiser), out, dtype, f"{adapted.pretrained}/{denoiser}")
+    for name, encoder in zip(adapted.family.text_encoders, adapted.text_encoders):
         if encoder is not None:
             _write_peft_model(encoder, out / name, dtype, f"{adapted.pretrained}/{name}")
 
 
 def write_kohya(adapted: Adapted, out: Path, dtype: torch.dtype) -> None:
-    kohya.save_kohya(out, adapted.pipe.unet, adapted.text_encoders, adapted.info, dtype)
+    kohya.save_kohya(out, adapted.family, denoiser_of(adapted.pipe), adapted.text_encoders, adapted.info, dtype)
 
 
 def write_merged(adapted: Adapted, out: Path, dtype: torch.dtype, scale: float) -> None:
     """Fold the adapter into the weights at `scale` and save the whole pipeline (this consumes `adapted`)."""
-    pipe = adapted.pipe
-    components = ["unet"] + [name for name, encoder in zip(TEXT_ENCODER_NAMES, adapted.text_encoders) if encoder is not None]
+    pipe, family = adapted.pipe, adapted.family
+    components = [family.denoiser] + [name for name, encoder in zip(family.text_encoders, adapted.text_encoders) if encoder is not None]
     pipe.set_adapters([ADAPTER], [1.0])  # fuse_lora's scale multiplies the active weight: apply `scale` once
     pipe.fuse_lora(components=components, lora_scale=scale, adapter_names=[ADAPTER])
     pipe.unload_lora_weights()
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     pipe.save_pretrained(str(out), safe_serialization=True)
-    save_tokenizer(pipe.tokenizer, out / "tokenizer")
-    if getattr(pipe, "tokenizer_2", None) is not None:
-        save_tokenizer(pipe.tokenizer_2, out / "tokenizer_2")
+    for name in family.tokenizers:
+        save_tokenizer(getattr(pipe, name), out / name)
 
 
 WRITERS = {"diffusers": write_diffusers, "peft": write_peft, "kohya": write_kohya}
@@ -75,8 +74,6 @@ WRITERS = {"diffusers": write_diffusers, "peft": write_peft, "kohya": write_kohy
 
 
 def load_with_diffusers(base, path: Path):
-    from sdtune.sampling import adapter_file
-
     pipe = base()
     weights = adapter_file(path)
     pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name="check")
@@ -87,8 +84,9 @@ def load_with_peft(base, path: Path):
     from peft import PeftModel
 
     pipe = base()
-    PeftModel.from_pretrained(pipe.unet, str(path))  # injects the layers into pipe.unet in place
-    for name in TEXT_ENCODER_NAMES:
+    family = family_of_pipeline(pipe)
+    PeftModel.from_pretrained(denoiser_of(pipe), str(path))  # injects the layers into the denoiser in place
+    for name in family.text_encoders:
         if (path / name).is_dir():
             PeftModel.from_pretrained(getattr(pipe, name), str(path / name))
     return pipe

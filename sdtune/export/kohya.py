@@ -3,10 +3,9 @@
 One entry per adapted layer, named after its diffusers module path with dots turned into underscores:
 `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight` (A),
 `….lora_up.weight` (B) and `….alpha` (a scalar: the update is alpha / rank · up · down). Text-encoder layers are
-`lora_te_text_model_encoder_layers_0_self_attn_q_proj…`; SDXL's two text encoders are `lora_te1_…` and `lora_te2_…`,
-and its UNet keys keep the diffusers module names, as diffusers' SDXL training scripts write them and A1111, Forge
-and ComfyUI convert them (kohya's own SDXL trainer names the original `input_blocks` modules instead). Metadata
-(`ss_*`, `modelspec.*`) describe the training.
+`lora_te_text_model_encoder_layers_0_self_attn_q_proj…`; each model family names its prefixes (SDXL's two text
+encoders are `lora_te1_…` and `lora_te2_…`) and the base model in the metadata (`ss_*`, `modelspec.*`), which
+describe the training.
 """
 
 from __future__ import annotations
@@ -20,12 +19,9 @@ import torch
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save, save_file
 
+from sdtune.adapters.lora import text_encoder_module_prefix
 from sdtune.errors import SdtuneError
-from sdtune.lora import text_encoder_module_prefix
-
-UNET_PREFIX = "lora_unet_"
-TEXT_ENCODER_PREFIX = "lora_te_"
-SDXL_TEXT_ENCODER_PREFIXES = ("lora_te1_", "lora_te2_")
+from sdtune.models.families import ModelFamily
 
 
 def lora_layers(model: torch.nn.Module, adapter: str = "default") -> dict[str, LoraLayer]:
@@ -56,14 +52,14 @@ def kohya_tensors(
 
 
 def adapter_tensors(
-    unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module | None], dtype: torch.dtype
+    family: ModelFamily, denoiser: torch.nn.Module, text_encoders: Sequence[torch.nn.Module | None], dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """`text_encoders`: each of the model's text encoders (one for SD1/2, two for SDXL), None where it has no adapter."""
-    tensors = kohya_tensors(unet, UNET_PREFIX, dtype)
-    prefixes = SDXL_TEXT_ENCODER_PREFIXES if len(text_encoders) == 2 else (TEXT_ENCODER_PREFIX,)
-    for prefix, encoder in zip(prefixes, text_encoders, strict=True):
+    prefixes = family.kohya_prefixes
+    tensors = kohya_tensors(denoiser, prefixes[family.denoiser], dtype)
+    for name, encoder in zip(family.text_encoders, text_encoders, strict=True):
         if encoder is not None:
-            tensors |= kohya_tensors(encoder, prefix, dtype, module_prefix=text_encoder_module_prefix(encoder))
+            tensors |= kohya_tensors(encoder, prefixes[name], dtype, module_prefix=text_encoder_module_prefix(encoder))
     return tensors
 
 
@@ -81,8 +77,6 @@ class TrainingInfo:
 
     base_model: str
     title: str
-    v2: bool = False
-    sdxl: bool = False
     prediction_type: str = "epsilon"
     zero_terminal_snr: bool = False
     resolution: tuple[int, int] | None = None
@@ -96,9 +90,11 @@ class TrainingInfo:
     date: str | None = None  # ISO 8601
 
 
-def metadata(info: TrainingInfo, unet: torch.nn.Module, text_encoder_trained: bool, model_hash: str) -> dict[str, str]:
+def metadata(
+    info: TrainingInfo, family: ModelFamily, denoiser: torch.nn.Module, text_encoder_trained: bool, model_hash: str
+) -> dict[str, str]:  # fmt: skip
     """kohya `ss_*` keys (shown by A1111's metadata viewer and the Civitai uploader) and the Stability AI model spec."""
-    layers = lora_layers(unet)
+    layers = lora_layers(denoiser)
     conv = {n: m for n, m in layers.items() if isinstance(m.lora_A["default"], torch.nn.Conv2d) and m.lora_A["default"].kernel_size != (1, 1)}
     linear = [m for n, m in layers.items() if n not in conv]
     first = (linear or list(layers.values()))[0]
@@ -106,15 +102,13 @@ def metadata(info: TrainingInfo, unet: torch.nn.Module, text_encoder_trained: bo
     if conv:
         any_conv = next(iter(conv.values()))
         network_args = {"conv_dim": str(any_conv.r["default"]), "conv_alpha": str(any_conv.lora_alpha["default"])}
-    family = "stable-diffusion-xl-v1-base" if info.sdxl else "stable-diffusion-v2" if info.v2 else "stable-diffusion-v1"
-    version = "sdxl_base_v1-0" if info.sdxl else "sd_v2" if info.v2 else "sd_v1"
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(first.r["default"]),
         "ss_network_alpha": str(first.lora_alpha["default"]),
         "ss_network_args": json.dumps(network_args),
-        "ss_base_model_version": version,
-        "ss_v2": str(info.v2),
+        "ss_base_model_version": family.kohya_base_version,
+        "ss_v2": str(family.name == "sd2"),
         "ss_v_parameterization": str(info.prediction_type == "v_prediction"),
         "ss_zero_terminal_snr": str(info.zero_terminal_snr),
         "ss_sd_model_name": info.base_model,
@@ -122,7 +116,7 @@ def metadata(info: TrainingInfo, unet: torch.nn.Module, text_encoder_trained: bo
         "ss_network_train_unet_only": str(not text_encoder_trained),
         "sshs_model_hash": model_hash,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{family}/lora",
+        "modelspec.architecture": f"{family.modelspec_architecture}/lora",
         "modelspec.implementation": "https://github.com/huggingface/diffusers",
         "modelspec.title": info.title,
         "modelspec.prediction_type": "v" if info.prediction_type == "v_prediction" else "epsilon",
@@ -147,12 +141,12 @@ def metadata(info: TrainingInfo, unet: torch.nn.Module, text_encoder_trained: bo
 
 
 def save_kohya(
-    path, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module | None], info: TrainingInfo,
-    dtype: torch.dtype = torch.float32,
+    path, family: ModelFamily, denoiser: torch.nn.Module, text_encoders: Sequence[torch.nn.Module | None],
+    info: TrainingInfo, dtype: torch.dtype = torch.float32,
 ) -> int:  # fmt: skip
     """Write the adapter(s) as one kohya .safetensors file; returns the number of adapted layers. `text_encoders`
     as `adapter_tensors` takes them."""
-    tensors = adapter_tensors(unet, text_encoders, dtype)
+    tensors = adapter_tensors(family, denoiser, text_encoders, dtype)
     trained = any(encoder is not None for encoder in text_encoders)
-    save_file(tensors, str(path), metadata=metadata(info, unet, trained, tensors_sha256(tensors)))
+    save_file(tensors, str(path), metadata=metadata(info, family, denoiser, trained, tensors_sha256(tensors)))
     return sum(key.endswith(".alpha") for key in tensors)

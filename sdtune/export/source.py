@@ -6,20 +6,19 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
+from sdtune.adapters.lora import ADAPTER_WEIGHTS
 from sdtune.errors import SdtuneError, first_line
 from sdtune.export.kohya import TrainingInfo, lora_layers
-from sdtune.lora import ADAPTER_WEIGHTS
+from sdtune.models.families import ModelFamily, family_of_pipeline
 from sdtune.models.pretrained import HUB_ID
 
 ADAPTER = "default"
-SD2_TEXT_WIDTH = 1024  # OpenCLIP ViT-H; SD1.x's CLIP ViT-L is 768
 EMBEDDINGS_ONLY = ("{} trained new-token embeddings alone (TextualInversion), so there is no LoRA to export; they are "
                    "in adapter/embeddings/ (diffusers) and adapter/embeddings_a1111/ (A1111), checked when written")
 # A last.ckpt this much newer than adapter/ comes from training that went on after the adapter was written.
@@ -30,7 +29,7 @@ UNFINISHED_AFTER_S = 60
 class Adapted:
     """The base pipeline with the adapter under export attached, and where it came from."""
 
-    pipe: object  # StableDiffusionPipeline
+    pipe: object  # the family's text-to-image pipeline
     pretrained: str
     revision: str | None
     pretrained_config: str | None  # configs of a single-file `pretrained`
@@ -38,16 +37,14 @@ class Adapted:
     info: TrainingInfo
 
     @property
-    def text_encoder(self):
-        """The text encoder if it carries the adapter, else None."""
-        return self.text_encoders[0]
+    def family(self) -> ModelFamily:
+        return family_of_pipeline(self.pipe)
 
     @property
     def text_encoders(self) -> list:
         """Each of the model's text encoders (SDXL: two), None where it carries no adapter."""
-        from sdtune.sampling import text_encoders
-
-        return [encoder if lora_layers(encoder, ADAPTER) else None for encoder in text_encoders(self.pipe)[1]]
+        encoders = [getattr(self.pipe, name) for name in self.family.text_encoders]
+        return [encoder if lora_layers(encoder, ADAPTER) else None for encoder in encoders]
 
 
 @dataclass
@@ -96,23 +93,22 @@ def _read_checkpoint(path: Path) -> dict:
 
 
 def _module_from_checkpoint(checkpoint: dict, path: Path, pretrained: str | None, pretrained_config: str | None):
-    hparams = dict(checkpoint["hyper_parameters"])
-    module_path, _, class_name = str(hparams.pop("_class_path")).rpartition(".")
-    if not module_path.startswith("sdtune."):  # never import what a file names outside sdtune
-        raise SdtuneError(f"{path}: not an sdtune training checkpoint (its model class is {module_path}.{class_name})")
-    from sdtune.finetune import LoRAFineTune
+    from sdtune.finetune import METHODS, LoRAFineTune, TextualInversion
 
-    cls = getattr(importlib.import_module(module_path), class_name, None)
-    if not isinstance(cls, type) or not issubclass(cls, LoRAFineTune):
-        raise SdtuneError(f"{path} is a {class_name} checkpoint: a full fine-tune has no adapter to export (its model/ folder is a diffusers pipeline)")
+    hparams = dict(checkpoint["hyper_parameters"])
+    class_path = str(hparams.pop("_class_path"))
+    hparams.pop("_instantiator", None)  # what LightningCLI adds to rebuild the module; not an argument
+    cls = METHODS.get(class_path)  # a method sdtune knows, never a class a file names
+    if cls is None:
+        raise SdtuneError(f"{path}: not an sdtune training checkpoint (its model class is {class_path})")
+    if cls is TextualInversion:
+        raise SdtuneError(EMBEDDINGS_ONLY.format(path))
+    if not issubclass(cls, LoRAFineTune):
+        raise SdtuneError(f"{path} is a {cls.__name__} checkpoint: a full fine-tune has no adapter to export (its model/ folder is a diffusers pipeline)")
     hparams.update(weight_dtype="float32", gradient_checkpointing=False)  # export and check at full precision
     hparams.pop("init_adapter", None)  # the checkpoint holds the trained weights; the starting file may be gone
     if pretrained is not None:
         hparams.update(pretrained=pretrained, pretrained_config=pretrained_config)
-    from sdtune.finetune import TextualInversion
-
-    if issubclass(cls, TextualInversion):
-        raise SdtuneError(EMBEDDINGS_ONLY.format(path))
     module = cls(**hparams)
     module.on_load_checkpoint(checkpoint)  # one-line error when the tensors do not fit
     module.load_state_dict(checkpoint["state_dict"], strict=False)
@@ -121,10 +117,9 @@ def _module_from_checkpoint(checkpoint: dict, path: Path, pretrained: str | None
 
 def _pipeline_of(module):
     from sdtune.models.pretrained import load_inference_scheduler
-    from sdtune.sampling import pipeline_from_parts
 
     scheduler = load_inference_scheduler(module.pretrained, module.revision, module.pretrained_config)
-    return pipeline_from_parts(module, module.objective.inference_scheduler(scheduler))
+    return module.parts.pipeline(module.objective.inference_scheduler(scheduler))
 
 
 def _info(run: RunRecord, pipe, pretrained: str, title: str, steps: int | None, prediction_type: str) -> TrainingInfo:
@@ -138,9 +133,7 @@ def _info(run: RunRecord, pipe, pretrained: str, title: str, steps: int | None, 
     return TrainingInfo(
         base_model=pretrained if HUB_ID.match(pretrained) and not Path(pretrained).exists() else Path(pretrained).name,
         title=title,
-        v2=pipe.text_encoder.config.hidden_size == SD2_TEXT_WIDTH,
         zero_terminal_snr=bool((run.model_arg("objective") or {}).get("zero_terminal_snr")),
-        sdxl=getattr(pipe, "text_encoder_2", None) is not None,
         prediction_type=prediction_type,
         resolution=(resolution, resolution) if isinstance(resolution, int) else None,
         steps=steps,
@@ -205,8 +198,8 @@ def _steps_of(path: Path, run: RunRecord) -> int | None:
 
 
 def _from_adapter_file(path: Path, run: RunRecord, model: str | None, model_config: str | None, title: str) -> Adapted:
+    from sdtune.inference.sampling import load_lora_file
     from sdtune.models.pretrained import load_pipeline
-    from sdtune.sampling import load_lora_file
 
     pretrained = model or run.model_arg("pretrained")
     if pretrained is None:

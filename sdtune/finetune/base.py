@@ -1,37 +1,35 @@
-"""What every Stable Diffusion fine-tune shares: frozen VAE and text encoder, the diffusion loss, optimizer and
-LR schedule, reproducible randomness and lean checkpoints. Subclasses decide what trains and what gets saved.
+"""What every training method shares: the model loaded by its family with every part frozen, the optimizer and LR
+schedule, reproducible randomness, and lean checkpoints. Each method (`diffusion.py` and its subclasses, `vae.py`)
+unfreezes what it trains and defines its loss.
 
-The random draws of a training step (latent sampling, noise, timesteps) come from one generator per sample, seeded
-by (noise seed, epoch, dataset index), the key the DataModule's samples carry. A sample's draws are then the same
-whatever batch, batch size, process or resume it is trained in, so two processes with batch b train like one with
-batch b and two accumulated batches. A batch without keys (built by hand) draws from a generator this module owns
-and checkpoints.
+Checkpoints hold what resumes training and nothing else: `state_dict()` is the trainable parameters and the
+method's own persistent buffers (the frozen base is reloaded from `pretrained`), so `strict_loading` is off.
+
+The random draws of a training step come from one generator per sample, seeded by (noise seed, epoch, dataset
+index), the key the DataModule's samples carry. A sample's draws are then the same whatever batch, batch size,
+process or resume it is trained in, so two processes with batch b train like one with batch b and two accumulated
+batches. A batch without keys (built by hand) draws from `noise_generator`, which this module owns and checkpoints.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
-from sdtune import losses
 from sdtune.data.dataset import derive_seed
 from sdtune.errors import SdtuneError
-from sdtune.finetune.objective import Objective
-from sdtune.models import load_stable_diffusion
-from sdtune.models.clip import TextConditioning, encode_ids, max_clip_skip
-from sdtune.models.sdxl import added_cond_kwargs, time_ids
-from sdtune.text import ID_KEYS
-from sdtune.rng_state import gather_states, restore_states
+from sdtune.finetune.rng_state import gather_states, restore_states
+from sdtune.models import ModelParts, load_model
 
 SCHEDULES_NEEDING_LENGTH = ("cosine", "cosine_with_restarts", "linear", "polynomial")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,8 +62,18 @@ def as_settings(cls, value):
     return cls(**(value if isinstance(value, dict) else vars(value)))
 
 
-class DiffusionFineTune(L.LightningModule):
-    """Base of the fine-tuning modules: the UNet learns to predict the noise (or v) added to VAE latents.
+def plain(value: Any) -> Any:
+    """Settings as plain types (dataclasses and Namespaces as dicts), so a checkpoint's hyperparameters load with
+    `torch.load(weights_only=True)`."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if hasattr(value, "__dict__") and type(value).__name__ == "Namespace":
+        return {k: plain(v) for k, v in vars(value).items()}
+    return value
+
+
+class ModelFineTune(L.LightningModule):
+    """Base of the training methods: a model loaded by its family (`sdtune.models.families`), every part frozen.
 
     Args:
         pretrained: Diffusers model directory or Hugging Face Hub id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5,
@@ -78,19 +86,17 @@ class DiffusionFineTune(L.LightningModule):
         optimizer: Optimizer (class_path + init_args): torch.optim.AdamW, bitsandbytes.optim.AdamW8bit,
             prodigyopt.Prodigy, transformers.optimization.Adafactor, …
         lr_schedule: Step-wise learning-rate schedule with warmup.
-        objective: Prediction type, loss, timestep range, noise offset, input perturbation, min-SNR-γ.
-        clip_skip: Use the text encoder's k-th hidden state from the end (1 = last layer, 2 for anime-style models).
         weight_dtype: Dtype of the frozen weights (VAE, text encoder, LoRA base UNet); trainable ones stay float32.
-        gradient_checkpointing: Recompute UNet activations in the backward pass: less memory, ~30 % slower.
+        gradient_checkpointing: Recompute the denoiser's activations in the backward pass: less memory, ~30 % slower.
         channels_last: Keep the UNet's (and VAE's) 4-D tensors in NHWC layout: faster convolutions on recent GPUs
             (tensor cores), usually slower on CPU.
-        compile: `torch.compile` the UNet in place (names and saved files unchanged): faster steps on GPU after a
+        compile: `torch.compile` the denoiser in place (names and saved files unchanged): faster steps on GPU after a
             compilation of minutes at the first step; the attention already uses PyTorch's fused SDPA kernels.
-        noise_seed: Seed of each sample's latent, noise and timestep draws; null takes seed_everything's value.
+        noise_seed: Seed of each sample's random draws (latents, noise, timesteps); null takes seed_everything's value.
     """
 
-    output_dirname = "adapter"  # where SaveAdapter writes `save_weights` output inside the run directory
-    mismatch_hint = "was it written by another kind of run?"  # ends the error when a checkpoint does not fit
+    output_dirname: ClassVar[str] = "adapter"  # where SaveAdapter writes `save_weights` output inside the run directory
+    mismatch_hint: ClassVar[str] = "was it written by another kind of run?"  # ends the error when a checkpoint does not fit
 
     def __init__(
         self,
@@ -100,8 +106,6 @@ class DiffusionFineTune(L.LightningModule):
         pretrained_config: str | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_schedule: LRSchedule = LRSchedule(),
-        objective: Objective = Objective(),
-        clip_skip: int = 1,
         weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         gradient_checkpointing: bool = False,
         channels_last: bool = False,
@@ -109,157 +113,92 @@ class DiffusionFineTune(L.LightningModule):
         noise_seed: int | None = None,
     ) -> None:
         super().__init__()
+        # Every __init__ argument of the method (its own and these), as plain types; `_class_path` lets LightningCLI
+        # read them back from `--ckpt_path`. The optimizer is a factory, not a setting that can be stored.
+        self.save_hyperparameters(ignore=["optimizer"])
+        for key, value in list(self.hparams.items()):
+            self.hparams[key] = plain(value)
+        self.hparams["_class_path"] = f"{type(self).__module__}.{type(self).__qualname__}"
         self.lr_schedule = as_settings(LRSchedule, lr_schedule)
-        self.objective = as_settings(Objective, objective)
-        if clip_skip < 1:
-            raise SdtuneError(f"model.clip_skip must be ≥ 1, got {clip_skip}")
         if weight_dtype not in DTYPES:
             raise SdtuneError(f"model.weight_dtype must be one of {', '.join(DTYPES)}, got '{weight_dtype}'")
-        self._hparams_common = {
-            "pretrained": pretrained, "revision": revision, "variant": variant, "pretrained_config": pretrained_config,
-            "lr_schedule": self.lr_schedule, "objective": self.objective, "clip_skip": clip_skip,
-            "weight_dtype": weight_dtype, "gradient_checkpointing": gradient_checkpointing,
-            "channels_last": channels_last, "compile": compile, "noise_seed": noise_seed,
-        }
         self.pretrained, self.revision, self.pretrained_config = pretrained, revision, pretrained_config
         self.optimizer_factory = optimizer
-        self.clip_skip = clip_skip
         self.weight_dtype = DTYPES[weight_dtype]
         self.noise_seed = noise_seed
         self._initial_seed = torch.initial_seed()  # seed_everything's value: LightningCLI seeds before building
-        # Only trainable weights are saved; the frozen base is reloaded from `pretrained`.
-        self.strict_loading = False
+        self.strict_loading = False  # checkpoints hold what trains; the frozen base comes from `pretrained`
 
-        parts = load_stable_diffusion(
-            pretrained, revision=revision, variant=variant, dtype=self.weight_dtype, unet_dtype=self.unet_dtype,
+        parts = load_model(
+            pretrained, revision=revision, variant=variant, dtype=self.weight_dtype, denoiser_dtype=self.denoiser_dtype,
             pretrained_config=pretrained_config,
-        )
-        self.vae, self.text_encoder, self.unet = parts.vae, parts.text_encoder, parts.unet
-        self.tokenizer = parts.tokenizer
-        # SDXL's second text encoder and tokenizer (None for SD1/2).
-        self.text_encoder_2, self.tokenizer_2 = parts.text_encoder_2, parts.tokenizer_2
-        self.force_zeros_for_empty_prompt = parts.force_zeros_for_empty_prompt
+        )  # fmt: skip
+        self.family, self.options, self.noise_scheduler = parts.family, parts.options, parts.noise_scheduler
         self.vae_scale_factor = parts.vae_scale_factor
-        self.noise_scheduler = parts.noise_scheduler
-        if clip_skip > max_clip_skip(self.text_encoders):
-            raise SdtuneError(f"model.clip_skip {clip_skip} is more than this model's text encoders allow ({max_clip_skip(self.text_encoders)})")
-        for frozen in (self.vae, self.unet, *self.text_encoders):
+        for name, component in parts.components.items():  # vae, unet, text_encoder(s) as submodules; tokenizers
+            setattr(self, name, component)
+        for frozen in (self.vae, self.denoiser, *self.text_encoders):
             frozen.requires_grad_(False)
         self.vae.eval()
         for encoder in self.text_encoders:
             encoder.eval()
         if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+            self.denoiser.enable_gradient_checkpointing()
         if channels_last:
-            self.unet.to(memory_format=torch.channels_last)
+            self.denoiser.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
         if compile:
-            self.unet.compile()  # nn.Module.compile: in place, so parameter names (and checkpoints) stay the same
-        self.prediction_type = self.objective.prediction_type or self.noise_scheduler.config.prediction_type
-        if self.objective.zero_terminal_snr:
-            if self.prediction_type != "v_prediction":
-                raise SdtuneError(
-                    f"model.objective.zero_terminal_snr needs v_prediction (at zero SNR an {self.prediction_type} target "
-                    "carries no signal): set model.objective.prediction_type: v_prediction, or train a v model (SD2.x 768)"
-                )
-            self.noise_scheduler = DDPMScheduler.from_config(self.noise_scheduler.config, rescale_betas_zero_snr=True)
-        self.num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
-        self.objective.timestep_range(self.num_train_timesteps)  # fail now, not at step 1
-        self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
-        self._generator: torch.Generator | None = None
+            self.denoiser.compile()  # nn.Module.compile: in place, so parameter names (and checkpoints) stay the same
+        self.noise_generator: torch.Generator | None = None
         self._pending_generator_state: torch.Tensor | None = None
+        # Other weights to sample with (a callback's, e.g. the EMA's): a name for logs and a context that swaps them
+        # in. Callbacks meet here rather than reaching for each other.
+        self.sampling_weights: tuple[str, Callable[[], AbstractContextManager]] | None = None
 
     @property
-    def unet_dtype(self) -> torch.dtype:
-        """Dtype the UNet is loaded in: frozen-weight dtype by default; full fine-tunes override it."""
+    def denoiser_dtype(self) -> torch.dtype:
+        """Dtype the denoiser is loaded in: frozen-weight dtype by default; methods that train it override this."""
         return self.weight_dtype
 
-    def _record_hparams(self, **own: Any) -> None:
-        """Save plain types only, so checkpoints load with torch.load(weights_only=True); `_class_path` lets
-        LightningCLI read them back from `--ckpt_path`."""
-        values = {**self._hparams_common, **own}
-        plain = {k: asdict(v) if is_dataclass(v) else v for k, v in values.items()}
-        self.save_hyperparameters({"_class_path": f"{type(self).__module__}.{type(self).__qualname__}", **plain})
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network that denoises (the UNet), under its pipeline name."""
+        return getattr(self, self.family.denoiser)
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
         """The model's text encoders: one for SD1/2, two for SDXL."""
-        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+        return [getattr(self, name) for name in self.family.text_encoders]
 
     @property
-    def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
+    def tokenizers(self) -> list[Any]:
+        return [getattr(self, name) for name in self.family.tokenizers]
+
+    @property
+    def parts(self) -> ModelParts:
+        """The model's components as they are now (trained ones included), e.g. to build a pipeline from them."""
+        names = [name for name in self.family.components() if name != "scheduler"]
+        return ModelParts(self.family, {name: getattr(self, name) for name in names}, self.noise_scheduler, self.options)
+
+    def weights_for_sampling(self) -> tuple[str | None, AbstractContextManager]:
+        """(name, context) of the weights samples are drawn with: the trained ones (None, nothing swapped), or those
+        a callback set in `sampling_weights`."""
+        if self.sampling_weights is None:
+            return None, nullcontext()
+        name, swap = self.sampling_weights
+        return name, swap()
 
     @property
     def text_encoder_trains(self) -> bool:
         return any(p.requires_grad for encoder in self.text_encoders for p in encoder.parameters())
 
-    # --- forward ---------------------------------------------------------------------------------------------
-
-    def train(self, mode: bool = True) -> DiffusionFineTune:
-        """Lightning switches the whole module to train mode; the frozen encoders stay in eval."""
+    def train(self, mode: bool = True) -> ModelFineTune:
+        """Lightning switches the whole module to train mode; frozen encoders stay in eval."""
         super().train(mode)
         self.vae.eval()
         for encoder in self.text_encoders:
             encoder.train(mode and any(p.requires_grad for p in encoder.parameters()))
         return self
-
-    @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
-        """Pixels in [-1, 1] → scaled VAE latents (a sample of the posterior, as SD was trained)."""
-        posterior = self.vae.encode(pixel_values.to(self.vae.encoder.conv_in.weight.dtype)).latent_dist
-        latents = posterior.sample(generator=generator)
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * self.vae.config.scaling_factor
-
-    def encode_prompts(self, batch: dict[str, Any]) -> TextConditioning:
-        """The batch's token ids ("input_ids", and "input_ids_2" for SDXL; B×L or B×chunks×L) → the UNet's text
-        conditioning; with gradients only when a text encoder trains."""
-        ids = [batch[key] for key in ID_KEYS[: len(self.text_encoders)]]
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_encoder_trains):
-            return encode_ids(self.text_encoders, ids, self.clip_skip)
-
-    def sample_cached_latents(
-        self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | list[torch.Generator]
-    ) -> torch.Tensor:
-        """A cached posterior (data.cache) → scaled latents: the same draw `encode_images` makes from the VAE's."""
-        from data_prep.cache_index import sample_latents
-
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return sample_latents(mean, std, generator, self.vae.config.scaling_factor, shift)
-
-    def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
-        """The batch's loss; `generator` draws latents, noise and timesteps (a list: one per sample)."""
-        if "latent_mean" in batch:  # data.cache: no VAE forward, no text-encoder forward unless it trains
-            latents = self.sample_cached_latents(batch["latent_mean"], batch["latent_std"], generator).float()
-            if self.text_encoder_trains:
-                text = self.encode_prompts(batch)
-            else:
-                text = TextConditioning(batch["text_embeds"], batch.get("pooled_text_embeds"))
-        else:
-            latents = self.encode_images(batch["pixel_values"], generator).float()
-            text = self.encode_prompts(batch)
-        noise, input_noise, timesteps = self.objective.draw(latents, self.num_train_timesteps, generator)
-        noisy = losses.add_noise(self.alphas_cumprod, latents, input_noise, timesteps)
-        # The dtype of the UNet's first weight: diffusers' `unet.dtype` walks every module (ms per call at SD size).
-        dtype = self.unet.conv_in.weight.dtype
-        added = None
-        if self.is_sdxl:
-            target = tuple(side * self.vae_scale_factor for side in latents.shape[-2:])
-            added = added_cond_kwargs(text, time_ids(batch, target, len(latents)), dtype)
-        prediction = self.unet(noisy.to(dtype), timesteps, text.hidden.to(dtype), added_cond_kwargs=added).sample
-        target = losses.training_target(self.prediction_type, self.alphas_cumprod, latents, noise, timesteps)
-        weights = None
-        if self.objective.min_snr_gamma is not None:
-            snr = losses.snr(self.alphas_cumprod, timesteps)
-            weights = losses.min_snr_weights(snr, self.objective.min_snr_gamma, self.prediction_type)
-        mask = batch.get("mask")
-        if mask is not None:  # pixel-resolution weights → latent cells (area average)
-            mask = F.interpolate(mask.float(), size=latents.shape[-2:], mode="area")
-        return losses.diffusion_loss(
-            prediction, target, weights, self.objective.loss, self.objective.huber_c, mask,
-            prior=batch.get("is_prior"), prior_weight=self.objective.prior_loss_weight,
-        )  # fmt: skip
 
     # --- training hooks --------------------------------------------------------------------------------------
 
@@ -271,33 +210,22 @@ class DiffusionFineTune(L.LightningModule):
         # dropout in the UNet) needs train mode. `train` keeps the frozen encoders in eval.
         self.train()
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion_loss(batch, self.step_generator(batch))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["path"]))
-        return loss
-
     def validation_generator(self, batch: dict[str, Any], batch_idx: int) -> torch.Generator | list[torch.Generator]:
-        """Fixed noise and timesteps per validation sample (dataset index; per batch index for a batch without keys),
-        whatever the seed, epoch or batch size, so validation curves (and adapters) compare like with like."""
+        """Fixed draws per validation sample (dataset index; per batch index for a batch without keys), whatever
+        the seed, epoch or batch size, so validation curves (and adapters) compare like with like."""
         keys = batch.get("sample_key")
         if keys is None:
             return torch.Generator(self.device).manual_seed(1_000_003 + batch_idx)
         return [torch.Generator(self.device).manual_seed(derive_seed("validation", index)) for _, index in keys]
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion_loss(batch, self.validation_generator(batch, batch_idx))
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["path"]))
-        return loss
-
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups; a group's own "lr" overrides the optimizer's. "name" labels the LR logs."""
-        return [{"name": "unet", "params": [p for p in self.unet.parameters() if p.requires_grad]}]
+        return [{"name": self.family.denoiser, "params": [p for p in self.denoiser.parameters() if p.requires_grad]}]
 
     def text_encoder_groups(self, lr: float | None) -> list[dict[str, Any]]:
-        """Each text encoder's trainable weights as a parameter group ("text_encoder", SDXL's "text_encoder_2"),
-        with its own `lr` unless None."""
+        """Each text encoder's trainable weights as a parameter group named after it, with its own `lr` unless None."""
         groups = []
-        for name, encoder in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
+        for name, encoder in zip(self.family.text_encoders, self.text_encoders):
             group = {"name": name, "params": [p for p in encoder.parameters() if p.requires_grad]}
             if lr is not None:
                 group["lr"] = lr
@@ -328,21 +256,30 @@ class DiffusionFineTune(L.LightningModule):
 
     # --- checkpoints and export ------------------------------------------------------------------------------
 
+    def state_dict(self, *args: Any, destination: dict | None = None, prefix: str = "", keep_vars: bool = False) -> dict:
+        """What resumes training: the trainable parameters and the persistent buffers of this module itself
+        (registered on it, not inside the loaded model parts). The frozen base is not in it."""
+        out = OrderedDict() if destination is None else destination
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                out[prefix + name] = param if keep_vars else param.detach()
+        for name, buffer in self._buffers.items():
+            if buffer is not None and name not in self._non_persistent_buffers_set:
+                out[prefix + name] = buffer if keep_vars else buffer.detach()
+        return out
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["sdtune"] = {"rng": gather_states(self._rng())}  # every rank's; see sdtune.rng_state
+        checkpoint["sdtune"] = {"rng": gather_states(self._rng())}  # every rank's; see sdtune.finetune.rng_state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("state_dict", {})
-        own = dict(self.named_parameters())
-        expected = [name for name, p in own.items() if p.requires_grad]
-        missing = [name for name in expected if name not in saved]
+        own = self.state_dict(keep_vars=True)
+        missing = [name for name in own if name not in saved]
         if missing:
             raise SdtuneError(f"checkpoint has no weights for {len(missing)} trainable tensors (e.g. {missing[0]}); {self.mismatch_hint}")
-        for name in expected:
-            if saved[name].shape != own[name].shape:
-                raise SdtuneError(f"checkpoint tensor {name} has shape {tuple(saved[name].shape)}, this model {tuple(own[name].shape)}: {self.mismatch_hint}")
+        for name, tensor in own.items():
+            if saved[name].shape != tensor.shape:
+                raise SdtuneError(f"checkpoint tensor {name} has shape {tuple(saved[name].shape)}, this model {tuple(tensor.shape)}: {self.mismatch_hint}")
         step, epoch = checkpoint.get("global_step"), checkpoint.get("epoch")
         rank_zero_info(f"resuming after optimizer step {step} (epoch {epoch})")
         extra = checkpoint.get("sdtune", {})
@@ -353,8 +290,8 @@ class DiffusionFineTune(L.LightningModule):
             state = extra.get("generator")
         if state is not None:
             self._pending_generator_state = state
-            if self._generator is not None:
-                self._generator.set_state(state)
+            if self.noise_generator is not None:
+                self.noise_generator.set_state(state)
 
     def save_weights(self, out_dir: str | Path) -> Path:
         """Write what this run trained into `out_dir`; returns the main file or folder written."""
@@ -368,20 +305,21 @@ class DiffusionFineTune(L.LightningModule):
         keys = batch.get("sample_key")
         if keys is None:
             return self._rng()
-        seed = self._seed()
+        seed = self.seed
         return [torch.Generator(self.device).manual_seed(derive_seed(seed, "noise", *key)) for key in keys]
 
-    def _seed(self) -> int:
+    @property
+    def seed(self) -> int:
         """`noise_seed`, or the seed of torch's global generator when the module was built."""
         return self.noise_seed if self.noise_seed is not None else self._initial_seed
 
     def _make_generator(self, device: torch.device) -> None:
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        self._generator = torch.Generator(device).manual_seed((self._seed() + rank) % 2**63)
+        self.noise_generator = torch.Generator(device).manual_seed((self.seed + rank) % 2**63)
         if self._pending_generator_state is not None:
-            self._generator.set_state(self._pending_generator_state)
+            self.noise_generator.set_state(self._pending_generator_state)
 
     def _rng(self) -> torch.Generator:
-        if self._generator is None or self._generator.device.type != self.device.type:
+        if self.noise_generator is None or self.noise_generator.device.type != self.device.type:
             self._make_generator(self.device)
-        return self._generator
+        return self.noise_generator

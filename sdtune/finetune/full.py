@@ -1,17 +1,18 @@
-"""Full fine-tuning: every UNet weight trains (in float32), the text encoder's too if asked; the VAE stays frozen."""
+"""Full fine-tuning: every denoiser (UNet) weight trains (in float32), the text encoders' too if asked; the VAE
+stays frozen."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from sdtune.errors import SdtuneError
-from sdtune.finetune.base import DiffusionFineTune
+from sdtune.finetune.base import ModelFineTune
+from sdtune.finetune.diffusion import DiffusionFineTune
 from sdtune.models.pretrained import load_inference_scheduler
 from sdtune.models.tokenizer_files import save_tokenizer
-from sdtune.sampling import pipeline_from_parts
 
 
 class FullFineTune(DiffusionFineTune):
@@ -28,8 +29,8 @@ class FullFineTune(DiffusionFineTune):
         **kwargs: The options every fine-tune shares (pretrained, optimizer, lr_schedule, objective, …).
     """
 
-    output_dirname = "model"
-    mismatch_hint = "it was not written by a full fine-tune of this model"
+    output_dirname: ClassVar[str] = "model"
+    mismatch_hint: ClassVar[str] = "it was not written by a full fine-tune of this model"
 
     def __init__(
         self, pretrained: str, train_text_encoder: bool = False, text_encoder_lr: float | None = None, **kwargs: Any
@@ -38,14 +39,13 @@ class FullFineTune(DiffusionFineTune):
         if text_encoder_lr is not None and not train_text_encoder:
             raise SdtuneError("model.text_encoder_lr is set but model.train_text_encoder is false: set both or neither")
         self.text_encoder_lr = text_encoder_lr
-        self._record_hparams(train_text_encoder=train_text_encoder, text_encoder_lr=text_encoder_lr)
-        self.unet.requires_grad_(True)
+        self.denoiser.requires_grad_(True)
         if train_text_encoder:
             for encoder in self.text_encoders:
                 encoder.to(torch.float32).requires_grad_(True)
 
     @property
-    def unet_dtype(self) -> torch.dtype:
+    def denoiser_dtype(self) -> torch.dtype:
         # Master weights in float32 whatever weight_dtype says: bf16/fp16 updates of 1e-5 would round away.
         return torch.float32
 
@@ -56,17 +56,17 @@ class FullFineTune(DiffusionFineTune):
         return groups
 
     def save_weights(self, out_dir: str | Path) -> Path:
-        return save_pipeline(self, out_dir)
+        """The whole pipeline, with the inference scheduler's prediction type this run trained (if it changed it)."""
+        scheduler = load_inference_scheduler(self.pretrained, self.revision, self.pretrained_config)
+        return save_pipeline(self, out_dir, self.objective.inference_scheduler(scheduler))
 
 
-def save_pipeline(module: DiffusionFineTune, out_dir: str | Path) -> Path:
-    """Write `module`'s VAE, text encoder, tokenizer and UNet as a diffusers pipeline folder with the base model's
-    inference scheduler (its prediction type if the run changed it); returns `out_dir`."""
-    scheduler = load_inference_scheduler(module.pretrained, module.revision, module.pretrained_config)
-    scheduler = module.objective.inference_scheduler(scheduler)
-    pipeline = pipeline_from_parts(module, scheduler)
-    pipeline.save_pretrained(out_dir)
-    save_tokenizer(module.tokenizer, Path(out_dir) / "tokenizer")
-    if module.tokenizer_2 is not None:
-        save_tokenizer(module.tokenizer_2, Path(out_dir) / "tokenizer_2")
+def save_pipeline(module: ModelFineTune, out_dir: str | Path, scheduler=None) -> Path:
+    """Write `module`'s components (VAE, text encoders, tokenizers, denoiser) as a diffusers pipeline folder with the
+    base model's inference scheduler (or `scheduler`); returns `out_dir`."""
+    if scheduler is None:
+        scheduler = load_inference_scheduler(module.pretrained, module.revision, module.pretrained_config)
+    module.parts.pipeline(scheduler).save_pretrained(out_dir)
+    for name in module.family.tokenizers:
+        save_tokenizer(getattr(module, name), Path(out_dir) / name)
     return Path(out_dir)

@@ -9,8 +9,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from sdtune.errors import SdtuneError
-from sdtune.losses import LOSS_TYPES
-from sdtune.sampling import ZERO_SNR, supports_zero_snr
+from sdtune.finetune.losses import LOSS_TYPES
+from sdtune.inference.sampling import ZERO_SNR, supports_zero_snr
 
 
 @dataclass

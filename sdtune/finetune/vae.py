@@ -4,20 +4,20 @@ alone (a fine-tune of SD's decoder that keeps its latent space, so the UNet stil
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from sdtune.errors import SdtuneError
-from sdtune.finetune.base import DiffusionFineTune
+from sdtune.finetune.base import ModelFineTune
 from sdtune.finetune.full import save_pipeline
 
 MOMENTS_DECAY = 0.99  # the latent statistics behind scaling_factor "auto" follow the last ~100 steps
 
 
-class VAEFineTune(DiffusionFineTune):
+class VAEFineTune(ModelFineTune):
     """The VAE learns to reconstruct the training images: reconstruction loss (L1 or MSE, per pixel) plus `kl_weight`
     times the posterior's KL divergence to N(0, 1) (per latent element). Each image is encoded, a latent drawn from
     the posterior and decoded. UNet and text encoder stay frozen. Saves a complete diffusers pipeline folder
@@ -33,12 +33,11 @@ class VAEFineTune(DiffusionFineTune):
         scaling_factor: The `scaling_factor` written in the saved VAE's config: null keeps the model's; "auto" sets
             1 / std of the latents drawn in the last ~100 training steps (as SD's 0.18215 was found), for a VAE whose
             latent space is new; or a number.
-        **kwargs: The options every fine-tune shares (optimizer, lr_schedule, weight_dtype, noise_seed, …); the
-            diffusion-only ones (objective, clip_skip) do not apply.
+        **kwargs: The options every method shares (revision, optimizer, lr_schedule, weight_dtype, noise_seed, …).
     """
 
-    output_dirname = "model"
-    mismatch_hint = "it was not written by a VAE fine-tune of this model"
+    output_dirname: ClassVar[str] = "model"
+    mismatch_hint: ClassVar[str] = "it was not written by a VAE fine-tune of this model"
 
     def __init__(
         self,
@@ -59,7 +58,6 @@ class VAEFineTune(DiffusionFineTune):
         if decoder_only and scaling_factor is not None:
             raise SdtuneError("model.scaling_factor: with decoder_only the latent space stays the model's, and so does its factor; leave it null")
         self.loss, self.kl_weight, self.decoder_only, self.scaling_factor = loss, kl_weight, decoder_only, scaling_factor
-        self._record_hparams(loss=loss, kl_weight=kl_weight, decoder_only=decoder_only, scaling_factor=scaling_factor)
         self.vae.to(torch.float32)  # master weights in float32 whatever weight_dtype says
         trained = (self.vae.decoder, self.vae.post_quant_conv) if decoder_only else (self.vae,)
         for part in trained:
@@ -75,15 +73,12 @@ class VAEFineTune(DiffusionFineTune):
             self.vae.quant_conv.eval()
         return self
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if getattr(self.trainer.datamodule, "cache", False):
-            raise SdtuneError("data.cache stores VAE latents, but the VAE trains: set data.cache false")
-
     def reconstruction_loss(
         self, batch: dict[str, Any], generator: torch.Generator | list[torch.Generator]
     ) -> dict[str, torch.Tensor]:
         """The batch's loss and its parts: {"loss", "reconstruction", "kl"}, and the latents drawn."""
+        if "pixel_values" not in batch:
+            raise SdtuneError("data.cache stores VAE latents, but the VAE trains: set data.cache false")
         pixels = batch["pixel_values"].float()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.decoder_only):
             posterior = self.vae.encode(pixels).latent_dist
@@ -130,10 +125,6 @@ class VAEFineTune(DiffusionFineTune):
         return 1.0 / max(square - mean * mean, 1e-12) ** 0.5
 
     # --- checkpoints and export ------------------------------------------------------------------------------
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["state_dict"]["latent_moments"] = self.latent_moments.clone()
 
     def save_weights(self, out_dir: str | Path) -> Path:
         factor = self.scaling_factor

@@ -1,9 +1,7 @@
-"""Prompt token ids → CLIP embeddings the UNet attends to, with A1111-style chunks and clip-skip (SD1/2: one
-encoder; SDXL: two, plus a pooled embedding)."""
+"""Prompt token ids → a CLIP text encoder's hidden states, with A1111-style chunks and clip-skip (SD1.x and SD2.x
+condition on these; SDXL's two encoders are combined in `sdtune.models.families.sdxl`)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -28,45 +26,3 @@ def encode_text(text_encoder: torch.nn.Module, input_ids: torch.Tensor, clip_ski
         final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
         hidden = final_norm(states[-clip_skip])
     return hidden.reshape(batch, chunks * length, hidden.shape[-1])
-
-
-@dataclass
-class TextConditioning:
-    """What the UNet is conditioned on by the prompt: `hidden` (B×tokens×width) through cross-attention, and for
-    SDXL `pooled` (B×projection), added to the timestep embedding with the size and crop numbers."""
-
-    hidden: torch.Tensor
-    pooled: torch.Tensor | None = None
-
-
-def encode_text_sdxl(
-    text_encoder: torch.nn.Module, text_encoder_2: torch.nn.Module, input_ids: torch.Tensor, input_ids_2: torch.Tensor,
-    clip_skip: int = 1,
-) -> TextConditioning:  # fmt: skip
-    """SDXL's prompt encoding, as StableDiffusionXLPipeline does it: each encoder's penultimate hidden state (no final
-    layer norm; `clip_skip` k takes the (k+1)-th from the end), concatenated along the width, and the pooled,
-    projected output of the second encoder. Each encoder reads its own tokenizer's ids (B×L or B×chunks×L); the
-    pooled embedding of a chunked prompt is its first chunk's, as kohya takes it."""
-    states = []
-    for encoder, ids in ((text_encoder, input_ids), (text_encoder_2, input_ids_2)):
-        if ids.ndim == 2:
-            ids = ids[:, None]
-        batch, chunks, length = ids.shape
-        output = encoder(ids.reshape(batch * chunks, length).to(encoder.device), output_hidden_states=True)
-        hidden = output.hidden_states[-(clip_skip + 1)]
-        states.append(hidden.reshape(batch, chunks * length, hidden.shape[-1]))
-    pooled = output.text_embeds.reshape(batch, chunks, -1)[:, 0]
-    return TextConditioning(torch.cat(states, dim=-1), pooled)
-
-
-def max_clip_skip(text_encoders: list[torch.nn.Module]) -> int:
-    """The largest clip_skip the encoders allow: their depth (SDXL starts one layer from the end already)."""
-    layers = min(encoder.config.num_hidden_layers for encoder in text_encoders)
-    return layers - (len(text_encoders) - 1)
-
-
-def encode_ids(text_encoders: list[torch.nn.Module], ids: list[torch.Tensor], clip_skip: int = 1) -> TextConditioning:
-    """Token ids (one tensor per text encoder) → the UNet's text conditioning: SD1/2's one encoder, SDXL's two."""
-    if len(text_encoders) == 1:
-        return TextConditioning(encode_text(text_encoders[0], ids[0], clip_skip))
-    return encode_text_sdxl(*text_encoders, *ids, clip_skip=clip_skip)

@@ -7,8 +7,8 @@ single-file checkpoint in the original LDM/CompVis layout (.safetensors or .ckpt
 A single file holds only weights, so `pretrained_config` (a diffusers directory or Hub id of the same architecture)
 gives the model configs, the tokenizer and the scheduler. `sdtune:toy` names the toy base model inside the package.
 
-Stable Diffusion XL is recognised by its second text encoder (`text_encoder_2/`, `tokenizer_2/`): the parts then
-carry both encoders and tokenizers, and pipelines built from them are `StableDiffusionXLPipeline`s.
+Which family a model is of (SD1.x, SD2.x, SDXL: `sdtune.models.families`) is read from its layout before any weights
+load; the family says which components to load, with which classes, and which pipelines sample it.
 """
 
 from __future__ import annotations
@@ -20,38 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers import DDPMScheduler
+from transformers import CLIPTextConfig, CLIPTokenizer
 
 from sdtune.errors import SdtuneError, first_line
+from sdtune.models.families import FAMILIES, Layout, ModelFamily, ModelParts, family_for
 from sdtune.models.single_file import SINGLE_FILE_SUFFIXES, part_from_single_file, read_single_file
 
-SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-SDXL_SUBFOLDERS = ("text_encoder_2", "tokenizer_2")
 CONFIG_EXAMPLE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # What a config source needs from the Hub: configs and tokenizer files, never weights.
 CONFIG_FILES = ["*.json", "**/*.json", "*.txt", "**/*.txt", "**/*.model"]
-
-
-@dataclass
-class StableDiffusionParts:
-    """The pieces of a Stable Diffusion checkpoint that training needs."""
-
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    unet: UNet2DConditionModel | None  # None when loaded without it
-    noise_scheduler: DDPMScheduler
-    # SDXL only: the second (projected) text encoder and its tokenizer; whether a missing negative prompt means zero
-    # embeddings (model_index.json's force_zeros_for_empty_prompt, as StableDiffusionXLPipeline does).
-    text_encoder_2: CLIPTextModelWithProjection | None = None
-    tokenizer_2: CLIPTokenizer | None = None
-    force_zeros_for_empty_prompt: bool = False
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per latent cell along one side (8 for SD; read from the VAE config, never assumed)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
 @dataclass(frozen=True)
@@ -68,10 +46,28 @@ class Source:
         return f"{self.setting} '{self.name or self.configs}'"
 
 
+def local_layout(path: Path) -> Layout:
+    """The layout of a local model folder: its subfolders and the first text encoder's config."""
+    config = path / "text_encoder" / "config.json"
+    try:
+        text_config = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    except (OSError, ValueError):
+        text_config = {}
+    return Layout(frozenset(p.name for p in path.iterdir() if p.is_dir()), text_config, _read_index(path))
+
+
+def _read_index(path: Path) -> dict:
+    index = path / "model_index.json"
+    try:
+        return json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _check_local(path: Path, setting: str = "model.pretrained", name: str | None = None) -> None:
     """`name` is what the user wrote when `path` is its Hub cache folder (which offline may hold only part of it)."""
-    expected = SUBFOLDERS + (SDXL_SUBFOLDERS if any((path / sub).is_dir() for sub in SDXL_SUBFOLDERS) else ())
-    missing = [sub for sub in expected if not (path / sub).is_dir()]
+    family = family_for(local_layout(path))
+    missing = [sub for sub in family.components() if not (path / sub).is_dir()]
     if missing:
         hint = (
             "(pass a .safetensors/.ckpt file with model.pretrained_config for single-file checkpoints, or a Hub id)"
@@ -79,16 +75,16 @@ def _check_local(path: Path, setting: str = "model.pretrained", name: str | None
             else f"(it gives the single file's configs, tokenizer and scheduler: a diffusers model of the same architecture, e.g. {CONFIG_EXAMPLE})"
         )
         missing_list = ", ".join(m + "/" for m in missing)
-        cached = _offline_hint() if name else ""
+        cached = offline_hint() if name else ""
         raise SdtuneError(f"{setting} '{name or path}' is not a diffusers model directory{cached}: missing {missing_list} {hint}")
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Models inside the sdtune package, by the name `model.pretrained` (and --model) accepts.
-EMBEDDED = {"sdtune:toy": Path(__file__).parent / "toy_base"}
+EMBEDDED = {"sdtune:toy": Path(__file__).parents[1] / "toy" / "base"}
 
 
-def _resolve(pretrained: str) -> str:
+def resolve_pretrained(pretrained: str) -> str:
     if pretrained.startswith("sdtune:"):
         if pretrained not in EMBEDDED:
             raise SdtuneError(f"model.pretrained '{pretrained}' is not a model sdtune ships (those are: {', '.join(EMBEDDED)})")
@@ -135,7 +131,7 @@ def _config_dir(pretrained_config: str, revision: str | None) -> str:
     try:
         folder = snapshot_download(pretrained_config, revision=revision, allow_patterns=CONFIG_FILES)
     except (OSError, ValueError) as err:
-        raise SdtuneError(f"{setting} '{pretrained_config}' could not be loaded{_offline_hint()}: {first_line(err)}") from err
+        raise SdtuneError(f"{setting} '{pretrained_config}' could not be loaded{offline_hint()}: {first_line(err)}") from err
     _check_local(Path(folder), setting, pretrained_config)
     return folder
 
@@ -148,7 +144,7 @@ def resolve_source(pretrained: str, revision: str | None = None, pretrained_conf
     single file records both, and commands that swap in another base model (`sdtune export --model`) keep working."""
     single_file = _single_file(pretrained)
     if single_file is None:
-        return Source(_resolve(pretrained), name=pretrained)
+        return Source(resolve_pretrained(pretrained), name=pretrained)
     if pretrained_config is None:
         raise SdtuneError(
             "model.pretrained is a single-file checkpoint: set model.pretrained_config (--model-config for sdtune "
@@ -158,44 +154,43 @@ def resolve_source(pretrained: str, revision: str | None = None, pretrained_conf
     return Source(_config_dir(pretrained_config, revision), "model.pretrained_config", pretrained_config, single_file)
 
 
-def _offline_hint() -> str:
+def offline_hint() -> str:
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "", "false", "no"):
         return ""
     return " (HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache: download it first or pass a local directory)"
 
 
-def _load(cls, source: Source, subfolder: str, **kwargs):
+def load_part(cls, source: Source, subfolder: str, **kwargs):
     """`cls.from_pretrained` (or `cls` itself when it is a loading function) with one-line errors."""
     load = cls.from_pretrained if hasattr(cls, "from_pretrained") else cls
     try:
         return load(source.configs, subfolder=subfolder, **kwargs)
     except (OSError, ValueError, EnvironmentError) as err:
-        raise SdtuneError(f"{source.where()}: {subfolder}/ could not be loaded{_offline_hint()}: {first_line(err)}") from err
+        raise SdtuneError(f"{source.where()}: {subfolder}/ could not be loaded{offline_hint()}: {first_line(err)}") from err
 
 
 def load_tokenizer(pretrained: str, revision: str | None = None, pretrained_config: str | None = None) -> CLIPTokenizer:
-    """The CLIP tokenizer from the `tokenizer/` subfolder, with its length capped by the text encoder's positions.
-    For a single-file `pretrained` it comes from `pretrained_config` (the file itself is not read)."""
+    """The (first) CLIP tokenizer from the `tokenizer/` subfolder, with its length capped by the text encoder's
+    positions. For a single-file `pretrained` it comes from `pretrained_config` (the file itself is not read)."""
     return _load_tokenizer(resolve_source(pretrained, revision, pretrained_config), revision)
 
 
 def load_tokenizers(pretrained: str, revision: str | None = None, pretrained_config: str | None = None) -> list[CLIPTokenizer]:
-    """Every tokenizer the model's text encoders read: `tokenizer/`, and `tokenizer_2/` for SDXL."""
+    """Every tokenizer the model's text encoders read, in the family's order (`tokenizer/`, SDXL's `tokenizer_2/`)."""
     source = resolve_source(pretrained, revision, pretrained_config)
-    tokenizers = [_load_tokenizer(source, revision)]
-    if is_sdxl(source, revision):
-        tokenizers.append(_load_tokenizer(source, revision, "_2"))
-    return tokenizers
+    family = detect_family(source, revision)
+    return [_load_tokenizer(source, revision, name) for name in family.tokenizers]
 
 
-def _load_tokenizer(source: Source, revision: str | None, suffix: str = "") -> CLIPTokenizer:
-    """`tokenizer{suffix}/`, whose length its text encoder (`text_encoder{suffix}/`) caps."""
-    tokenizer = _load(CLIPTokenizer, source, "tokenizer" + suffix, revision=revision)
+def _load_tokenizer(source: Source, revision: str | None, name: str = "tokenizer") -> CLIPTokenizer:
+    """The tokenizer in folder `name`, whose length its text encoder (`text_encoder…` of the same suffix) caps."""
+    suffix = name.removeprefix("tokenizer")
+    tokenizer = load_part(CLIPTokenizer, source, name, revision=revision)
     # Recent transformers build an empty tokenizer instead of failing when the vocabulary files are missing.
     if tokenizer.vocab_size <= 3:
-        raise SdtuneError(f"{source.where()}: tokenizer{suffix}/ has no vocabulary (vocab.json + merges.txt){_offline_hint()}")
+        raise SdtuneError(f"{source.where()}: {name}/ has no vocabulary (vocab.json + merges.txt){offline_hint()}")
     if tokenizer.model_max_length > 100_000:  # no model_max_length in tokenizer_config.json
-        config = _load(CLIPTextConfig, source, "text_encoder" + suffix, revision=revision)
+        config = load_part(CLIPTextConfig, source, "text_encoder" + suffix, revision=revision)
         tokenizer.model_max_length = config.max_position_embeddings
     return tokenizer
 
@@ -205,8 +200,7 @@ def model_index(source: Source, revision: str | None) -> dict:
     whose cache holds only its subfolders)."""
     path = Path(source.configs)
     if path.is_dir():
-        index = path / "model_index.json"
-        return json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
+        return _read_index(path)
     from huggingface_hub import hf_hub_download
 
     try:
@@ -215,71 +209,86 @@ def model_index(source: Source, revision: str | None) -> dict:
         return {}
 
 
-def is_sdxl(source: Source, revision: str | None) -> bool:
-    """Whether the model is Stable Diffusion XL: it has a second text encoder."""
+def detect_family(source: Source, revision: str | None) -> ModelFamily:
+    """The model's family, from its layout: a local folder's subfolders, or a Hub model's model_index.json (and,
+    offline, the subfolders its cache holds), and the first text encoder's config."""
     path = Path(source.configs)
     if path.is_dir():
-        return (path / "text_encoder_2").is_dir()
-    if "text_encoder_2" in model_index(source, revision):
-        return True
+        return family_for(local_layout(path))
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(source.configs, "text_encoder_2/config.json", revision=revision), str)
+    index = model_index(source, revision)
+    names = {name for family in FAMILIES for name in family.components()}
+    cached = {name for name in names if isinstance(try_to_load_from_cache(source.configs, f"{name}/config.json", revision=revision), str)}
+    try:
+        text_config = CLIPTextConfig.from_pretrained(source.configs, subfolder="text_encoder", revision=revision).to_dict()
+    except (OSError, ValueError):
+        text_config = {}
+    return family_for(Layout(frozenset(set(index) | cached), text_config, index))
 
 
-def load_stable_diffusion(
+def load_model(
     pretrained: str,
     revision: str | None = None,
     variant: str | None = None,
     dtype: torch.dtype = torch.float32,
-    unet_dtype: torch.dtype | None = None,
+    denoiser_dtype: torch.dtype | None = None,
     pretrained_config: str | None = None,
-    load_unet: bool = True,
-) -> StableDiffusionParts:
-    """Load VAE and text encoder in `dtype`, the UNet in `unet_dtype` (default `dtype`; not at all, `unet` None,
-    without `load_unet`), the tokenizer and the DDPM training scheduler. Loading in the target dtype avoids a float32
-    copy of every weight on the way.
+    load_denoiser: bool = True,
+) -> ModelParts:
+    """Load the VAE and text encoders in `dtype`, the denoiser (UNet) in `denoiser_dtype` (default `dtype`; not at
+    all, None in the parts, without `load_denoiser`), the tokenizers and the DDPM training scheduler. Loading in the
+    target dtype avoids a float32 copy of every weight on the way.
 
     A single-file `pretrained` is read once and each part converted from it; `variant` does not apply to it (the
     file has one set of weights) and `revision` then applies to `pretrained_config`."""
     source = resolve_source(pretrained, revision, pretrained_config)
-    unet_dtype = unet_dtype or dtype
-    sdxl = is_sdxl(source, revision)
-    text_encoder_2 = None
-    if source.single_file is not None and sdxl:
+    denoiser_dtype = denoiser_dtype or dtype
+    family = detect_family(source, revision)
+    if source.single_file is not None and not family.single_file:
         raise SdtuneError(
-            f"model.pretrained '{source.single_file}': single-file SDXL checkpoints are not supported; pass the "
-            "diffusers directory or Hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0)"
+            f"model.pretrained '{source.single_file}': single-file {family.label} checkpoints are not supported; pass "
+            "the diffusers directory or Hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0)"
         )
+    modules = ["vae", *family.text_encoders] + ([family.denoiser] if load_denoiser else [])
+    components: dict[str, object] = {family.denoiser: None}
     if source.single_file is not None:
         state = read_single_file(source.single_file)
-        vae = part_from_single_file(AutoencoderKL, state, source, "vae", dtype)
-        text_encoder = part_from_single_file(CLIPTextModel, state, source, "text_encoder", dtype)
-        unet = None
-        if load_unet:
-            unet = part_from_single_file(UNet2DConditionModel, state, source, "unet", unet_dtype)
+        for name in modules:
+            part_dtype = denoiser_dtype if name == family.denoiser else dtype
+            components[name] = part_from_single_file(family.component_class(name), state, source, name, part_dtype)
         del state
     else:
-        weights = dict(revision=revision, variant=variant, torch_dtype=dtype)
-        vae = _load(AutoencoderKL, source, "vae", **weights)
-        text_encoder = _load(CLIPTextModel, source, "text_encoder", **weights)
-        if sdxl:
-            text_encoder_2 = _load(CLIPTextModelWithProjection, source, "text_encoder_2", **weights)
-        unet = None
-        if load_unet:
-            unet = _load(UNet2DConditionModel, source, "unet", **{**weights, "torch_dtype": unet_dtype})
-    return StableDiffusionParts(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=_load_tokenizer(source, revision),
-        unet=unet,
-        # Training always uses DDPM noising with the checkpoint's betas and prediction type.
-        noise_scheduler=_load(DDPMScheduler, source, "scheduler", revision=revision),
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=_load_tokenizer(source, revision, "_2") if sdxl else None,
-        # StableDiffusionXLPipeline's default when model_index.json does not say.
-        force_zeros_for_empty_prompt=sdxl and model_index(source, revision).get("force_zeros_for_empty_prompt", True),
-    )
+        weights = dict(revision=revision, variant=variant)
+        for name in modules:
+            part_dtype = denoiser_dtype if name == family.denoiser else dtype
+            components[name] = load_part(family.component_class(name), source, name, torch_dtype=part_dtype, **weights)
+    for name in family.tokenizers:
+        components[name] = _load_tokenizer(source, revision, name)
+    index = model_index(source, revision)
+    options = {key: index[key] for key in family.index_options if key in index}
+    # Training always uses DDPM noising with the checkpoint's betas and prediction type.
+    scheduler = load_part(DDPMScheduler, source, "scheduler", revision=revision)
+    return ModelParts(family, components, scheduler, options)
+
+
+def model_skeleton(pretrained: str, revision: str | None = None, pretrained_config: str | None = None) -> ModelParts:
+    """The model's VAE, denoiser and text encoders built from their configs on the meta device: every module and
+    shape, no weights read or memory taken (pre-flight checks run on it). Tokenizers and scheduler are left out."""
+    source = resolve_source(pretrained, revision, pretrained_config)
+    family = detect_family(source, revision)
+    components: dict[str, object] = {}
+    for name in ("vae", family.denoiser, *family.text_encoders):
+        cls = family.component_class(name)
+        if hasattr(cls, "load_config"):  # diffusers
+            config = load_part(cls.load_config, source, name, revision=revision)
+            build = lambda cls=cls, config=config: cls.from_config(config)  # noqa: E731
+        else:  # transformers
+            config = load_part(cls.config_class, source, name, revision=revision)
+            build = lambda cls=cls, config=config: cls(config)  # noqa: E731
+        with torch.device("meta"):
+            components[name] = build()
+    return ModelParts(family, components, None)
 
 
 def load_inference_scheduler(pretrained: str, revision: str | None = None, pretrained_config: str | None = None):
@@ -288,9 +297,9 @@ def load_inference_scheduler(pretrained: str, revision: str | None = None, pretr
     import diffusers
 
     source = resolve_source(pretrained, revision, pretrained_config)
-    config = _load(DDPMScheduler.load_config, source, "scheduler", revision=revision)
+    config = load_part(DDPMScheduler.load_config, source, "scheduler", revision=revision)
     scheduler_class = getattr(diffusers, config.get("_class_name") or "DDPMScheduler", DDPMScheduler)
-    return _load(scheduler_class, source, "scheduler", revision=revision)
+    return load_part(scheduler_class, source, "scheduler", revision=revision)
 
 
 def load_pipeline(
@@ -301,12 +310,11 @@ def load_pipeline(
     device: str | torch.device | None = None,
     pretrained_config: str | None = None,
 ):
-    """A StableDiffusionPipeline for sampling: every component in `dtype` (on `device`), the checkpoint's own inference
-    scheduler, no safety checker. Built from the same one-line-error loaders as training, so a missing directory,
-    an uncached Hub id offline, a missing subfolder or a damaged single file is one clear line, never a traceback."""
-    from sdtune.sampling import pipeline_from_parts
-
-    parts = load_stable_diffusion(pretrained, revision=revision, variant=variant, dtype=dtype, pretrained_config=pretrained_config)
+    """The family's text-to-image pipeline for sampling: every component in `dtype` (on `device`), the checkpoint's
+    own inference scheduler, no safety checker. Built from the same one-line-error loaders as training, so a missing
+    directory, an uncached Hub id offline, a missing subfolder or a damaged single file is one clear line, never a
+    traceback."""
+    parts = load_model(pretrained, revision=revision, variant=variant, dtype=dtype, pretrained_config=pretrained_config)
     scheduler = load_inference_scheduler(pretrained, revision=revision, pretrained_config=pretrained_config)
-    pipe = pipeline_from_parts(parts, scheduler)
+    pipe = parts.pipeline(scheduler)
     return pipe.to(device) if device is not None else pipe

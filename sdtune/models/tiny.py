@@ -20,7 +20,7 @@ TOKENIZER_FILES = Path(__file__).parent / "tiny_tokenizer"
 MAX_TOKENS = 77
 
 
-def _tokenizer_vocab_size() -> int:
+def tokenizer_vocab_size() -> int:
     return len(json.loads((TOKENIZER_FILES / "vocab.json").read_text(encoding="utf-8")))
 
 
@@ -69,7 +69,7 @@ def build_tiny_stable_diffusion(out: str | Path, seed: int = 0, sample_size: int
     """
     out = Path(out)
     torch.manual_seed(seed)
-    vocab_size = _tokenizer_vocab_size()
+    vocab_size = tokenizer_vocab_size()
     unet = tiny_unet(sample_size, cross_attention_dim=32, attention_head_dim=8)
     vae = tiny_vae(2 * sample_size)
     text_encoder = clip_text_encoder(vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=5)

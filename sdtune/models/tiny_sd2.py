@@ -10,7 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from sdtune.models.tiny import _tokenizer_vocab_size, clip_text_encoder, save_pipeline, tiny_unet, tiny_vae, write_tokenizer
+
+from sdtune.models.tiny import (
+    clip_text_encoder,
+    save_pipeline,
+    tiny_unet,
+    tiny_vae,
+    tokenizer_vocab_size,
+    write_tokenizer,
+)
 
 TEXT_WIDTH = 48
 
@@ -22,7 +30,7 @@ def build_tiny_sd2(out: str | Path, seed: int = 0, sample_size: int = 32) -> Pat
     out = Path(out)
     torch.manual_seed(seed)
     unet = tiny_unet(sample_size, cross_attention_dim=TEXT_WIDTH, attention_head_dim=(2, 4), use_linear_projection=True)
-    text_encoder = clip_text_encoder(_tokenizer_vocab_size(), TEXT_WIDTH, 64, num_hidden_layers=4, hidden_act="gelu")
+    text_encoder = clip_text_encoder(tokenizer_vocab_size(), TEXT_WIDTH, 64, num_hidden_layers=4, hidden_act="gelu")
     write_tokenizer(out / "tokenizer")
     save_pipeline(out, tiny_vae(2 * sample_size), unet, text_encoder, prediction_type="v_prediction")
     return out

@@ -17,7 +17,7 @@ import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from sdtune.models.tiny import MAX_TOKENS, _tokenizer_vocab_size, clip_text_encoder, tiny_unet, tiny_vae, write_tokenizer
+from sdtune.models.tiny import MAX_TOKENS, clip_text_encoder, tiny_unet, tiny_vae, tokenizer_vocab_size, write_tokenizer
 
 TIME_EMBED_DIM = 8  # per number of the six add_time_ids
 SDXL_SCALING_FACTOR = 0.13025
@@ -47,7 +47,7 @@ def build_tiny_sdxl(out: str | Path, seed: int = 0, sample_size: int = 32) -> Pa
     `sample_size` is the UNet's latent side; images are `2 * sample_size` pixels (the tiny VAE downsamples by 2)."""
     out = Path(out)
     torch.manual_seed(seed)
-    vocab_size = _tokenizer_vocab_size()
+    vocab_size = tokenizer_vocab_size()
     text_encoder = clip_text_encoder(vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=3)
     text_encoder_2 = CLIPTextModelWithProjection(
         CLIPTextConfig(

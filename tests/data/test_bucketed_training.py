@@ -10,14 +10,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from test_cli import sdtune
 
+from sdtune.adapters.lora import LoraSettings
 from sdtune.data import CaptionDataModule
 from sdtune.data.buckets import assign_bucket, make_buckets
 from sdtune.data.transforms import Geometry
 from sdtune.errors import SdtuneError
 from sdtune.finetune import LoRAFineTune
-from sdtune.lora import LoraSettings
-from test_cli import sdtune
 
 # Wide, tall and square images; each size twice, so every bucket has a full batch of 2.
 SIZES = [(80, 48), (90, 50), (48, 96), (50, 90), (64, 64), (70, 66), (80, 60), (60, 80)] * 2

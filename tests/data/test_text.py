@@ -12,8 +12,8 @@ from transformers import CLIPTokenizer
 
 from sdtune.data import CaptionDataModule, Subset
 from sdtune.errors import SdtuneError
+from sdtune.models.text import tokenize_chunks
 from sdtune.models.tiny import write_tokenizer
-from sdtune.text import tokenize_chunks
 
 WORDS = "red circle blue square"  # one token per word in the tiny vocabulary
 

@@ -8,15 +8,14 @@ import warnings
 
 import pytest
 from PIL import Image
-
+from test_optimization import make_model
+from training import fit, make_data
 from transformers import CLIPTokenizer
 
 from sdtune.data import CaptionDataset
 from sdtune.data.records import Record
 from sdtune.errors import SdtuneError
 from sdtune.models.tiny import write_tokenizer
-from test_optimization import make_model
-from training import fit, make_data
 
 
 @pytest.fixture

@@ -9,12 +9,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from hostile import BLUE, GREEN, RED, WHITE, make_hostile_src, pattern, save, snapshot, write
 from PIL import Image
 
 from data_prep.build import build_dataset
 from data_prep.dedupe import DuplicateIndex, perceptual_hash, pixel_hash
 from data_prep.sources import decode_caption
-from hostile import BLUE, GREEN, RED, WHITE, make_hostile_src, pattern, save, snapshot, write
 from sdtune.cli import main
 from sdtune.data.buckets import assign_bucket, format_bucket, make_buckets
 from sdtune.data.records import discover_records

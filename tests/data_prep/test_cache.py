@@ -13,15 +13,15 @@ import torch
 from PIL import Image
 
 import data_prep.cache as cache
-import data_prep.cache_encode as cache_encode
+import sdtune.data.cache.encode as cache_encode
 from data_prep.cache import CacheSettings, build_cache
-from data_prep.cache_index import load_cache_entry, open_cache, sample_latents
 from sdtune.cli import main as sdtune_main
 from sdtune.data.buckets import assign_bucket, make_buckets
+from sdtune.data.cache.index import load_cache_entry, open_cache, sample_latents
 from sdtune.errors import SdtuneError
 from sdtune.models.clip import encode_text
-from sdtune.models.pretrained import load_stable_diffusion
-from sdtune.text import tokenize_chunks
+from sdtune.models.pretrained import load_model
+from sdtune.models.text import tokenize_chunks
 
 AREA = 48 * 48
 STEP = 16
@@ -57,7 +57,7 @@ def make_dst(root: Path, metadata: bool = True, extra: dict | None = None) -> Pa
 
 @pytest.fixture(scope="module")
 def parts(tiny_model_dir):
-    loaded = load_stable_diffusion(str(tiny_model_dir))
+    loaded = load_model(str(tiny_model_dir))
     loaded.vae.eval()
     loaded.text_encoder.eval()
     return loaded
@@ -176,7 +176,7 @@ def test_rerun_reuses_everything_without_loading_the_model(tmp_path, tiny_model_
     def no_model(*args, **kwargs):
         raise AssertionError("nothing to compute, yet the model was loaded")
 
-    monkeypatch.setattr("sdtune.models.pretrained.load_stable_diffusion", no_model)
+    monkeypatch.setattr("sdtune.models.pretrained.load_model", no_model)
     second = build_cache(dst, str(tiny_model_dir), settings=BUCKETED)
     assert second.computed == 0 and second.reused == first.computed == 7
     assert entry_files(second) == before  # same files, untouched

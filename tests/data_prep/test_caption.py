@@ -23,7 +23,13 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "the"
 def blip_dir(tmp_path_factory) -> Path:
     """A randomly initialised BLIP captioner (hidden 32, 1 layer, 32-px images) with a BERT word-piece tokenizer and
     the PIL image processor (torchvision is not installed), saved the way Hub checkpoints are."""
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessorPil,
+        BlipProcessor,
+    )
 
     out = tmp_path_factory.mktemp("models") / "tiny-blip"
     vocab = out.parent / "vocab.txt"

@@ -172,7 +172,7 @@ def tokenizer_model(tmp_path):
 
 def test_tokenizer_gives_exact_counts(tmp_path, tokenizer_model):
     from sdtune.models.pretrained import load_tokenizer
-    from sdtune.text import text_token_ids
+    from sdtune.models.text import text_token_ids
 
     captions = ["a red circle on a white background", "photographic masterpiece, intricate details"]
     dst = write_dst(tmp_path / "dst", [{"file_name": f"{i}.png", "text": t} for i, t in enumerate(captions)],

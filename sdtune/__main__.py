@@ -1,0 +1,7 @@
+"""`python -m sdtune`: the `sdtune` command."""
+
+import sys
+
+from sdtune.cli import main
+
+sys.exit(main())

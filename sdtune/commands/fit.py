@@ -1,0 +1,254 @@
+"""`sdtune fit` and `sdtune validate`: LightningCLI with sdtune's run-directory layout.
+
+What sdtune adds to a plain LightningCLI: a ModelCheckpoint (`--checkpoint.*`, `save_last` on) writing to the fixed
+folder `<run dir>/checkpoints`, a SaveAdapter callback (`--adapter.*`), a SampleImages callback (`--samples.*`, off
+unless the config's `samples:` block or `--samples.enabled true` turns it on), a Throughput callback (`--throughput.*`,
+`perf/*` speed and memory logs), an EMA of the trained weights (`--ema.*`, off unless `--ema.enabled true`), a NonFiniteGuard (`--nonfinite.*`: steps with NaN/inf gradients skipped, the run
+stopped after N in a row), a GracefulStop (`--graceful_stop.*`: SIGTERM or Ctrl+C saves last.ckpt after the current
+batch and exits with 128 + the signal's number), TensorBoard logs in `<run dir>/logs`, the
+resolved config in `<run dir>/config.yaml` (rewritten on resume), and the model's `pretrained` linked to the data
+module (with `revision` and `pretrained_config`) so both use the same tokenizer. Checkpoints are written atomically
+and verified (`sdtune.finetune.checkpointing`); `--ckpt_path last` resumes from the newest complete one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from sdtune.callbacks import EMA, GracefulStop, NonFiniteGuard, SampleImages, SaveAdapter, SaveRunConfig, Throughput
+from sdtune.commands.preflight import fit_problems
+from sdtune.commands.recipes import find_recipe
+from sdtune.errors import SdtuneError, SdtuneErrors
+from sdtune.finetune.checkpointing import AtomicCheckpointIO, pick_resume_checkpoint
+
+UNION_REPORT = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "- Problem with given class_path",
+    "- Expected a <class 'NoneType'>",
+    "Given value",
+)
+
+
+def summarize_parse_error(message: str) -> str:
+    """jsonargparse's nested union report → `model.lora.rank: Expected a <class 'int'>. Got value: abc`."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    keys: list[str] = []
+    details: list[str] = []
+    for line in lines:
+        key = re.match(r'Parser key "([^"]+)":\s*(.*)', line)
+        if key:
+            keys.append(key.group(1))
+            details = [key.group(2)] if key.group(2) else []
+        elif not line.startswith(UNION_REPORT):
+            details.append(line)
+    reason = details[0].lstrip("- ") if details else (lines[0] if lines else message)
+    return f"{'.'.join(dict.fromkeys(keys))}: {reason}" if keys else reason
+
+
+class SdtuneParser(LightningArgumentParser):
+    """Bad values and unknown keys are reported as one line instead of the full usage and union report."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        sys.stderr.write(f"sdtune: error: {summarize_parse_error(message)} (see `{self.prog.replace(' [options]', '')} --help`)\n")
+        sys.exit(2)
+
+
+class SdtuneCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}, "validate": {"model", "dataloaders", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1, "checkpoint.every_n_train_steps": 500})
+        # Throughput before the other sdtune callbacks: its batch-end timing then stops before they save or sample.
+        parser.add_lightning_class_args(Throughput, "throughput")
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+        parser.add_lightning_class_args(GracefulStop, "graceful_stop")
+        parser.add_lightning_class_args(SaveAdapter, "adapter")
+        parser.add_lightning_class_args(SampleImages, "samples")
+        parser.add_lightning_class_args(EMA, "ema")
+        parser.set_defaults({"samples.enabled": False, "ema.enabled": False})
+        # The DataModule's BucketBatchSampler splits batches between ranks; Lightning must not wrap it.
+        parser.set_defaults({"trainer.use_distributed_sampler": False})
+        parser.link_arguments("model.init_args.pretrained", "data.init_args.pretrained")
+        parser.link_arguments("model.init_args.revision", "data.init_args.revision")
+        parser.link_arguments("model.init_args.pretrained_config", "data.init_args.pretrained_config")
+        parser.link_arguments("model.init_args.clip_skip", "data.init_args.clip_skip")  # cached text outputs
+        # Textual inversion: the data module tokenizes captions with the model's new tokens (and their ids).
+        parser.link_arguments("model", "data.init_args.added_tokens", compute_fn=added_tokens, apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        """`fit` checks paths, settings, the model's configs, the data and free disk before any weights load; the
+        checkpoint settings that follow from others are set before the callback is built."""
+        config = self.config[self.subcommand]
+        if self.subcommand == "fit":
+            problems = fit_problems(config)
+            if problems:
+                raise SdtuneErrors(problems)
+        if config.get("checkpoint.monitor") is not None and config.get("checkpoint.every_n_train_steps"):
+            # A step-triggered save runs before that step's validation and would be scored with the previous
+            # val/loss; saving when validation ends scores every checkpoint by its own.
+            config["checkpoint.every_n_train_steps"] = None
+            config["checkpoint.every_n_epochs"] = max(1, config.get("checkpoint.every_n_epochs") or 0)
+            rank_zero_info(f"checkpoint.monitor={config['checkpoint.monitor']}: checkpoints are saved after each validation")
+        if config.get("ckpt_path") is not None:
+            # A resumed run continues the same run: its saves replace last.ckpt (atomically) instead of adding
+            # last-v1.ckpt next to a damaged or older last.ckpt. Fresh runs keep Lightning's versioning, and its
+            # warning about a checkpoint folder that is not empty, which on a resume is expected.
+            config["checkpoint.enable_version_counter"] = False
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+    def instantiate_classes(self) -> None:
+        """jsonargparse wraps errors raised in __init__ into a multi-line parse error; surface ours as they are."""
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cause = err
+            while cause is not None and not isinstance(cause, SdtuneError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                raise cause from None
+            raise
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        config = self.config_init[self.subcommand]
+        root = Path(config.trainer.default_root_dir or os.getcwd())
+        checkpoint: ModelCheckpoint = config.checkpoint
+        if checkpoint.dirpath is None:
+            checkpoint.dirpath = os.path.realpath(root / "checkpoints")
+        if config.trainer.logger in (None, True):
+            kwargs["logger"] = TensorBoardLogger(save_dir=str(root), name="logs", version="")
+        plugins = config.trainer.plugins
+        if plugins is None or (isinstance(plugins, list) and not any(is_checkpoint_io(p) for p in plugins)):
+            kwargs["plugins"] = [*(plugins or []), AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        """`--ckpt_path last`: the newest checkpoint of the run that is complete, skipping damaged ones with a
+        warning (Lightning's own "last" would take `last.ckpt` as it is); none yet: start from scratch."""
+        config = self.config_init[self.subcommand]
+        checkpoint = self.trainer.checkpoint_callback
+        if config.get("ckpt_path") == "last" and isinstance(checkpoint, ModelCheckpoint):
+            found = pick_resume_checkpoint(checkpoint.dirpath)
+            config["ckpt_path"] = str(found) if found is not None else None
+            if found is None:
+                rank_zero_info("--ckpt_path last: no checkpoint yet, starting from scratch")
+
+
+def added_tokens(model: Any) -> dict[str, int]:
+    """The tokens a model added to its tokenizer, with their ids ({} for methods that add none)."""
+    return dict(getattr(model, "added_tokens", {}) or {})
+
+
+def is_checkpoint_io(plugin: Any) -> bool:
+    from lightning.fabric.plugins import CheckpointIO
+
+    return isinstance(plugin, CheckpointIO)
+
+
+# Expected with frozen encoders, or when a dataset has no validation split.
+QUIET = [
+    r".*module\(s\) in eval mode at the start of training.*",
+    r"Total length of .* across ranks is zero.*",
+    r".*LightningCLI's args parameter is intended to run from within Python.*",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # inside Lightning's own pytree helpers
+    # The DataModule saves the sampler's position itself (CaptionDataModule.state_dict), not the loader.
+    r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable.*",
+]
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings meant for the user (long captions, missing masks) as one line, without the source line."""
+    return f"warning: {message}\n"
+
+
+def run_cli(args: list[str], epilog: str) -> SdtuneCLI:
+    # The settings dataclasses document each field with a docstring under it; show those in --help.
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
+    warnings.formatwarning = one_line_warning
+    subcommand = args[0]
+    return SdtuneCLI(
+        model_class=L.LightningModule,
+        datamodule_class=L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_class=SdtuneParser,
+        save_config_callback=SaveRunConfig,
+        auto_configure_optimizers=False,
+        parser_kwargs={subcommand: {"epilog": epilog, "formatter_class": argparse.RawDescriptionHelpFormatter}},
+        args=args,
+    )
+
+
+FIT_EPILOG = """examples:
+  sdtune fit --config sd15/lora --model.pretrained stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+             --data.root ./my_dataset --trainer.max_steps 1500 --trainer.default_root_dir runs/my_lora
+  sdtune fit --config sd15/lora --config overrides.yaml --model.lora.rank 32 --print_config
+  sdtune fit --config sd15/lora ... --ckpt_path last       # resume from runs/my_lora/checkpoints/last.ckpt
+
+--config takes a packaged recipe name (see `sdtune ls`) or a YAML path; later configs and flags override earlier.
+The run directory (--trainer.default_root_dir) receives config.yaml, logs/ (TensorBoard), checkpoints/ and adapter/.
+"""
+
+VALIDATE_EPILOG = """example:
+  sdtune validate --config sd15/lora --model.pretrained ./my_model --data.root ./my_dataset \\
+                  --data.val_fraction 0.1 --ckpt_path runs/my_lora/checkpoints/last.ckpt
+"""
+
+
+def resolve_configs(args: list[str]) -> list[str]:
+    """Let `--config sd15/lora` name a packaged recipe as well as a file."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            out += [arg, str(find_recipe(args[i + 1]))]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            arg = "--config=" + str(find_recipe(arg.split("=", 1)[1]))
+        out.append(arg)
+        i += 1
+    return out
+
+
+def run(subcommand: str, args: list[str]) -> int:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from sdtune.callbacks.graceful_stop import received
+
+    epilog = FIT_EPILOG if subcommand == "fit" else VALIDATE_EPILOG
+    try:
+        run_cli([subcommand, *resolve_configs(args)], epilog)
+    except SIGTERMException:  # stopped by SIGTERM or Ctrl+C after a checkpoint was saved (GracefulStop)
+        return 128 + int(received["signal"] or signal.SIGTERM)
+    return 0
+
+
+def fit(args: list[str]) -> int:
+    return run("fit", args)
+
+
+def validate(args: list[str]) -> int:
+    return run("validate", args)

@@ -1,0 +1,210 @@
+"""Checks `sdtune fit` runs on the parsed config before any weights are loaded, so a bad setting costs seconds, not
+the minutes of loading a model (or the hours until the first checkpoint), and every problem is reported at once.
+
+What is checked, each problem one line naming the key to change:
+- paths: the model (a directory with its subfolders, a Hub id, or a single file with its configs), the data folders
+  (root, subsets, val_root, mask_dir), model.init_adapter;
+- settings the classes check themselves (the DataModule's arguments, the LoRA shapes), with the classes' own
+  validators, collected instead of stopping at the first;
+- against the model built from its configs on the meta device (no weights): data.resolution and data.bucket_step
+  divisible by the VAE's downscaling, every LoRA target module present in the UNet and the text encoders (the check
+  `add_lora` runs);
+- the data: images found, and an epoch with at least one batch per device and at least
+  trainer.accumulate_grad_batches batches per device (buckets counted when data.buckets is on);
+- free disk space for the checkpoints this run will keep.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from importlib import import_module
+from pathlib import Path
+from typing import Any, Callable
+
+from sdtune.adapters.lora import check_targets
+from sdtune.errors import SdtuneError, first_line
+from sdtune.models.pretrained import model_skeleton
+
+GB = 1024**3
+
+
+def fit_problems(config: Any) -> list[str]:
+    """Every problem found in a parsed `sdtune fit` config (a jsonargparse Namespace); [] when it looks runnable."""
+    model_class, data_class = str(config.get("model.class_path") or ""), str(config.get("data.class_path") or "")
+    if not (model_class.startswith("sdtune.") and data_class == "sdtune.data.CaptionDataModule"):
+        return []  # someone else's classes: nothing known to check
+    model, data = config.model.init_args, config.data.init_args
+    problems: list[str] = []
+
+    def check(step: Callable[[], Any]) -> Any:
+        try:
+            return step()
+        except SdtuneError as err:
+            problems.append(first_line(err))
+            return None
+
+    source = check(lambda: _model_source(model))
+    lora = check(lambda: _lora_settings(model)) if "lora" in model else None
+    text_lora = check(lambda: _text_encoder_lora(model))
+    _check_paths(model, data, problems)
+    datamodule = check(lambda: _instantiate(data_class, data))
+    if source is not None:
+        skeleton = check(lambda: model_skeleton(str(model.pretrained), model.get("revision"), model.get("pretrained_config")))
+        if skeleton is not None:
+            check(lambda: _check_vae_factor(skeleton.vae_scale_factor, data))
+            if lora is not None:
+                check(lambda: check_targets(skeleton.denoiser, lora, "the UNet"))
+            if text_lora is not None:
+                for encoder in skeleton.text_encoder_list:
+                    check(lambda encoder=encoder: check_targets(encoder, text_lora, "the text encoder"))
+            check(lambda: _check_disk(config, skeleton.denoiser, lora))
+    if datamodule is not None and not any(p.startswith(("data.root", "data.subsets", "data.val_root")) for p in problems):
+        check(lambda: _check_batches(config, datamodule))
+    return list(dict.fromkeys(problems))  # SDXL's two text encoders can fail the same way
+
+
+# --- the model ----------------------------------------------------------------------------------------------------
+
+
+def _model_source(model: Any):
+    from sdtune.models.pretrained import resolve_source
+
+    if not model.get("pretrained"):
+        raise SdtuneError("model.pretrained is not set: pass a diffusers directory, Hub id or single file")
+    return resolve_source(str(model.pretrained), model.get("revision"), model.get("pretrained_config"))
+
+
+def _lora_settings(model: Any):
+    from sdtune.adapters.lora import LoraSettings
+    from sdtune.finetune.base import as_settings
+
+    return as_settings(LoraSettings, model.get("lora"))
+
+
+def _text_encoder_lora(model: Any):
+    from sdtune.adapters.lora import TextEncoderLora
+    from sdtune.finetune.base import as_settings
+
+    return as_settings(TextEncoderLora, model.get("text_encoder_lora"))
+
+
+def _check_vae_factor(factor: int, data: Any) -> None:
+    resolution = int(data.get("resolution") or 0)
+    if resolution % factor:
+        raise SdtuneError(
+            f"data.resolution {resolution} is not a multiple of {factor}, the VAE's downscaling; use e.g. "
+            f"{max(factor, resolution // factor * factor)}"
+        )
+    step = int(data.get("bucket_step") or 0)
+    if data.get("buckets") and step % factor:
+        raise SdtuneError(f"data.bucket_step {step} is not a multiple of {factor}, the VAE's downscaling")
+
+
+# --- paths and data -----------------------------------------------------------------------------------------------
+
+
+def _check_paths(model: Any, data: Any, problems: list[str]) -> None:
+    paths = [("data.root", data.get("root")), ("data.val_root", data.get("val_root")),
+             ("data.mask_dir", data.get("mask_dir")), ("model.init_adapter", model.get("init_adapter"))]  # fmt: skip
+    for i, subset in enumerate(data.get("subsets") or []):
+        get = subset.get if isinstance(subset, dict) else lambda key, default=None: getattr(subset, key, default)
+        if not get("generate", 0):  # a folder of class images still to generate is made by the run
+            paths.append((f"data.subsets[{i}].root", get("root")))
+    for key, value in paths:
+        if value is not None and not Path(str(value)).expanduser().exists():
+            problems.append(f"{key} '{value}' does not exist")
+
+
+def _instantiate(class_path: str, init_args: Any):
+    module, name = class_path.rsplit(".", 1)
+    return getattr(import_module(module), name)(**dict(vars(init_args)))
+
+
+def _devices(config: Any) -> int:
+    devices, nodes = config.get("trainer.devices", 1), int(config.get("trainer.num_nodes") or 1)
+    if isinstance(devices, (list, tuple)):
+        count = len(devices)
+    elif isinstance(devices, int) or (isinstance(devices, str) and devices.lstrip("-").isdigit()):
+        count = int(devices)
+        if count == -1:
+            count = _available_devices(config)
+    else:  # "auto"
+        count = _available_devices(config)
+    return max(1, count) * nodes
+
+
+def _available_devices(config: Any) -> int:
+    import torch
+
+    accelerator = str(config.get("trainer.accelerator") or "auto")
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return 1
+
+
+def _check_batches(config: Any, datamodule: Any) -> None:
+    """Finds the records the run will train on (no tokenizer, no weights) and counts batches per device."""
+    from sdtune.data.bucket_sampler import BucketBatchSampler
+
+    pairs = datamodule.training_pairs(announce=False)
+    if datamodule.val_root is None and datamodule.val_fraction > 0:
+        pairs, _ = datamodule.split(pairs)
+    records = [record for record, repeats in pairs for _ in range(repeats)]
+    batch_size = datamodule.batch_size
+    sampler = BucketBatchSampler(datamodule.assign_buckets(records), batch_size, datamodule.seed)
+    batches, bucket_count = sampler.total_batches, len(sampler.groups)
+    devices = _devices(config)
+    per_device = batches // devices
+    accumulate = int(config.get("trainer.accumulate_grad_batches") or 1)
+    made = f"{len(records)} samples make {batches} batch{'es' if batches != 1 else ''} of data.batch_size {batch_size}"
+    if bucket_count > 1:
+        made += f" in {bucket_count} buckets"
+    if per_device == 0:
+        raise SdtuneError(f"{made}, fewer than the {devices} devices; lower data.batch_size or use fewer devices")
+    if per_device < accumulate:
+        raise SdtuneError(
+            f"{made}: {per_device} per device, fewer than trainer.accumulate_grad_batches {accumulate}, so no "
+            "optimizer step would see a whole accumulation; lower it or data.batch_size, or add images"
+        )
+
+
+# --- disk -----------------------------------------------------------------------------------------------------------
+
+
+def _trainable_params(config: Any, unet: Any, lora: Any) -> int:
+    import torch
+
+    if lora is None:  # a full fine-tune trains every UNet weight
+        return sum(p.numel() for p in unet.parameters())
+    total = 0
+    targets = set(lora.target_modules)
+    conv_targets = set(lora.conv_target_modules) if lora.conv_rank else set()
+    for name, module in unet.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        matches = {t for t in targets | conv_targets if name == t or name.endswith("." + t) or leaf == t}
+        if not matches:
+            continue
+        if isinstance(module, torch.nn.Linear) and matches & targets:
+            total += lora.rank * (module.in_features + module.out_features)
+        elif isinstance(module, torch.nn.Conv2d) and matches & conv_targets:
+            k = module.kernel_size[0] * module.kernel_size[1]
+            total += lora.conv_rank * (module.in_channels * k + module.out_channels)
+    return total
+
+
+def _check_disk(config: Any, unet: Any, lora: Any) -> None:
+    params = _trainable_params(config, unet, lora)
+    # fp32 weights + AdamW's two moments in each checkpoint; last.ckpt plus the kept top-k files.
+    per_file = params * 4 * 3
+    files = 1 + max(0, int(config.get("checkpoint.save_top_k") if config.get("checkpoint.save_top_k") is not None else 1))
+    need = per_file * files * 1.1 + 64 * 1024**2  # and room for adapters, logs, samples
+    root = Path(str(config.get("trainer.default_root_dir") or ".")).expanduser().absolute()
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise SdtuneError(
+            f"{existing} has {free / GB:.1f} GB free, but this run's checkpoints need about {math.ceil(need / GB * 10) / 10:.1f} "
+            f"GB ({files} files of {per_file / GB:.2f} GB); free some space, set trainer.default_root_dir elsewhere or "
+            "lower checkpoint.save_top_k"
+        )

@@ -1,0 +1,146 @@
+"""`sdtune toy`: the toy world's base model, built from nothing but sdtune.
+
+`init` writes the toy architecture with random weights. `build` reproduces the base model sdtune ships (`sdtune:toy`)
+through the same commands a user runs: generate the shape datasets, train the VAE (`toy/vae`), train the UNet and
+text encoder (`toy/base`), store the result in float16 and score it with the shapes judge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from sdtune.errors import SdtuneError
+
+# The VAE sees every colour the demos use, those held out from the base included; the base UNet only the four base colours.
+VAE_COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "magenta")
+BASE_COLORS = ("red", "green", "blue", "yellow")
+IMAGES = 2400
+EPILOG = """examples:
+  sdtune toy init --out toy/random
+  sdtune toy build --out toy                     # about 16 minutes on 2 CPU cores; toy/toy-base is the result
+  sdtune evaluate --model toy/toy-base --judge shapes --out toy/eval
+"""
+
+
+def judge_sampling(seeds: int = 8) -> list[str]:
+    """`sdtune evaluate` sampling options toy models are scored with: seeds 0..seeds-1, DPM++ 25 steps, CFG 4."""
+    options: list[str] = []
+    for seed in range(seeds):
+        options += ["--seed", str(seed)]
+    return options + ["--steps", "25", "--guidance", "4", "--scheduler", "dpmpp_2m"]
+
+
+def run(step: str, args: list[str]) -> None:
+    """One sdtune command, printed first so it can be rerun by hand."""
+    from sdtune.commands import run as run_command
+
+    print(f"[{step}] sdtune {' '.join(args)}", flush=True)
+    code = run_command(args)
+    if code != 0:
+        raise SdtuneError(f"toy build: step {step} failed (exit code {code}); the command is printed above")
+
+
+def to_float16(source: Path, dest: Path) -> Path:
+    """Copy a diffusers pipeline folder with the UNet's and VAE's weights stored in float16 (half the size). diffusers
+    loads them as float32 unless told otherwise; the text encoder (0.4 MB) stays float32, since transformers would
+    load float16 weights as float16 by default."""
+    from safetensors.torch import load_file, save_file
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(source, dest)
+    for part in ("unet", "vae"):
+        for weights in (dest / part).glob("*.safetensors"):
+            tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(weights).items()}
+            save_file(tensors, weights, metadata={"format": "pt"})
+    return dest
+
+
+def cmd_init(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sdtune toy init",
+        description="Write the toy architecture (32-px images, 8×8×4 latents) with random weights as a diffusers folder.",
+        epilog="example:\n  sdtune toy init --out toy/random",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", required=True, help="folder to write (a diffusers pipeline directory)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    ns = parser.parse_args(args)
+    from sdtune.toy.model import build_toy_stable_diffusion
+
+    print(f"wrote the random toy model to {build_toy_stable_diffusion(ns.out, seed=ns.seed)}")
+    return 0
+
+
+def cmd_build(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sdtune toy build",
+        description="Reproduce the shipped toy base model: datasets, VAE, UNet + text encoder, float16 copy, judge score.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", required=True, help="work folder; the model lands in OUT/toy-base")
+    parser.add_argument("--vae-steps", type=int, help="VAE training steps (default: the toy/vae recipe's)")
+    parser.add_argument("--base-steps", type=int, help="UNet training steps (default: the toy/base recipe's)")
+    parser.add_argument("--images", type=int, default=IMAGES, help=f"images in each dataset (default: {IMAGES})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and of both runs (default: 0)")
+    parser.add_argument("--skip-judge", action="store_true", help="do not score the result with the shapes judge")
+    ns = parser.parse_args(args)
+    out = Path(ns.out)
+    if (out / "vae").exists() or (out / "base").exists():
+        raise SdtuneError(f"{out} already holds a toy build (vae/ or base/): pass a new --out")
+    started = time.perf_counter()
+    run("1/6", ["toy", "init", "--out", str(out / "random"), "--seed", str(ns.seed)])
+    for step, name, colors, seed in (("2/6", "vae-data", VAE_COLORS, 1), ("3/6", "base-data", BASE_COLORS, 2)):
+        run(step, ["prep", "shapes", "--out", str(out / name), "--n", str(ns.images), "--size", "32",
+                   "--seed", str(seed), "--colors", ",".join(colors)])  # fmt: skip
+    common = ["--seed_everything", str(ns.seed)]
+    vae = ["fit", "--config", "toy/vae", "--model.pretrained", str(out / "random"), "--data.root", str(out / "vae-data"),
+           "--trainer.default_root_dir", str(out / "vae"), *common]  # fmt: skip
+    if ns.vae_steps:
+        vae += ["--trainer.max_steps", str(ns.vae_steps), "--checkpoint.every_n_train_steps", str(ns.vae_steps)]
+    run("4/6", vae)
+    base = ["fit", "--config", "toy/base", "--model.pretrained", str(out / "vae" / "model"),
+            "--data.root", str(out / "base-data"), "--trainer.default_root_dir", str(out / "base"), *common]  # fmt: skip
+    if ns.base_steps:
+        base += ["--trainer.max_steps", str(ns.base_steps), "--checkpoint.every_n_train_steps", str(ns.base_steps)]
+    run("5/6", base)
+    model = to_float16(out / "base" / "model", out / "toy-base")
+    print(f"      {model}: float16 copy of {out / 'base' / 'model'} ({sum(f.stat().st_size for f in model.rglob('*')) / 2**20:.1f} MB)")
+    score = "not judged (--skip-judge)"
+    if not ns.skip_judge:
+        run("6/6", ["evaluate", "--model", str(model), "--judge", "shapes", "--judge-colors", ",".join(BASE_COLORS),
+                    *judge_sampling(), "--out", str(out / "eval")])  # fmt: skip
+        judged = json.loads((out / "eval" / "metrics.json").read_text())["judge"]["models"][0]
+        score = f"{judged['both']:.1%} of {judged['count']} images judged fully right (colour {judged['color']:.1%}, shape {judged['shape']:.1%})"
+    minutes = (time.perf_counter() - started) / 60
+    write_model_card(model, " ".join(["sdtune toy build", *args]), minutes, score)
+    print(f"toy build: {model} in {minutes:.1f} min; {score}")
+    return 0
+
+
+def write_model_card(model: Path, command: str, minutes: float, score: str) -> None:
+    """README.md in the model folder: what it is, how it was made and how good it is."""
+    (model / "README.md").write_text(
+        "# sdtune toy base\n\n"
+        "A Stable Diffusion for 32-px images of circles, squares and triangles in red, green, blue and yellow, trained\n"
+        "from random weights by sdtune's `toy/vae` and `toy/base` recipes. UNet and VAE weights are stored in float16.\n\n"
+        f"- made by: `{command}` ({minutes:.1f} min)\n"
+        f"- shapes judge, every colour × shape over seeds 0-7, DPM++ 25 steps, guidance 4: {score}\n"
+    )
+
+
+def main(args: list[str]) -> int:
+    commands = {"init": cmd_init, "build": cmd_build}
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n\nusage: sdtune toy {init,build} [options]\n\n" + EPILOG)
+        return 0
+    if args[0] not in commands:
+        print(f"sdtune: error: unknown toy command '{args[0]}' (init or build; see `sdtune toy --help`)", file=sys.stderr)
+        return 2
+    return commands[args[0]](args[1:])
