@@ -1,14 +1,20 @@
-"""What the UNet is trained on: the noise, the timesteps and the loss, as one typed config (`model.objective`)."""
+"""What the denoiser is trained on: the noise, the timesteps and the loss, as one typed config (`model.objective`).
+
+The UNet families (SD1.x, SD2.x, SDXL) learn DDPM noise prediction (ε or v); the flow-matching families (SD3,
+Flux) learn rectified flow, set in `objective.flow` (`sdtune.finetune.flow`). The loss type and DreamBooth's prior
+weight apply to both; a setting of the other kind of objective is refused in one line rather than ignored.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
 from diffusers import DDIMScheduler
 
 from sdtune.errors import SdtuneError
+from sdtune.finetune.flow import FlowMatching
 from sdtune.finetune.losses import LOSS_TYPES
 from sdtune.inference.sampling import ZERO_SNR, supports_zero_snr
 
@@ -41,8 +47,12 @@ class Objective:
     Schedules and Sample Steps are Flawed"), as sampling starts: the model learns very dark and very bright images.
     Needs v_prediction. Samples and saved pipelines then use the rescaled schedule with trailing timesteps; a base
     model not trained this way needs a longer fine-tune to adapt."""
+    flow: FlowMatching = field(default_factory=FlowMatching)
+    """Rectified flow (SD3, Flux): how σ is drawn and shifted, the loss weighting, Flux dev's guidance."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.flow, FlowMatching):  # a dict, or the parser's namespace in pre-flight
+            self.flow = FlowMatching(**(self.flow if isinstance(self.flow, dict) else vars(self.flow)))
         if self.loss not in LOSS_TYPES:
             raise SdtuneError(f"model.objective.loss must be one of {', '.join(LOSS_TYPES)}, got '{self.loss}'")
         if self.huber_c <= 0:
@@ -56,6 +66,20 @@ class Objective:
             raise SdtuneError(f"model.objective.prior_loss_weight must be ≥ 0, got {self.prior_loss_weight}")
         if self.min_timestep < 0:
             raise SdtuneError(f"model.objective.min_timestep must be ≥ 0, got {self.min_timestep}")
+
+    def check_for(self, objective: str, label: str) -> None:
+        """Refuse, in one line, a setting the model's objective ("diffusion" or "flow") does not have."""
+        default = Objective()
+        if objective == "flow":
+            shared = ("loss", "huber_c", "prior_loss_weight", "flow")
+            changed = [f.name for f in fields(self) if f.name not in shared and getattr(self, f.name) != getattr(default, f.name)]
+            if changed:
+                raise SdtuneError(
+                    f"model.objective.{changed[0]} is a setting of noise prediction (SD1.x, SD2.x, SDXL); {label} "
+                    "models train with rectified flow: see model.objective.flow"
+                )
+        elif self.flow != default.flow:
+            raise SdtuneError(f"model.objective.flow applies to flow-matching models (SD3, Flux), not to {label} models")
 
     def inference_scheduler(self, scheduler):
         """The base model's inference `scheduler` as this objective trains the model: its prediction type, and with
