@@ -8,12 +8,8 @@ only to change the word list: `python tools/make_tiny_vocab.py`.
 import json
 from pathlib import Path
 
+from sdtune.models.tiny_t5 import WORDS  # the tiny T5 tokenizer has the same words
 
-WORDS = """
-a an the of and with in on at photo picture painting drawing style sks ohwx person man woman dog cat
-red green blue yellow orange purple pink white black gray brown cyan magenta
-circle square triangle cross star ring diamond shape shapes small big large background
-""".split()
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to code points from 256 up."""

@@ -81,7 +81,10 @@ def _check_local(path: Path, setting: str = "model.pretrained", name: str | None
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Models inside the sdtune package, by the name `model.pretrained` (and --model) accepts.
-EMBEDDED = {"sdtune:toy": Path(__file__).parents[1] / "toy" / "base"}
+EMBEDDED = {
+    "sdtune:toy": Path(__file__).parents[1] / "toy" / "base",
+    "sdtune:toy-flow": Path(__file__).parents[1] / "toy" / "flow_base",
+}
 
 
 def resolve_pretrained(pretrained: str) -> str:
@@ -179,17 +182,18 @@ def load_tokenizers(pretrained: str, revision: str | None = None, pretrained_con
     """Every tokenizer the model's text encoders read, in the family's order (`tokenizer/`, SDXL's `tokenizer_2/`)."""
     source = resolve_source(pretrained, revision, pretrained_config)
     family = detect_family(source, revision)
-    return [_load_tokenizer(source, revision, name) for name in family.tokenizers]
+    return [_load_tokenizer(source, revision, name, family.component_class(name)) for name in family.tokenizers]
 
 
-def _load_tokenizer(source: Source, revision: str | None, name: str = "tokenizer") -> CLIPTokenizer:
-    """The tokenizer in folder `name`, whose length its text encoder (`text_encoder…` of the same suffix) caps."""
+def _load_tokenizer(source: Source, revision: str | None, name: str = "tokenizer", cls: type = CLIPTokenizer):
+    """The tokenizer in folder `name`; a CLIP tokenizer's length is capped by its text encoder's positions (the
+    `text_encoder…` folder of the same suffix)."""
     suffix = name.removeprefix("tokenizer")
-    tokenizer = load_part(CLIPTokenizer, source, name, revision=revision)
+    tokenizer = load_part(cls, source, name, revision=revision)
     # Recent transformers build an empty tokenizer instead of failing when the vocabulary files are missing.
     if tokenizer.vocab_size <= 3:
         raise SdtuneError(f"{source.where()}: {name}/ has no vocabulary (vocab.json + merges.txt){offline_hint()}")
-    if tokenizer.model_max_length > 100_000:  # no model_max_length in tokenizer_config.json
+    if cls is CLIPTokenizer and tokenizer.model_max_length > 100_000:  # no model_max_length in tokenizer_config.json
         config = load_part(CLIPTextConfig, source, "text_encoder" + suffix, revision=revision)
         tokenizer.model_max_length = config.max_position_embeddings
     return tokenizer
@@ -225,6 +229,11 @@ def detect_family(source: Source, revision: str | None) -> ModelFamily:
     except (OSError, ValueError):
         text_config = {}
     return family_for(Layout(frozenset(set(index) | cached), text_config, index))
+
+
+def model_family(pretrained: str, revision: str | None = None, pretrained_config: str | None = None) -> ModelFamily:
+    """The family of `pretrained`, from its layout (no weights read)."""
+    return detect_family(resolve_source(pretrained, revision, pretrained_config), revision)
 
 
 def load_model(
@@ -264,11 +273,12 @@ def load_model(
             part_dtype = denoiser_dtype if name == family.denoiser else dtype
             components[name] = load_part(family.component_class(name), source, name, torch_dtype=part_dtype, **weights)
     for name in family.tokenizers:
-        components[name] = _load_tokenizer(source, revision, name)
+        components[name] = _load_tokenizer(source, revision, name, family.component_class(name))
     index = model_index(source, revision)
     options = {key: index[key] for key in family.index_options if key in index}
-    # Training always uses DDPM noising with the checkpoint's betas and prediction type.
-    scheduler = load_part(DDPMScheduler, source, "scheduler", revision=revision)
+    # The training scheduler: DDPM noising with the checkpoint's betas and prediction type for the UNet families,
+    # the flow-matching scheduler (its shift) for the others.
+    scheduler = load_part(family.component_class("scheduler"), source, "scheduler", revision=revision)
     return ModelParts(family, components, scheduler, options)
 
 

@@ -94,18 +94,20 @@ def tiny_unet(sample_size: int, **options) -> UNet2DConditionModel:
     )
 
 
-def tiny_vae(image_size: int, scaling_factor: float = 0.18215) -> AutoencoderKL:
-    """A random VAE that downsamples by 2 into 4 latent channels, with SD's (or another) latent scaling factor."""
+def tiny_vae(image_size: int, scaling_factor: float = 0.18215, latent_channels: int = 4, shift_factor: float | None = None) -> AutoencoderKL:
+    """A random VAE that downsamples by 2 into `latent_channels` latent channels (SD1/2/XL: 4; SD3 and Flux: 16),
+    with a latent scaling factor (and SD3/Flux's shift)."""
     return AutoencoderKL(
         block_out_channels=(32, 64),
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
+        latent_channels=latent_channels,
         sample_size=image_size,
         norm_num_groups=32,
         scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
     )
 
 

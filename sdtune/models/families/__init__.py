@@ -1,4 +1,5 @@
-"""Model families: SD1.x, SD2.x and SDXL, each a module with a `ModelFamily` (see `base.py` for the interface).
+"""Model families: SD1.x, SD2.x, SDXL, SD3/3.5 and Flux.1, each a module with a `ModelFamily` (see `base.py` for
+the interface).
 
 `FAMILIES` lists them in the order they are tried on a model's layout; `family_named` and `family_of_pipeline` find
 one by name or from a diffusers pipeline.
@@ -10,11 +11,13 @@ from typing import Any
 
 from sdtune.errors import SdtuneError
 from sdtune.models.families.base import Layout, ModelFamily, ModelParts, TextConditioning, vae_scale_factor
+from sdtune.models.families.flux import Flux
 from sdtune.models.families.sd1 import SD1
 from sdtune.models.families.sd2 import SD2
+from sdtune.models.families.sd3 import SD3
 from sdtune.models.families.sdxl import SDXL
 
-FAMILIES: tuple[ModelFamily, ...] = (SDXL(), SD2(), SD1())
+FAMILIES: tuple[ModelFamily, ...] = (SD3(), Flux(), SDXL(), SD2(), SD1())
 
 __all__ = ["FAMILIES", "Layout", "ModelFamily", "ModelParts", "TextConditioning", "family_for", "family_named",
            "family_of_pipeline", "vae_scale_factor"]  # fmt: skip

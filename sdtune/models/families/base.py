@@ -27,8 +27,9 @@ class TextConditioning:
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
 
-    def to(self, dtype: torch.dtype) -> TextConditioning:
-        return TextConditioning(self.hidden.to(dtype), None if self.pooled is None else self.pooled.to(dtype))
+    def to(self, *args: Any, **kwargs: Any) -> TextConditioning:
+        """Both tensors moved or cast as `torch.Tensor.to(*args, **kwargs)`."""
+        return TextConditioning(self.hidden.to(*args, **kwargs), None if self.pooled is None else self.pooled.to(*args, **kwargs))
 
 
 @dataclass
@@ -50,6 +51,10 @@ class ModelFamily:
     denoiser: ClassVar[str] = "unet"  # the pipeline component that is trained
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # pipeline component names, in prompt order
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)  # one per text encoder
+    # The text encoders that may train (a LoRA or a full fine-tune): every one but T5; null: all of them.
+    trainable_encoders: ClassVar[tuple[str, ...] | None] = None
+    # The denoiser modules a LoRA adapts by default: the attention projections.
+    default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     # Class of each component (diffusers' or transformers' name), for loading.
     classes: ClassVar[Mapping[str, str]] = {}
     # The diffusers pipelines that sample this family: text-to-image, image-to-image, inpainting.
@@ -59,9 +64,14 @@ class ModelFamily:
     single_file: ClassVar[bool] = True  # a single-file checkpoint in the original layout can be loaded
     new_tokens: ClassVar[bool] = True  # textual inversion / pivotal tuning is supported
     init_adapter: ClassVar[bool] = True  # model.init_adapter is supported
+    # How cached text outputs are stored: float32, or float16 for the large T5 sequences (SD3, Flux).
+    text_cache_dtype: ClassVar[str] = "float32"
     # The kohya / A1111 LoRA file: key prefix of each adapted component, and the metadata naming the base model.
     kohya_prefixes: ClassVar[Mapping[str, str]] = {}
     kohya_base_version: ClassVar[str] = ""  # ss_base_model_version
+    # How the denoiser's modules are named: "diffusers" (their paths, as diffusers' SDXL scripts write them) or
+    # "flux" (Black Forest Labs' original modules, some of them fused: sdtune.export.kohya_flux).
+    kohya_layout: ClassVar[str] = "diffusers"
     modelspec_architecture: ClassVar[str] = ""  # modelspec.architecture, before "/lora"
 
     # --- recognising and loading ----------------------------------------------------------------------------------
@@ -84,7 +94,17 @@ class ModelFamily:
         class_name = cls.classes[name]
         return getattr(diffusers, class_name, None) or getattr(transformers, class_name)
 
+    @classmethod
+    def trainable_text_encoders(cls) -> tuple[str, ...]:
+        return cls.trainable_encoders if cls.trainable_encoders is not None else cls.text_encoders
+
     # --- prompts ----------------------------------------------------------------------------------------------------
+
+    def tokenize(self, tokenizers: Sequence[Any], caption: str, max_tokens: int) -> list[torch.Tensor]:
+        """A caption's token ids for each tokenizer: CLIP's `max_tokens` in 75-token windows, (chunks, 77) each."""
+        from sdtune.models.text import caption_ids
+
+        return [caption_ids(tokenizer, max_tokens, caption) for tokenizer in tokenizers]
 
     def encode_prompt(self, text_encoders: Sequence[torch.nn.Module], ids: Sequence[torch.Tensor], clip_skip: int = 1) -> TextConditioning:
         """Token ids (one tensor per text encoder, B×L or B×chunks×L) → the denoiser's conditioning."""
@@ -97,16 +117,32 @@ class ModelFamily:
     # --- the denoiser ---------------------------------------------------------------------------------------------
 
     def compute_dtype(self, denoiser: torch.nn.Module) -> torch.dtype:
-        """The dtype inputs are cast to: that of the denoiser's first layer (diffusers' `.dtype` walks every module)."""
-        return next(denoiser.parameters()).dtype
+        """The dtype inputs are cast to: that of the denoiser's first floating-point weight (quantized layers hold
+        integers; diffusers' `.dtype` walks every module)."""
+        return next(p.dtype for p in denoiser.parameters() if p.is_floating_point())
 
     def predict(
         self, denoiser: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning,
-        sizes: Mapping[str, Any] | None = None, pixel_size: tuple[int, int] | None = None,
+        sizes: Mapping[str, Any] | None = None, pixel_size: tuple[int, int] | None = None, guidance: float | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        """The denoiser's prediction for `latents` at `timesteps`. `sizes` holds each sample's "original_size" and
-        "crop_top_left" when the family conditions on them; `pixel_size` is the (h, w) the latents decode to."""
+        """The denoiser's prediction for `latents` (B×C×h×w) at `timesteps`. `sizes` holds each sample's
+        "original_size" and "crop_top_left" when the family conditions on them; `pixel_size` is the (h, w) the
+        latents decode to; `guidance` is the distilled guidance of a model that embeds it (Flux dev)."""
         raise NotImplementedError
+
+    def size_multiple(self, denoiser_config: Mapping[str, Any], vae_factor: int) -> int:
+        """Image sides must be multiples of this many pixels: the VAE's factor (times a transformer's patch size)."""
+        return vae_factor * int(denoiser_config.get("patch_size", 1) or 1)
+
+    def default_size(self, denoiser_config: Mapping[str, Any], vae_factor: int) -> tuple[int, int]:
+        """(height, width) the denoiser was built for: its latent sample_size times the VAE factor."""
+        size = denoiser_config["sample_size"]
+        height, width = (size, size) if isinstance(size, int) else size
+        return height * vae_factor, width * vae_factor
+
+    def image_tokens(self, latent_size: tuple[int, int]) -> int:
+        """How many tokens the denoiser sees for latents of `latent_size` (the resolution-dependent shift's input)."""
+        return latent_size[0] * latent_size[1]
 
     # --- sampling and files ---------------------------------------------------------------------------------------
 
@@ -119,6 +155,10 @@ class ModelFamily:
     def pipeline_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Constructor arguments of this family's pipelines besides the components, from `ModelParts.options`."""
         return {}
+
+    def pipeline_latents(self, latents: torch.Tensor, pixel_size: tuple[int, int], vae_factor: int) -> torch.Tensor:
+        """A pipeline's `output_type="latent"` result as B×C×h×w latents for the VAE (Flux's come packed)."""
+        return latents
 
     def zero_negative(self, options: Mapping[str, Any]) -> bool:
         """Whether a missing negative prompt is zero embeddings rather than the encoded empty prompt."""

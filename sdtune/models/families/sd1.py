@@ -38,7 +38,7 @@ class SD1(ModelFamily):
 
     def predict(
         self, denoiser: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning,
-        sizes: Mapping[str, Any] | None = None, pixel_size: tuple[int, int] | None = None,
+        sizes: Mapping[str, Any] | None = None, pixel_size: tuple[int, int] | None = None, guidance: float | None = None,
     ) -> torch.Tensor:  # fmt: skip
         dtype = self.compute_dtype(denoiser)
         return denoiser(latents.to(dtype), timesteps, text.hidden.to(dtype)).sample

@@ -68,7 +68,7 @@ class SDXL(ModelFamily):
 
     def predict(
         self, denoiser: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning,
-        sizes: Mapping[str, Any] | None = None, pixel_size: tuple[int, int] | None = None,
+        sizes: Mapping[str, Any] | None = None, pixel_size: tuple[int, int] | None = None, guidance: float | None = None,
     ) -> torch.Tensor:  # fmt: skip
         dtype = self.compute_dtype(denoiser)
         ids = time_ids(sizes or {}, pixel_size, len(latents))
