@@ -34,6 +34,7 @@ from sdtune.data.cache.index import CacheIndex, CacheRow, cache_root, write_inde
 from sdtune.data.cache.keys import FORMAT, digest, file_hash, latent_key, model_folder, model_identity, text_key
 from sdtune.errors import SdtuneError
 from sdtune.models.families import vae_scale_factor
+from sdtune.models.pretrained import model_family
 
 CROPS = ("center",)  # a random crop differs every step; it cannot be cached
 
@@ -140,6 +141,7 @@ def build_cache(
         encoders.parts
         identity = model_identity(pretrained, revision)
     model_key = digest(identity)
+    stored = model_family(pretrained, revision).text_cache_dtype
     images = _scan(dst, settings)
     root = cache_root(dst, model_key)
     for folder in ("latents", "text"):
@@ -149,7 +151,7 @@ def build_cache(
 
     orientations = (False, True) if settings.flip else (False,)
     rows, latent_work, text_work = [], {}, {}
-    empty = text_key(model_key, "", settings.clip_skip, settings.max_token_length, settings.dtype)
+    empty = text_key(model_key, "", settings.clip_skip, settings.max_token_length, settings.dtype, stored)
     text_work[empty] = ""
     for image in images:
         keys = {
@@ -158,7 +160,7 @@ def build_cache(
         }
         for flip, key in keys.items():
             latent_work.setdefault(key, (image, flip))
-        caption_key = text_key(model_key, image.caption, settings.clip_skip, settings.max_token_length, settings.dtype)
+        caption_key = text_key(model_key, image.caption, settings.clip_skip, settings.max_token_length, settings.dtype, stored)
         text_work.setdefault(caption_key, image.caption)
         rows.append(CacheRow(image.file_name, image.caption, image.bucket, keys[False], keys.get(True), caption_key))
 
@@ -228,7 +230,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-token-length", type=int, default=75, help="75, 150 or 225 (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="images or captions per call (default: %(default)s)")
     parser.add_argument(
-        "--dtype", choices=tuple(DTYPES), default="float32", help="compute dtype; saved as float32"
+        "--dtype", choices=tuple(DTYPES), default="float32", help="compute dtype; entries are saved as float32 (T5 models' text as float16)"
     )
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
 

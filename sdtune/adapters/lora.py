@@ -7,6 +7,7 @@ stored in the file's metadata, which is how alpha ≠ rank and conv ranks surviv
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from sdtune.errors import SdtuneError
+from sdtune.models.families.base import ModelFamily
 
 ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
 # peft `init_lora_weights` schemes that start with B = 0 and leave the base weights untouched.
@@ -59,7 +61,7 @@ class LoraShape:
             )
         if self.init not in INITS:
             raise SdtuneError(f"{self.key}.init must be one of {', '.join(INITS)}, got '{self.init}'")
-        if not self.target_modules:
+        if self.target_modules is not None and not self.target_modules:
             raise SdtuneError(f"{self.key}.target_modules is empty; name at least one module (e.g. {self.example})")
 
     def peft_config(self) -> LoraConfig:
@@ -75,10 +77,12 @@ class LoraShape:
 
 @dataclass
 class LoraSettings(LoraShape):
-    """The UNet adapter. Attention projections by default; `conv_rank` > 0 adds the ResNet convs (LoCon)."""
+    """The denoiser's adapter. Attention projections by default; `conv_rank` > 0 adds the ResNet convs (LoCon)."""
 
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """UNet module names (or name suffixes) that get an adapter; the default is every attention projection."""
+    target_modules: list[str] | None = None
+    """Denoiser module names (or name suffixes) that get an adapter; null: the model family's attention projections
+    (UNet: to_q, to_k, to_v, to_out.0; SD3 and Flux also the text stream's add_q_proj, add_k_proj, add_v_proj and
+    to_add_out, in the joint and the single blocks)."""
     conv_rank: int = 0
     """Rank of adapters on `conv_target_modules`; 0 leaves the convolutions alone."""
     conv_alpha: float | None = None
@@ -104,6 +108,12 @@ class LoraSettings(LoraShape):
 
     def all_targets(self) -> list[str]:
         return list(self.target_modules) + (list(self.conv_target_modules) if self.conv_rank else [])
+
+    def for_family(self, family) -> LoraSettings:
+        """These settings with null target_modules made the family's default attention projections."""
+        if self.target_modules is not None:
+            return self
+        return dataclasses.replace(self, target_modules=list(family.default_lora_targets))
 
 
 @dataclass
@@ -150,7 +160,10 @@ def check_targets(model: torch.nn.Module, settings: LoraShape, what: str | None 
 
 
 def add_lora(model: torch.nn.Module, settings: LoraShape) -> None:
-    """Freeze `model` and attach a trainable adapter named "default"; its B starts at zero (no-op at step 0)."""
+    """Freeze `model` and attach a trainable adapter named "default"; its B starts at zero (no-op at step 0).
+    Null target_modules are the attention projections every denoiser has (`ModelFamily.default_lora_targets`)."""
+    if isinstance(settings, LoraSettings):
+        settings = settings.for_family(ModelFamily)
     check_targets(model, settings)
     model.requires_grad_(False)
     model.add_adapter(settings.peft_config())
@@ -158,7 +171,6 @@ def add_lora(model: torch.nn.Module, settings: LoraShape) -> None:
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
-
 
 
 def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -184,15 +196,15 @@ def save_diffusers_adapter(
     dtype: torch.dtype = torch.float32,
 ) -> Path:  # fmt: skip
     """Write `out_dir/pytorch_lora_weights.safetensors`, loadable by the family's `pipeline.load_lora_weights(out_dir)`:
-    the denoiser's adapter and those of the text encoders given (in the family's order; None or left out: not
-    adapted), each with its peft config in the metadata."""
+    the denoiser's adapter and those of the text encoders given (the family's adaptable ones, in order; None or left
+    out: not adapted), each with its peft config in the metadata."""
 
     def layers(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
         return {prefix + k: v.detach().to("cpu", dtype).contiguous() for k, v in lora_state_dict(model).items()}
 
     tensors = {family.denoiser: layers(denoiser)}
     configs = {family.denoiser: denoiser.peft_config["default"].to_dict()}
-    for name, encoder in zip(family.text_encoders, text_encoders):
+    for name, encoder in zip(family.trainable_text_encoders(), text_encoders):
         if encoder is not None:
             tensors[name] = layers(encoder, text_encoder_module_prefix(encoder))
             configs[name] = encoder.peft_config["default"].to_dict()

@@ -93,6 +93,7 @@ class SdtuneCLI(LightningCLI):
         parser.link_arguments("model.init_args.revision", "data.init_args.revision")
         parser.link_arguments("model.init_args.pretrained_config", "data.init_args.pretrained_config")
         parser.link_arguments("model.init_args.clip_skip", "data.init_args.clip_skip")  # cached text outputs
+        parser.link_arguments("data.init_args.cache", "model.init_args.cached_text")
         # Textual inversion: the data module tokenizes captions with the model's new tokens (and their ids).
         parser.link_arguments("model", "data.init_args.added_tokens", compute_fn=added_tokens, apply_on="instantiate")
 

@@ -43,7 +43,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--seed", type=int, action="append", metavar="N", help="noise seed; repeat for several images per prompt (default: 0)")
     run.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
     run.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; ≤ 1 disables it (default: 7.5)")
-    run.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS), help="sampler (default: ddim)")
+    run.add_argument("--scheduler", choices=list(SCHEDULERS), help="sampler (default: ddim; flow_euler for SD3 and Flux)")
     run.add_argument("--width", type=int, help="image width, a multiple of the VAE factor (default: the UNet's native size)")
     run.add_argument("--height", type=int, help="image height (default: the UNet's native size)")
     run.add_argument("--clip-skip", type=int, default=1, help="use the k-th last text-encoder layer (1 = last; 2 for NovelAI-style models)")

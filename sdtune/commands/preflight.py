@@ -52,12 +52,18 @@ def fit_problems(config: Any) -> list[str]:
     if source is not None:
         skeleton = check(lambda: model_skeleton(str(model.pretrained), model.get("revision"), model.get("pretrained_config")))
         if skeleton is not None:
-            check(lambda: _check_vae_factor(skeleton.vae_scale_factor, data))
+            multiple = skeleton.family.size_multiple(skeleton.denoiser.config, skeleton.vae_scale_factor)
+            why = "the VAE's downscaling" if multiple == skeleton.vae_scale_factor else "the VAE's downscaling times the transformer's patch"
+            check(lambda: _check_vae_factor(multiple, data, why))
             if lora is not None:
-                check(lambda: check_targets(skeleton.denoiser, lora, "the UNet"))
+                lora = lora.for_family(skeleton.family)
+                denoiser = "the UNet" if skeleton.family.denoiser == "unet" else f"the {skeleton.family.denoiser}"
+                check(lambda: check_targets(skeleton.denoiser, lora, denoiser))
             if text_lora is not None:
-                for encoder in skeleton.text_encoder_list:
+                for encoder in [skeleton.components[name] for name in skeleton.family.trainable_text_encoders()]:
                     check(lambda encoder=encoder: check_targets(encoder, text_lora, "the text encoder"))
+            if "objective" in model:
+                check(lambda: _objective(model).check_for(skeleton.family.objective, skeleton.family.label))
             check(lambda: _check_disk(config, skeleton.denoiser, lora))
     if datamodule is not None and not any(p.startswith(("data.root", "data.subsets", "data.val_root")) for p in problems):
         check(lambda: _check_batches(config, datamodule))
@@ -82,6 +88,13 @@ def _lora_settings(model: Any):
     return as_settings(LoraSettings, model.get("lora"))
 
 
+def _objective(model: Any):
+    from sdtune.finetune.base import as_settings
+    from sdtune.finetune.objective import Objective
+
+    return as_settings(Objective, model.get("objective"))
+
+
 def _text_encoder_lora(model: Any):
     from sdtune.adapters.lora import TextEncoderLora
     from sdtune.finetune.base import as_settings
@@ -89,16 +102,16 @@ def _text_encoder_lora(model: Any):
     return as_settings(TextEncoderLora, model.get("text_encoder_lora"))
 
 
-def _check_vae_factor(factor: int, data: Any) -> None:
+def _check_vae_factor(factor: int, data: Any, why: str = "the VAE's downscaling") -> None:
     resolution = int(data.get("resolution") or 0)
     if resolution % factor:
         raise SdtuneError(
-            f"data.resolution {resolution} is not a multiple of {factor}, the VAE's downscaling; use e.g. "
+            f"data.resolution {resolution} is not a multiple of {factor}, {why}; use e.g. "
             f"{max(factor, resolution // factor * factor)}"
         )
     step = int(data.get("bucket_step") or 0)
     if data.get("buckets") and step % factor:
-        raise SdtuneError(f"data.bucket_step {step} is not a multiple of {factor}, the VAE's downscaling")
+        raise SdtuneError(f"data.bucket_step {step} is not a multiple of {factor}, {why}")
 
 
 # --- paths and data -----------------------------------------------------------------------------------------------

@@ -43,16 +43,22 @@ ID_KEYS = ("input_ids", "input_ids_2", "input_ids_3")
 
 
 class CaptionTokenizer:
-    """caption → {"input_ids": ..., "input_ids_2": ...}: `caption_ids` for each of the model's tokenizers, so every
-    text encoder reads the same caption (a dropped caption is "" for all of them). Picklable, for DataLoader workers."""
+    """caption → {"input_ids": ..., "input_ids_2": ...}: the ids of each of the model's tokenizers, as its family
+    tokenizes (CLIP: `caption_ids`' 75-token windows; T5: its fixed length), so every text encoder reads the same
+    caption (a dropped caption is "" for all of them). Without a family, CLIP windows for every tokenizer.
+    Picklable, for DataLoader workers."""
 
-    def __init__(self, tokenizers: Sequence[Any], max_tokens: int) -> None:
+    def __init__(self, tokenizers: Sequence[Any], max_tokens: int, family: Any = None) -> None:
         if not 1 <= len(tokenizers) <= len(ID_KEYS):
             raise ValueError(f"{len(tokenizers)} tokenizers; a model has 1 to {len(ID_KEYS)}")
-        self.tokenizers, self.max_tokens = list(tokenizers), max_tokens
+        self.tokenizers, self.max_tokens, self.family = list(tokenizers), max_tokens, family
 
     def __call__(self, caption: str) -> dict[str, torch.LongTensor]:
-        return {key: caption_ids(tokenizer, self.max_tokens, caption) for key, tokenizer in zip(ID_KEYS, self.tokenizers)}
+        if self.family is None:
+            ids = [caption_ids(tokenizer, self.max_tokens, caption) for tokenizer in self.tokenizers]
+        else:
+            ids = self.family.tokenize(self.tokenizers, caption, self.max_tokens)
+        return dict(zip(ID_KEYS, ids))
 
 
 def collate(samples: list[dict[str, Any]]) -> Batch:

@@ -29,7 +29,7 @@ from sdtune.data.records import Record
 from sdtune.data.subsets import Subset, check_subsets, load_subsets
 from sdtune.data.transforms import IMAGE_ERRORS, has_alpha
 from sdtune.errors import SdtuneError, first_line
-from sdtune.models.pretrained import load_tokenizers
+from sdtune.models.pretrained import load_tokenizers, model_family
 from sdtune.models.text import chunk_count, text_token_ids
 
 __all__ = ["CaptionDataModule", "CaptionDataset", "collate", "derive_seed"]
@@ -139,6 +139,7 @@ class CaptionDataModule(L.LightningDataModule):
         self.train_buckets: list[Bucket] = []
         self.val_buckets: list[Bucket] = []
         self.tokenizers: list[Any] = []
+        self.family: Any = None  # the model's family (how each tokenizer reads a caption), once setup() has run
         self._train_batches: BucketBatchSampler | None = None  # the training loader's, for state_dict()
         self._resume: dict[str, int] | None = None  # from a checkpoint, until the training loader exists
         self.unreadable: dict[str, int] = {}  # image files that failed to load in training: how often
@@ -185,6 +186,7 @@ class CaptionDataModule(L.LightningDataModule):
                 "data.pretrained is not set; pass --model.pretrained (the CLI links it) or --data.pretrained PATH"
             )
         tokenizers = load_tokenizers(self.pretrained, self.revision, self.pretrained_config)
+        self.family = model_family(self.pretrained, self.revision, self.pretrained_config)
         if self.added_tokens:  # textual inversion: the model's new tokens, with the ids the model gave them
             tokenizers[0].add_tokens(list(self.added_tokens))
             if tokenizers[0].convert_tokens_to_ids(list(self.added_tokens)) != list(self.added_tokens.values()):
@@ -331,7 +333,7 @@ class CaptionDataModule(L.LightningDataModule):
         self.setup("fit")
         if self.cached is not None:
             # Token ids too: a text encoder that trains encodes them instead of reading its cached outputs.
-            tokenize = CaptionTokenizer(self.tokenizers, self.max_token_length)
+            tokenize = CaptionTokenizer(self.tokenizers, self.max_token_length, self.family)
             dataset = self.cached.dataset(self.random_flip, self.caption_dropout, self.seed, tokenize)
         else:
             dataset = self._train_dataset()
@@ -391,6 +393,7 @@ class CaptionDataModule(L.LightningDataModule):
             max_token_length=self.max_token_length,
             masks=self.masks,
             buckets=self.train_buckets,
+            family=self.family,
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -403,6 +406,6 @@ class CaptionDataModule(L.LightningDataModule):
             return []
         dataset = CaptionDataset(
             self.val_records, self.tokenizers, self.resolution, center_crop=True, seed=self.seed,
-            max_token_length=self.max_token_length, masks=self.masks, buckets=self.val_buckets,
+            max_token_length=self.max_token_length, masks=self.masks, buckets=self.val_buckets, family=self.family,
         )  # fmt: skip
         return self._loader(dataset, self.val_buckets, train=False)

@@ -62,6 +62,7 @@ class CaptionDataset(Dataset):
     `max_token_length` None means one window of the tokenizer's own length. `masks` is where loss masks come
     from: "file" (`Record.mask`, all ones when missing), "alpha" (the image's alpha channel), or None (no key).
     `buckets[i]` is the (width, height) sample i is cropped to; None: every sample is a `resolution` square.
+    `family` (the model's) says how each tokenizer reads a caption; None: CLIP's windows for every one.
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class CaptionDataset(Dataset):
         max_token_length: int | None = None,
         masks: Literal["file", "alpha"] | None = None,
         buckets: Sequence[Bucket] | None = None,
+        family: Any = None,
     ) -> None:
         if buckets is not None and len(buckets) != len(records):
             raise ValueError(f"{len(buckets)} buckets for {len(records)} records")
@@ -96,7 +98,7 @@ class CaptionDataset(Dataset):
         self.max_token_length = max_token_length or tokenizers[0].model_max_length - 2
         self.masks = masks
         # caption → {"input_ids": (chunks, model_max_length), …}: SD1/2 use 77, but nothing here may assume it.
-        self.tokenize = CaptionTokenizer(tokenizers, self.max_token_length)
+        self.tokenize = CaptionTokenizer(tokenizers, self.max_token_length, family)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -1,6 +1,7 @@
 """What the diffusion methods (LoRA, textual inversion, full fine-tuning) share: prompts through the frozen text
-encoders, noise added to VAE latents, the denoiser's prediction and the loss to its target (`objective.py`,
-`losses.py`). Subclasses decide what trains and what gets saved."""
+encoders, noise added to VAE latents, the denoiser's prediction and the loss to its target (`objective.py`; the
+maths in `losses.py` for DDPM noise prediction, `flow.py` for rectified flow). Subclasses decide what trains and
+what gets saved."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from diffusers import DDPMScheduler
 from sdtune.data.batch import ID_KEYS, Batch
 from sdtune.data.cache.index import sample_latents
 from sdtune.errors import SdtuneError
-from sdtune.finetune import losses
+from sdtune.finetune import flow, losses
 from sdtune.finetune.base import ModelFineTune, as_settings
 from sdtune.finetune.objective import Objective
 from sdtune.models.families import TextConditioning
@@ -36,11 +37,14 @@ class DiffusionFineTune(ModelFineTune):
         objective = as_settings(Objective, objective)
         super().__init__(pretrained=pretrained, **kwargs)
         self.objective, self.clip_skip = objective, clip_skip
-        if self.family.objective != "diffusion":
-            raise SdtuneError(f"{self.family.label} models train with the {self.family.objective} objective, not {type(self).__name__}'s")
+        objective.check_for(self.family.objective, self.family.label)
         allowed = self.family.max_clip_skip(self.text_encoders)
         if clip_skip > allowed:
             raise SdtuneError(f"model.clip_skip {clip_skip} is more than this model's text encoders allow ({allowed})")
+        self.num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
+        if self.family.objective == "flow":
+            self.prediction_type = "flow"  # the velocity ε − x₀
+            return
         self.prediction_type = self.objective.prediction_type or self.noise_scheduler.config.prediction_type
         if self.objective.zero_terminal_snr:
             if self.prediction_type != "v_prediction":
@@ -49,7 +53,6 @@ class DiffusionFineTune(ModelFineTune):
                     "carries no signal): set model.objective.prediction_type: v_prediction, or train a v model (SD2.x 768)"
                 )
             self.noise_scheduler = DDPMScheduler.from_config(self.noise_scheduler.config, rescale_betas_zero_snr=True)
-        self.num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
         self.objective.timestep_range(self.num_train_timesteps)  # fail now, not at step 1
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
 
@@ -88,15 +91,11 @@ class DiffusionFineTune(ModelFineTune):
         else:
             latents = self.encode_images(batch["pixel_values"], generator).float()
             text = self.encode_prompts(batch)
-        noise, input_noise, timesteps = self.objective.draw(latents, self.num_train_timesteps, generator)
-        noisy = losses.add_noise(self.alphas_cumprod, latents, input_noise, timesteps)
         pixel_size = tuple(side * self.vae_scale_factor for side in latents.shape[-2:])
-        prediction = self.family.predict(self.denoiser, noisy, timesteps, text, batch, pixel_size)
-        target = losses.training_target(self.prediction_type, self.alphas_cumprod, latents, noise, timesteps)
-        weights = None
-        if self.objective.min_snr_gamma is not None:
-            snr = losses.snr(self.alphas_cumprod, timesteps)
-            weights = losses.min_snr_weights(snr, self.objective.min_snr_gamma, self.prediction_type)
+        if self.family.objective == "flow":
+            prediction, target, weights = self.flow_prediction(latents, text, batch, pixel_size, generator)
+        else:
+            prediction, target, weights = self.noise_prediction(latents, text, batch, pixel_size, generator)
         mask = batch.get("mask")
         if mask is not None:  # pixel-resolution weights → latent cells (area average)
             mask = F.interpolate(mask.float(), size=latents.shape[-2:], mode="area")
@@ -104,6 +103,34 @@ class DiffusionFineTune(ModelFineTune):
             prediction, target, weights, self.objective.loss, self.objective.huber_c, mask,
             prior=batch.get("is_prior"), prior_weight=self.objective.prior_loss_weight,
         )  # fmt: skip
+
+    def noise_prediction(
+        self, latents: torch.Tensor, text: TextConditioning, batch: Batch, pixel_size: tuple[int, int],
+        generator: torch.Generator | list[torch.Generator],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """DDPM: (the denoiser's prediction of the noise or v, that target, min-SNR weights or None)."""
+        noise, input_noise, timesteps = self.objective.draw(latents, self.num_train_timesteps, generator)
+        noisy = losses.add_noise(self.alphas_cumprod, latents, input_noise, timesteps)
+        prediction = self.family.predict(self.denoiser, noisy, timesteps, text, batch, pixel_size)
+        target = losses.training_target(self.prediction_type, self.alphas_cumprod, latents, noise, timesteps)
+        weights = None
+        if self.objective.min_snr_gamma is not None:
+            snr = losses.snr(self.alphas_cumprod, timesteps)
+            weights = losses.min_snr_weights(snr, self.objective.min_snr_gamma, self.prediction_type)
+        return prediction, target, weights
+
+    def flow_prediction(
+        self, latents: torch.Tensor, text: TextConditioning, batch: Batch, pixel_size: tuple[int, int],
+        generator: torch.Generator | list[torch.Generator],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Rectified flow: (the denoiser's velocity, the target ε − x₀, the per-sample loss weights)."""
+        settings = self.objective.flow
+        tokens = self.family.image_tokens(tuple(latents.shape[-2:]))
+        noise, sigmas = settings.draw(latents, generator, self.noise_scheduler.config, tokens)
+        noisy = flow.noisy_latents(latents, noise, sigmas)
+        timesteps = sigmas * self.num_train_timesteps
+        prediction = self.family.predict(self.denoiser, noisy, timesteps, text, batch, pixel_size, guidance=settings.guidance)
+        return prediction, flow.velocity(latents, noise), settings.weights(sigmas)
 
     # --- training hooks --------------------------------------------------------------------------------------
 

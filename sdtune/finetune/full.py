@@ -23,8 +23,8 @@ class FullFineTune(DiffusionFineTune):
     Args:
         pretrained: Diffusers model directory or Hugging Face Hub id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5,
             or a single-file checkpoint (.safetensors/.ckpt) together with pretrained_config.
-        train_text_encoder: Train every text-encoder weight too (in float32), e.g. a model trained from scratch;
-            SD fine-tunes usually keep it frozen.
+        train_text_encoder: Train every weight of the CLIP text encoders too (in float32), e.g. a model trained
+            from scratch; fine-tunes usually keep them frozen. T5 (SD3, Flux) always stays frozen.
         text_encoder_lr: The text encoder's learning rate; null uses the optimizer's.
         **kwargs: The options every fine-tune shares (pretrained, optimizer, lr_schedule, objective, …).
     """
@@ -40,9 +40,9 @@ class FullFineTune(DiffusionFineTune):
             raise SdtuneError("model.text_encoder_lr is set but model.train_text_encoder is false: set both or neither")
         self.text_encoder_lr = text_encoder_lr
         self.denoiser.requires_grad_(True)
-        if train_text_encoder:
-            for encoder in self.text_encoders:
-                encoder.to(torch.float32).requires_grad_(True)
+        if train_text_encoder:  # every CLIP; T5 stays frozen
+            for name in self.family.trainable_text_encoders():
+                getattr(self, name).to(torch.float32).requires_grad_(True)
 
     @property
     def denoiser_dtype(self) -> torch.dtype:

@@ -84,8 +84,10 @@ def _encode_latents(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.T
     return posterior.mean, posterior.std
 
 
-def _save_entry(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    stored = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
+def _save_entry(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], hidden_dtype: str = "float32") -> None:
+    """Float32 tensors, but "hidden" in `hidden_dtype` (float16 for T5 sequences)."""
+    stored = {name: t.detach().to("cpu", DTYPES[hidden_dtype] if name == "hidden" else torch.float32).contiguous()
+              for name, t in tensors.items()}  # fmt: skip
     write_atomic(path, lambda temporary: save_file(stored, str(temporary), metadata))
 
 
@@ -127,25 +129,22 @@ def compute_text(
     encoders: Encoders, index: CacheIndex, work: list[tuple[str, str]], batch_size: int, clip_skip: int,
     max_token_length: int, bar: tqdm,
 ) -> None:
-    """Encode and save each (key, caption) of `work`: `tokenize_chunks` ids for each tokenizer, then the family's
-    `encode_prompt` at `clip_skip`. An entry holds "hidden" (tokens×width) and, for SDXL, "pooled" (the projected
-    embedding)."""
+    """Encode and save each (key, caption) of `work`: each tokenizer's ids as the family tokenizes, then the family's
+    `encode_prompt` at `clip_skip`. An entry holds "hidden" (tokens×width, in the family's text_cache_dtype) and,
+    for SDXL, SD3 and Flux, "pooled"."""
     from sdtune.models.text import tokenize_chunks
 
     parts = encoders.parts
-    tokenizers, text_encoders = parts.tokenizer_list, parts.text_encoder_list
+    family, tokenizers, text_encoders = parts.family, parts.tokenizer_list, parts.text_encoder_list
     with torch.no_grad():
         for batch in _batches(work, batch_size):
-            tokenized = [
-                [tokenize_chunks(tokenizer, caption, max_token_length, "--max-token-length") for _, caption in batch]
-                for tokenizer in tokenizers
-            ]
-            ids = [torch.stack([chunks for chunks, _ in rows]) for rows in tokenized]
-            text = parts.family.encode_prompt(text_encoders, ids, clip_skip)
+            per_caption = [family.tokenize(tokenizers, caption, max_token_length) for _, caption in batch]
+            ids = [torch.stack(rows) for rows in zip(*per_caption)]
+            text = family.encode_prompt(text_encoders, ids, clip_skip)
             for i, (key, caption) in enumerate(batch):
-                truncated = tokenized[0][i][1]
+                truncated = tokenize_chunks(tokenizers[0], caption, max_token_length, "--max-token-length")[1]
                 metadata = {"kind": "text", "caption": caption, "clip_skip": str(clip_skip),
                             "max_token_length": str(max_token_length), "truncated": str(truncated).lower()}
                 tensors = {"hidden": text.hidden[i]} | ({"pooled": text.pooled[i]} if text.pooled is not None else {})
-                _save_entry(index.entry_path("text", key), tensors, metadata)
+                _save_entry(index.entry_path("text", key), tensors, metadata, family.text_cache_dtype)
             bar.update(len(batch))

@@ -18,7 +18,8 @@ from sdtune.data.buckets import Bucket
 FORMAT = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx")
 MODEL_FOLDERS = ("vae", "text_encoder", "tokenizer")
-SDXL_FOLDERS = ("text_encoder_2", "tokenizer_2")  # only in the identity of a model that has them
+# Only in the identity of a model that has them (SDXL, SD3, Flux), so an SD1/2 model's keys stay what they were.
+MORE_FOLDERS = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
 
 def digest(value: Any) -> str:
@@ -82,7 +83,7 @@ def model_identity(pretrained: str, revision: str | None = None) -> dict[str, An
     if folder is not None:
         for name in MODEL_FOLDERS:
             identity[name] = _folder_identity(folder / name) if (folder / name).is_dir() else None
-        for name in SDXL_FOLDERS:  # absent for SD1/2, so their keys stay what they were
+        for name in MORE_FOLDERS:
             if (folder / name).is_dir():
                 identity[name] = _folder_identity(folder / name)
     return identity
@@ -93,6 +94,9 @@ def latent_key(model_key: str, content: str, bucket: Bucket, crop: str, flip: bo
                    "crop": crop, "flip": flip, "resample": "lanczos", "dtype": dtype})
 
 
-def text_key(model_key: str, caption: str, clip_skip: int, max_token_length: int, dtype: str) -> str:
-    return digest({"kind": "text", "format": FORMAT, "model": model_key, "caption": caption, "clip_skip": clip_skip,
-                   "max_token_length": max_token_length, "dtype": dtype})
+def text_key(model_key: str, caption: str, clip_skip: int, max_token_length: int, dtype: str, stored: str = "float32") -> str:
+    """`dtype` is what the encoders computed in; `stored` what the hidden states are kept in (float16 for the T5
+    families; named in the key only then, so float32 entries keep their keys)."""
+    value = {"kind": "text", "format": FORMAT, "model": model_key, "caption": caption, "clip_skip": clip_skip,
+             "max_token_length": max_token_length, "dtype": dtype}  # fmt: skip
+    return digest(value if stored == "float32" else value | {"stored": stored})

@@ -22,6 +22,7 @@ from sdtune.data.cache.encode import Encoders, SourceImage, compute_latents, com
 from sdtune.data.cache.index import CacheIndex, load_cache_entry, model_cache
 from sdtune.data.cache.keys import digest, file_hash, latent_key, model_identity, text_key
 from sdtune.errors import SdtuneError
+from sdtune.models.pretrained import model_family
 
 CROP = "center"  # a random crop differs every step; only centre crops are cached
 DTYPE = "float32"  # encoders run in float32, so cached latents equal the ones training computes on the fly
@@ -54,12 +55,13 @@ class TrainingCache:
         self.pretrained, self.revision = pretrained, revision
         self.clip_skip, self.max_token_length, self.flip = clip_skip, max_token_length, flip
         self.model_key = digest(model_identity(pretrained, revision))
+        self.stored = model_family(pretrained, revision).text_cache_dtype
         # `folder` is the cache folder: DST/cache (where `prep cache` writes), or data.cache_dir.
         self.index = CacheIndex(model_cache(Path(folder).expanduser(), self.model_key), {}, [])
         self.empty_text = self._text_key("")
 
     def _text_key(self, caption: str) -> str:
-        return text_key(self.model_key, caption, self.clip_skip, self.max_token_length, DTYPE)
+        return text_key(self.model_key, caption, self.clip_skip, self.max_token_length, DTYPE, self.stored)
 
     def keys(self, contents: Sequence[str], captions: Sequence[str], buckets: Sequence[Bucket]) -> list[SampleKeys]:
         def latent(content: str, bucket: Bucket, flip: bool) -> str:
