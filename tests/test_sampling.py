@@ -10,6 +10,7 @@ from training import trained_adapter
 from sdtune.adapters.lora import LoraSettings, TextEncoderLora
 from sdtune.errors import SdtuneError
 from sdtune.inference.sampling import (
+    FLOW_SCHEDULERS,
     SCHEDULERS,
     Adapter,
     check_strength,
@@ -162,7 +163,7 @@ def test_inpainting_keeps_the_unmasked_region_and_repaints_the_masked_one(pipe):
     assert mean_abs(out, other, masked) > 5 and mean_abs(out, other, ~masked) < 0.1 * mean_abs(out, other, masked)
 
 
-@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+@pytest.mark.parametrize("name", sorted(set(SCHEDULERS) - set(FLOW_SCHEDULERS)))  # flow_euler: test_sd3_flux
 def test_every_scheduler_runs_all_three_modes(pipe, name):
     scheduler = make_scheduler(name, pipe.scheduler.config)  # lms needs scipy, a dependency of sdtune
     original, pipe.scheduler = pipe.scheduler, scheduler

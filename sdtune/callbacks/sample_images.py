@@ -39,7 +39,8 @@ class SampleImages(L.Callback):
         prompts: Prompts to sample, one grid row each; use your trigger words and a few held-out ideas.
         negative_prompt: Negative prompt for every sample (null: the empty, unconditional prompt).
         seeds: One image per seed and prompt, one grid column each; the same seeds at every step.
-        scheduler: Inference sampler: ddim, pndm, lms, euler, euler_a or dpmpp_2m.
+        scheduler: Inference sampler: ddim, pndm, lms, euler, euler_a or dpmpp_2m; flow_euler for SD3 and Flux;
+            null takes ddim, or flow_euler for SD3 and Flux.
         steps: Denoising steps per image.
         guidance_scale: Classifier-free guidance scale (≤ 1 turns guidance off).
         width: Image width in pixels; null takes the data's resolution, else the model's native size.
@@ -57,7 +58,7 @@ class SampleImages(L.Callback):
         prompts: list[str] = ["a photo"],  # noqa: B006 - copied below; jsonargparse shows list defaults
         negative_prompt: str | None = None,
         seeds: list[int] = [0, 1],  # noqa: B006
-        scheduler: str = "ddim",
+        scheduler: str | None = None,
         steps: int = 25,
         guidance_scale: float = 7.5,
         width: int | None = None,
@@ -68,7 +69,7 @@ class SampleImages(L.Callback):
         enabled: bool = True,
         dirname: str = "samples",
     ) -> None:
-        if scheduler not in SCHEDULERS:
+        if scheduler is not None and scheduler not in SCHEDULERS:
             raise SdtuneError(f"samples.scheduler: unknown scheduler '{scheduler}'; choose one of {', '.join(SCHEDULERS)}")
         if not prompts:
             raise SdtuneError("samples.prompts is empty; give at least one prompt or set samples.enabled false")
@@ -153,7 +154,9 @@ class SampleImages(L.Callback):
         self, pl_module: L.LightningModule, width: int, height: int, precision: str | None = None
     ) -> list[list[Image.Image]]:
         """Images[prompt][seed] from the module's current weights; leaves randomness, modes and flags as found."""
-        config = {**pl_module.noise_scheduler.config, "prediction_type": pl_module.prediction_type}
+        config = dict(pl_module.noise_scheduler.config)
+        if pl_module.family.objective == "diffusion":  # sample with the prediction type this run trains
+            config["prediction_type"] = pl_module.prediction_type
         scheduler = make_scheduler(self.scheduler, config)
         pipe = pl_module.parts.pipeline(scheduler)
         pipe.set_progress_bar_config(disable=True)

@@ -90,7 +90,7 @@ def main(args: list[str]) -> int:
 
     from sdtune.finetune import DiffusionFineTune, Objective
     from sdtune.inference.grid import make_grid
-    from sdtune.inference.sampling import iter_images, load_adapters, make_scheduler
+    from sdtune.inference.sampling import iter_images, load_adapters, make_scheduler, scheduler_name
 
     device = pick_device(ns.device)
     # The frozen model with its diffusion loss (nothing of it trains). One copy of the weights: the pipeline is
@@ -99,6 +99,7 @@ def main(args: list[str]) -> int:
     module = DiffusionFineTune(ns.model, revision=ns.revision, variant=ns.variant, pretrained_config=ns.model_config,
                                objective=objective, clip_skip=ns.clip_skip).to(device)  # fmt: skip
     module.eval()  # diffusers pipelines never switch modes; LoRA dropout must stay off while sampling
+    ns.scheduler = scheduler_name(ns.scheduler, module.noise_scheduler.config)
     scheduler = make_scheduler(ns.scheduler, module.noise_scheduler.config)
     pipe = module.parts.pipeline(scheduler)
     pipe.set_progress_bar_config(disable=True)

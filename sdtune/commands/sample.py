@@ -133,12 +133,20 @@ def main(args: list[str]) -> int:
 
     import torch
 
-    from sdtune.inference.sampling import iter_images, load_adapters, load_embedding, make_scheduler, prepare_condition
+    from sdtune.inference.sampling import (
+        iter_images,
+        load_adapters,
+        load_embedding,
+        make_scheduler,
+        prepare_condition,
+        scheduler_name,
+    )  # fmt: skip
     from sdtune.models.pretrained import load_pipeline
 
     pipe = load_pipeline(ns.model, revision=ns.revision, variant=ns.variant, dtype=getattr(torch, ns.dtype), device=device,
                          pretrained_config=ns.model_config)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
+    ns.scheduler = scheduler_name(ns.scheduler, pipe.scheduler.config)
     pipe.scheduler = make_scheduler(ns.scheduler, pipe.scheduler.config)
     image_width, image_height = image_size(pipe, ns)
     adapter_names = load_adapters(pipe, adapters)

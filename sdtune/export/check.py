@@ -32,17 +32,17 @@ class Probe:
 
     @classmethod
     def for_pipeline(cls, pipe) -> Probe:
+        family, tokenizers, _ = prompt_encoders(pipe)
         config = denoiser_of(pipe).config
-        size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+        size = config.get("sample_size") or 32
+        size = size if isinstance(size, int) else size[0]
         side = min(size, 32)  # small enough to stay cheap on CPU for SD1.5, large enough for every down block
+        # A UNet's own input width (an inpainting UNet reads 9 channels); a transformer reads the VAE's latents.
+        channels = config.in_channels if family.objective == "diffusion" else pipe.vae.config.latent_channels
         generator = torch.Generator().manual_seed(0)
-        latents = torch.randn(2, config.in_channels, side, side, generator=generator)
-        _, tokenizers, _ = prompt_encoders(pipe)
-        ids = [
-            tokenizer([PROMPT, ""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
-            for tokenizer in tokenizers
-        ]  # fmt: skip
+        latents = torch.randn(2, channels, side, side, generator=generator)
+        per_prompt = [family.tokenize(tokenizers, text, tokenizers[0].model_max_length - 2) for text in (PROMPT, "")]
+        ids = [torch.stack(rows) for rows in zip(*per_prompt)]
         return cls(latents, torch.tensor([499, 499]), ids)
 
 

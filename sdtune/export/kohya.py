@@ -51,12 +51,35 @@ def kohya_tensors(
     return out
 
 
+def fused_flux_tensors(transformer: torch.nn.Module, prefix: str, dtype: torch.dtype, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """A Flux transformer's adapter in kohya's Flux naming, split layers fused (`sdtune.export.kohya_flux`)."""
+    from sdtune.export.kohya_flux import check_widths, fuse
+
+    check_widths(transformer.config)
+    tensors = kohya_tensors(transformer, "", dtype, adapter)
+    modules = {name.replace(".", "_"): name for name, _ in transformer.named_modules()}
+    layers = [(modules[key.removesuffix(".lora_down.weight")], tensors[key], tensors[key.replace("lora_down", "lora_up")],
+               tensors[key.replace("lora_down.weight", "alpha")].item())
+              for key in tensors if key.endswith(".lora_down.weight")]  # fmt: skip
+    widths = {name: module.out_features for name, module in transformer.named_modules() if hasattr(module, "out_features")}
+    try:
+        fused = fuse(layers, widths)
+    except ValueError as err:
+        raise SdtuneError(f"--format kohya: {err}") from err
+    return {prefix + key: value.to(dtype).contiguous() for key, value in fused.items()}
+
+
 def adapter_tensors(
     family: ModelFamily, denoiser: torch.nn.Module, text_encoders: Sequence[torch.nn.Module | None], dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """`text_encoders`: each of the model's text encoders (one for SD1/2, two for SDXL), None where it has no adapter."""
     prefixes = family.kohya_prefixes
-    tensors = kohya_tensors(denoiser, prefixes[family.denoiser], dtype)
+    if not prefixes:
+        raise SdtuneError(f"--format kohya: {family.label} LoRAs are shared in the diffusers format, which ComfyUI and Forge read; use --format diffusers")
+    if family.kohya_layout == "flux":
+        tensors = fused_flux_tensors(denoiser, prefixes[family.denoiser], dtype)
+    else:
+        tensors = kohya_tensors(denoiser, prefixes[family.denoiser], dtype)
     for name, encoder in zip(family.text_encoders, text_encoders, strict=True):
         if encoder is not None:
             tensors |= kohya_tensors(encoder, prefixes[name], dtype, module_prefix=text_encoder_module_prefix(encoder))
@@ -119,7 +142,7 @@ def metadata(
         "modelspec.architecture": f"{family.modelspec_architecture}/lora",
         "modelspec.implementation": "https://github.com/huggingface/diffusers",
         "modelspec.title": info.title,
-        "modelspec.prediction_type": "v" if info.prediction_type == "v_prediction" else "epsilon",
+        "modelspec.prediction_type": {"v_prediction": "v", "flow": "flow"}.get(info.prediction_type, "epsilon"),
         "modelspec.hash_sha256": f"0x{model_hash}",
     }
     optional = {

@@ -105,7 +105,10 @@ def _module_from_checkpoint(checkpoint: dict, path: Path, pretrained: str | None
         raise SdtuneError(EMBEDDINGS_ONLY.format(path))
     if not issubclass(cls, LoRAFineTune):
         raise SdtuneError(f"{path} is a {cls.__name__} checkpoint: a full fine-tune has no adapter to export (its model/ folder is a diffusers pipeline)")
-    hparams.update(weight_dtype="float32", gradient_checkpointing=False)  # export and check at full precision
+    # Export and check at full precision, on the unquantized base (a QLoRA adapter is the same tensors).
+    hparams.update(weight_dtype="float32", gradient_checkpointing=False)
+    if "quantize" in hparams:
+        hparams["quantize"] = None
     hparams.pop("init_adapter", None)  # the checkpoint holds the trained weights; the starting file may be gone
     if pretrained is not None:
         hparams.update(pretrained=pretrained, pretrained_config=pretrained_config)
@@ -213,5 +216,7 @@ def _from_adapter_file(path: Path, run: RunRecord, model: str | None, model_conf
     prediction_type = objective.prediction_type
     pipe.scheduler = objective.inference_scheduler(pipe.scheduler)
     load_lora_file(pipe, path, ADAPTER, what="SOURCE")
-    info = _info(run, pipe, pretrained, title, _steps_of(path, run), prediction_type or pipe.scheduler.config.prediction_type)
+    # A flow-matching model's scheduler has no prediction type: it learns the velocity ("flow").
+    prediction_type = prediction_type or pipe.scheduler.config.get("prediction_type", "flow")
+    info = _info(run, pipe, pretrained, title, _steps_of(path, run), prediction_type)
     return Adapted(pipe, pretrained, revision, config, str(path), info)

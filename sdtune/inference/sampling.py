@@ -28,6 +28,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
 )
@@ -37,7 +38,7 @@ from sdtune.adapters.lora import ADAPTER_WEIGHTS, adapter_file
 from sdtune.errors import SdtuneError, first_line
 from sdtune.models.families import ModelFamily, TextConditioning, family_of_pipeline
 from sdtune.models.families import vae_scale_factor as vae_factor
-from sdtune.models.text import text_token_ids, tokenize_chunks
+from sdtune.models.text import text_token_ids
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -46,7 +47,9 @@ SCHEDULERS = {
     "euler": EulerDiscreteScheduler,
     "euler_a": EulerAncestralDiscreteScheduler,
     "dpmpp_2m": DPMSolverMultistepScheduler,
+    "flow_euler": FlowMatchEulerDiscreteScheduler,
 }
+FLOW_SCHEDULERS = ("flow_euler",)  # the samplers of flow-matching models (SD3, Flux); the others are DDPM samplers
 
 
 # Scheduler settings of a zero-terminal-SNR model: the last timestep is pure noise and sampling starts there.
@@ -58,14 +61,30 @@ def supports_zero_snr(scheduler_class) -> bool:
     return "rescale_betas_zero_snr" in inspect.signature(scheduler_class.__init__).parameters
 
 
-def make_scheduler(name: str, training_scheduler_config: dict):
-    """An inference scheduler with the checkpoint's betas and prediction type; for a zero-terminal-SNR schedule
-    (rescale_betas_zero_snr) the rescaled betas and trailing timesteps, so sampling starts from pure noise.
+def is_flow_config(scheduler_config: dict) -> bool:
+    """Whether a scheduler config is a flow-matching model's (it has a shift, not betas)."""
+    return "FlowMatch" in str(scheduler_config.get("_class_name", "")) or ("shift" in scheduler_config and "beta_start" not in scheduler_config)
+
+
+def scheduler_name(name: str | None, training_scheduler_config: dict) -> str:
+    """`name`, or the default sampler of the model's kind: ddim, or flow_euler for flow-matching models."""
+    return name or ("flow_euler" if is_flow_config(training_scheduler_config) else "ddim")
+
+
+def make_scheduler(name: str | None, training_scheduler_config: dict):
+    """An inference scheduler with the checkpoint's betas and prediction type (or, for a flow-matching model, its
+    shift); for a zero-terminal-SNR schedule (rescale_betas_zero_snr) the rescaled betas and trailing timesteps,
+    so sampling starts from pure noise. `name` None takes the model's kind's default: ddim, or flow_euler.
 
     "pndm" is PNDM without its Runge-Kutta warm-up (PLMS, as Stable Diffusion ships it): the warm-up steps cannot
     start part-way down the schedule, so image-to-image with them diverges."""
+    flow = is_flow_config(training_scheduler_config)
+    name = scheduler_name(name, training_scheduler_config)
     if name not in SCHEDULERS:
         raise SdtuneError(f"unknown scheduler '{name}'; choose one of {', '.join(SCHEDULERS)}")
+    if flow != (name in FLOW_SCHEDULERS):
+        kind, fits = ("a flow-matching model (SD3, Flux)", FLOW_SCHEDULERS) if flow else ("a noise-prediction model", [n for n in SCHEDULERS if n not in FLOW_SCHEDULERS])
+        raise SdtuneError(f"scheduler '{name}' does not sample {kind}; choose one of {', '.join(fits)}")
     overrides = {"skip_prk_steps": True} if name == "pndm" else {}
     if training_scheduler_config.get("rescale_betas_zero_snr"):
         supported = [other for other, cls in SCHEDULERS.items() if supports_zero_snr(cls)]
@@ -105,13 +124,14 @@ def encode_prompt_pair(
     family, tokenizers, encoders = prompt_encoders(pipe)
     window = tokenizers[0].model_max_length - 2
     texts = [prompt, negative_prompt or ""]
-    longest = max(len(ids) for tokenizer in tokenizers for ids in text_token_ids(tokenizer, texts))
+    longest = max(len(ids) for ids in text_token_ids(tokenizers[0], texts))  # the CLIP windows; T5 has its length
     max_tokens = max(1, -(-longest // window)) * window
-    dtype = denoiser_of(pipe).dtype
+    denoiser = denoiser_of(pipe)
     out = []
     for text in texts:
-        ids = [tokenize_chunks(tokenizer, text, max_tokens)[0][None].to(encoders[0].device) for tokenizer in tokenizers]
-        out.append(family.encode_prompt(encoders, ids, clip_skip).to(dtype))
+        ids = [ids[None].to(encoders[0].device) for ids in family.tokenize(tokenizers, text, max_tokens)]
+        # The text encoders may sit on the CPU while the denoiser is on the GPU (a run whose text comes from the cache).
+        out.append(family.encode_prompt(encoders, ids, clip_skip).to(denoiser.device, denoiser.dtype))
     positive, negative = out
     if negative_prompt is None and family.zero_negative(pipeline_options(pipe, family)):
         negative = TextConditioning(torch.zeros_like(negative.hidden), None if negative.pooled is None else torch.zeros_like(negative.pooled))
@@ -124,11 +144,10 @@ def vae_scale_factor(pipe) -> int:
 
 
 def default_size(pipe) -> tuple[int, int]:
-    """(width, height) the denoiser was built for: its latent sample_size times the VAE factor."""
-    size = denoiser_of(pipe).config.sample_size
-    height, width = (size, size) if isinstance(size, int) else size
-    factor = vae_scale_factor(pipe)
-    return width * factor, height * factor
+    """(width, height) the denoiser was built for (its family says how: a UNet's latent sample_size times the VAE
+    factor, Flux's 1024 px)."""
+    height, width = family_of_pipeline(pipe).default_size(denoiser_of(pipe).config, vae_scale_factor(pipe))
+    return width, height
 
 
 @contextmanager
@@ -257,23 +276,29 @@ def denoise(
     common = dict(num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator, output_type="latent")
     common |= family.prompt_kwargs(prompt_embeds, negative_embeds)
     in_channels = getattr(pipe, family.denoiser).config.in_channels
+    if height is None or width is None:
+        width, height = default_size(pipe)
+    finish = lambda latents: family.pipeline_latents(latents, (height, width), vae_scale_factor(pipe))  # noqa: E731
+    if family.objective == "flow":
+        in_channels = pipe.vae.config.latent_channels  # the transformer reads latents packed or in patches
     if condition is None:
         if in_channels != pipe.vae.config.latent_channels:
             raise SdtuneError(f"this UNet takes {in_channels} input channels (an inpainting model): pass an init image and a mask")
-        return pipe(height=height, width=width, **common).images
+        return finish(pipe(height=height, width=width, **common).images)
     check_strength(condition.strength, steps)
     if condition.mask is None and in_channels != pipe.vae.config.latent_channels:
         raise SdtuneError(f"this UNet takes {in_channels} input channels (an inpainting model): pass a mask too")
     runner = pipeline_for(pipe, condition)
     if condition.mask is None:
-        # A 4-channel tensor is taken as latents: noised to the strength's timestep, then denoised.
-        return runner(image=condition.latents, strength=condition.strength, **common).images
+        # A tensor with the VAE's channels is taken as latents: noised to the strength's timestep, then denoised.
+        size = {"height": height, "width": width} if family.objective == "flow" else {}  # the UNet pipelines take the image's
+        return finish(runner(image=condition.latents, strength=condition.strength, **size, **common).images)
     # Latents as `image` (and the masked image as `masked_image_latents`) skip diffusers' own VAE encode. With a
     # 4-channel UNet the unmasked region is reset to the (re-noised) init latents after every step.
-    return runner(
+    return finish(runner(
         image=condition.latents, mask_image=condition.mask, masked_image_latents=condition.masked_latents,
         strength=condition.strength, height=height, width=width, **common,
-    ).images  # fmt: skip
+    ).images)  # fmt: skip
 
 
 @torch.no_grad()
