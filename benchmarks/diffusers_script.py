@@ -18,8 +18,8 @@ import importlib
 import json
 import os
 import runpy
-import time
 import sys
+import time
 import types
 from pathlib import Path
 

@@ -79,3 +79,17 @@ def test_pivotal_recipe_adds_a_token_beside_the_lora():
 def test_full_recipe_keeps_an_ema():
     config = yaml.safe_load(next(r for r in RECIPES if r.name == "sd15/full").path.read_text())
     assert config["ema"] == {"enabled": True, "decay": 0.9999, "for_samples": True}
+
+
+@pytest.mark.parametrize("name, pretrained", [("flux/lora", "black-forest-labs/FLUX.1-dev"),
+                                              ("sd35/lora", "stabilityai/stable-diffusion-3.5-large")])
+def test_flow_recipes_values(name, pretrained):
+    config = yaml.safe_load(next(r for r in RECIPES if r.name == name).path.read_text())
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    assert model["pretrained"] == pretrained and model["quantize"] is None
+    assert {"add_q_proj", "to_add_out", "to_q"} <= set(model["lora"]["target_modules"])
+    assert model["objective"]["flow"]["timestep_sampling"] == "logit_normal" and "min_snr_gamma" not in model["objective"]
+    assert data["cache"] is True and data["center_crop"] is True  # T5 runs once per caption, then leaves the GPU
+    assert config["samples"]["scheduler"] == "flow_euler" and config["trainer"]["precision"] == "bf16-mixed"
+    header = next(r for r in RECIPES if r.name == name).path.read_text().split("seed_everything")[0]
+    assert "GB" in header and "--model.quantize nf4" in header
