@@ -59,6 +59,32 @@ def test_the_shipped_toy_base_is_found_by_name():
         load_model("sdtune:tiny")
 
 
+def test_the_shipped_flow_toy_is_an_sd3_on_the_toy_vae():
+    parts = load_model("sdtune:toy-flow")
+    assert parts.family.name == "sd3" and parts.transformer.dtype == torch.float32
+    toy = load_model("sdtune:toy")
+    for name, tensor in toy.vae.state_dict().items():
+        assert torch.equal(parts.vae.state_dict()[name], tensor), name
+
+
+def test_toy_build_flow_trains_the_transformer_and_clips_on_the_toy_vae(tmp_path):
+    result = sdtune("toy", "build", "--flow", "--out", tmp_path / "toy", "--images", 64, "--base-steps", 2, "--skip-judge")
+    for step in ("toy init --flow", "prep shapes", "fit --config toy/flow_base"):
+        assert f"sdtune {step}" in result.stdout
+    assert "toy/vae" not in result.stdout
+    base = tmp_path / "toy" / "toy-base"
+    files = load_file(base / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(t.dtype == torch.float16 for t in files.values())
+    trained, random = load_model(str(tmp_path / "toy" / "base" / "model")), load_model(str(tmp_path / "toy" / "random"))
+    assert trained.family.name == "sd3"
+    for part in ("transformer", "text_encoder", "text_encoder_2"):
+        before, after = getattr(random, part).state_dict(), getattr(trained, part).state_dict()
+        assert any(not torch.equal(before[k], after[k]) for k in after), part
+    for part in ("text_encoder_3", "vae"):  # T5 stays frozen, and the VAE is sdtune:toy's
+        before, after = getattr(random, part).state_dict(), getattr(trained, part).state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in after), part
+
+
 @pytest.mark.parametrize("command", ["init", "build"])
 def test_toy_commands_help_shows_an_example(command, capsys):
     from sdtune.cli import main

@@ -23,19 +23,21 @@ def main(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="sdtune demo",
         description=__doc__,
-        epilog="example:\n  sdtune demo --out sdtune-demo\n  tensorboard --logdir sdtune-demo/run/logs",
+        epilog="examples:\n  sdtune demo --out sdtune-demo\n  tensorboard --logdir sdtune-demo/run/logs\n"
+        "  sdtune demo --flow --out sdtune-demo-flow     # the flow-matching toy (an SD3 transformer)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", default="sdtune-demo", help="folder for the datasets, run and evaluation")
     parser.add_argument("--steps", type=int, default=300, help="LoRA training steps (default: 300, about a minute on 2 CPU cores)")
     parser.add_argument("--seeds", type=int, default=8, help="images per prompt the judge scores (default: 8)")
-    parser.add_argument("--model", default="sdtune:toy", help="base model (default: sdtune:toy, the shipped toy base)")
+    parser.add_argument("--model", help="base model (default: sdtune:toy, the shipped toy base; with --flow sdtune:toy-flow)")
+    parser.add_argument("--flow", action="store_true", help="the flow-matching toy: sdtune:toy-flow and the toy/flow_lora recipe")
     ns = parser.parse_args(args)
-    scores = run_demo(Path(ns.out), ns.steps, ns.seeds, ns.model)
+    scores = run_demo(Path(ns.out), ns.steps, ns.seeds, ns.model or ("sdtune:toy-flow" if ns.flow else "sdtune:toy"), ns.flow)
     return 0 if scores is not None else 1
 
 
-def run_demo(out: Path, steps: int, seeds: int, model: str = "sdtune:toy") -> dict[str, dict[str, float]] | None:
+def run_demo(out: Path, steps: int, seeds: int, model: str = "sdtune:toy", flow: bool = False) -> dict[str, dict[str, float]] | None:
     """Prepare, train and judge; returns {"base"|"lora": {"new": share, "known": share}} (None if a step failed)."""
     from sdtune.commands import run as run_command
     from sdtune.commands.toy import judge_sampling
@@ -47,7 +49,7 @@ def run_demo(out: Path, steps: int, seeds: int, model: str = "sdtune:toy") -> di
     print(f"[1/3] datasets: {new} ({IMAGES} images of {NEW_COLOR} shapes), {known} ({IMAGES} of {', '.join(KNOWN_COLORS)})")
 
     subsets = json.dumps([{"root": str(new)}, {"root": str(known)}])
-    fit = ["fit", "--config", "toy/lora", "--model.pretrained", model, "--data.subsets", subsets,
+    fit = ["fit", "--config", "toy/flow_lora" if flow else "toy/lora", "--model.pretrained", model, "--data.subsets", subsets,
            "--trainer.default_root_dir", str(run), "--trainer.max_steps", str(steps),
            "--checkpoint.every_n_train_steps", str(steps)]  # fmt: skip
     print(f"[2/3] sdtune {' '.join(fit)}", flush=True)
@@ -57,7 +59,7 @@ def run_demo(out: Path, steps: int, seeds: int, model: str = "sdtune:toy") -> di
     print(f"      trained {steps} steps in {time.perf_counter() - started:.0f} s; adapter: {run / 'adapter'}")
 
     evaluate = ["evaluate", "--model", model, "--adapter", str(run / "adapter"), "--judge", "shapes",
-                "--judge-colors", ",".join((NEW_COLOR, *KNOWN_COLORS)), *judge_sampling(seeds),
+                "--judge-colors", ",".join((NEW_COLOR, *KNOWN_COLORS)), *judge_sampling(seeds, flow),
                 "--out", str(out / "eval"), "--overwrite"]  # fmt: skip
     print(f"[3/3] sdtune {' '.join(evaluate)}", flush=True)
     if run_command(evaluate) != 0:

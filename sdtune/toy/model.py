@@ -102,3 +102,42 @@ def build_toy_stable_diffusion(out: str | Path, seed: int = 0, image_size: int =
     text_encoder = clip_text_encoder(vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     save_pipeline(out, vae, unet, text_encoder)
     return out
+
+
+def build_toy_sd3(out: str | Path, vae_from: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """The toy world's flow-matching model, an SD3 (MMDiT) with random weights, as a diffusers pipeline directory:
+    the trained toy VAE from `vae_from` (a toy pipeline folder), a 4-layer transformer over its 8×8 latents (one
+    token each), two toy CLIP encoders that train with it and a random T5 that stays frozen (its output still tells
+    the words apart), and the flow-matching scheduler without a shift (the latents are tiny)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    from sdtune.models.tiny_sd3 import clip_with_projection
+    from sdtune.models.tiny_t5 import t5_encoder, t5_tokenizer
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    vocab_size = write_toy_tokenizer(out / "tokenizer")
+    write_toy_tokenizer(out / "tokenizer_2")
+    tokenizer_3 = t5_tokenizer(model_max_length=8)  # "a {colour} {shape}" and </s> fit 8 tokens
+    tokenizer_3.save_pretrained(out / "tokenizer_3")
+    vae = AutoencoderKL.from_pretrained(Path(vae_from) / "vae", torch_dtype=torch.float32)
+    vae.register_to_config(shift_factor=0.0)  # SD3's pipelines add the shift when they decode
+    latent = image_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    modules = {
+        "vae": vae,
+        "transformer": SD3Transformer2DModel(
+            sample_size=latent, patch_size=1, in_channels=vae.config.latent_channels,
+            out_channels=vae.config.latent_channels, num_layers=4, attention_head_dim=16, num_attention_heads=4,
+            joint_attention_dim=64, caption_projection_dim=64, pooled_projection_dim=64, pos_embed_max_size=latent,
+        ),
+        "text_encoder": clip_with_projection(vocab_size, 32, layers=2, projection_dim=32),
+        "text_encoder_2": clip_with_projection(vocab_size, 32, layers=2, projection_dim=32),
+        "text_encoder_3": t5_encoder(len(tokenizer_3), 64),
+    }  # fmt: skip
+    for name, module in modules.items():
+        module.save_pretrained(out / name)
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).save_pretrained(out / "scheduler")
+    from sdtune.models.tiny_sd3 import model_index
+
+    (out / "model_index.json").write_text(json.dumps(model_index(), indent=2))
+    return out
