@@ -87,6 +87,15 @@ EMBEDDED = {
 }
 
 
+def local_model_path(pretrained: str | None) -> Path | None:
+    """The folder or file a model setting names on this machine (a `sdtune:` model's folder in the package); None
+    for a Hub id or no setting."""
+    if pretrained is None:
+        return None
+    path = EMBEDDED.get(str(pretrained), Path(str(pretrained)).expanduser())
+    return path if path.exists() else None
+
+
 def resolve_pretrained(pretrained: str) -> str:
     if pretrained.startswith("sdtune:"):
         if pretrained not in EMBEDDED:

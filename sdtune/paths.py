@@ -1,0 +1,77 @@
+"""Where a command writes, kept apart from what it reads: an output never is an input, never sits inside one and
+never contains one, so no command (not even with --force or --overwrite) can replace or clear the user's files.
+
+Paths are compared as the file system sees them: `~`, `..`, symlinks, trailing slashes and relative spellings are
+resolved, for outputs that do not exist yet too (their nearest existing parent is resolved), and a folder reached
+by a second name (a bind mount, another case on a case-insensitive disk) is recognised by its inode.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Union
+
+from sdtune.errors import SdtuneError
+
+PathLike = Union[str, os.PathLike]
+
+
+def real_path(path: PathLike) -> Path:
+    """`path` absolute, with `~`, `..` and every symlink of its existing part resolved."""
+    return Path(path).expanduser().resolve()
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samestat(a.stat(), b.stat())
+    except OSError:
+        return False
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """`path` is `folder` or lies below it (both resolved)."""
+    if path.is_relative_to(folder):
+        return True
+    return folder.exists() and any(_same(part, folder) for part in (path, *path.parents))
+
+
+def overlap(output: PathLike, source: PathLike) -> str | None:
+    """How `output` meets the input `source`: "is", "is inside", "contains", or None when they are apart."""
+    out, read = real_path(output), real_path(source)
+    if _within(out, read):
+        return "is" if _within(read, out) else "is inside"
+    return "contains" if _within(read, out) else None
+
+
+def _shown(path: PathLike) -> str:
+    real, written = real_path(path), Path(path).expanduser().absolute()
+    return f"'{path}'" if real == written else f"'{path}' (= {real})"
+
+
+def check_output_apart(
+    output: PathLike,
+    inputs: Mapping[str, PathLike | None] | Iterable[tuple[str, PathLike | None]],
+    output_name: str = "--out",
+    *,
+    may_contain: bool = False,
+    setting: str | None = None,
+) -> None:
+    """Raise SdtuneError when `output` is one of `inputs` (name → path), lies inside one or contains one.
+
+    Inputs that are None or do not exist (a Hub id, an option not given) are skipped. `may_contain` allows an
+    output folder above an input, for commands that only add named entries to it (`fit`'s run directory).
+    `setting` is the option the message asks to change (default: `output_name`)."""
+    pairs = inputs.items() if isinstance(inputs, Mapping) else inputs
+    for input_name, source in pairs:
+        if source is None or not Path(source).expanduser().exists():
+            continue
+        relation = overlap(output, source)
+        if relation is None or (relation == "contains" and may_contain):
+            continue
+        raise SdtuneError(
+            f"{output_name} {_shown(output)} {relation} {input_name} {_shown(source)}: outputs never replace, sit "
+            "inside or contain a command's inputs, not even with --force or --overwrite; "
+            f"choose another {setting or output_name}"
+        )
