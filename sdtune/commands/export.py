@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from sdtune.errors import SdtuneError
+from sdtune.paths import check_output_apart
 
 # Arguments are checked before torch, diffusers and peft are imported (seconds), so a typo fails at once.
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -48,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=float, default=None, help="with --merge: strength of the folded adapter (default 1)")
     parser.add_argument("--model", help="base model (diffusers folder, Hub id or single-file checkpoint) instead of the run's")
     parser.add_argument("--model-config", metavar="DIR_OR_ID", help="for a single-file --model: diffusers folder or Hub id with its configs")
-    parser.add_argument("--force", action="store_true", help="replace --out if it exists (only once the new export has passed its check)")
+    parser.add_argument("--force", action="store_true", help="replace an earlier export at --out (once the new one has passed its check; never an input)")
     return parser
 
 
@@ -64,11 +65,30 @@ def _check_arguments(ns: argparse.Namespace) -> Path:
         raise SdtuneError(f"--format {ns.format or 'diffusers'}{' --merge' if ns.merge else ''} writes a folder: --out {out} names a .safetensors file")
     if ns.model_config and not ns.model:
         raise SdtuneError("--model-config goes with --model (a run's own base model comes with its config)")
-    if out.exists() and not ns.force:
+    return out
+
+
+def _check_replaceable(out: Path, force: bool) -> None:
+    if out.exists() and not force:
         raise SdtuneError(f"{out} already exists; pass --force to replace it")
     if out.is_dir() and not {p.name for p in out.iterdir()} <= EXPORT_NAMES:
         raise SdtuneError(f"{out} is a folder holding other files than an export; --force only replaces exports, pick another --out")
-    return out
+
+
+def _check_apart(ns: argparse.Namespace) -> None:
+    """--out never is, sits inside or contains SOURCE, the run it belongs to or the base model (whatever --force)."""
+    from sdtune.export.source import RunRecord
+    from sdtune.models.pretrained import local_model_path
+
+    source = Path(ns.source).expanduser()
+    run = RunRecord.around(source if source.is_dir() else source.parent)
+    inputs = {"SOURCE": source, "the run's config": run.config_path, "the run's checkpoint": run.checkpoint}
+    if ns.model:
+        inputs.update({"--model": local_model_path(ns.model), "--model-config": local_model_path(ns.model_config)})
+    else:
+        inputs.update({"the run's model.pretrained": local_model_path(run.model_arg("pretrained")),
+                       "the run's model.pretrained_config": local_model_path(run.model_arg("pretrained_config"))})  # fmt: skip
+    check_output_apart(ns.out, inputs)
 
 
 def _staging(out: Path) -> Path:
@@ -94,12 +114,19 @@ def export(ns: argparse.Namespace) -> Path:
     from sdtune.export.check import Probe, compare, count_lora_layers, reference, unet_output
     from sdtune.export.formats import WRITERS, load_back, write_merged
     from sdtune.export.source import load_source
+    from sdtune.models.pretrained import local_model_path
+
+    _check_apart(ns)
+    _check_replaceable(out, ns.force)
 
     dtype = getattr(torch, DTYPES[ns.dtype])
     kind = "merged" if ns.merge else ns.format or "diffusers"
     scale = 1.0 if ns.scale is None else ns.scale
     started = time.perf_counter()
     adapted = load_source(ns.source, ns.model, ns.model_config)
+    # A checkpoint outside its run names its base model only inside: checked again now that it is known.
+    check_output_apart(ns.out, {"the base model": local_model_path(adapted.pretrained),
+                                "the base model's configs": local_model_path(adapted.pretrained_config)})  # fmt: skip
     print(f"exporting {adapted.described} on {adapted.pretrained} as {kind}")
 
     probe = Probe.for_pipeline(adapted.pipe)
