@@ -17,12 +17,14 @@ from sdtune.commands.options import (
     Parser,
     add_common_arguments,
     check_common,
+    common_inputs,
     image_size,
     parse_adapter,
     pick_device,
     slug,
 )
 from sdtune.errors import SdtuneError
+from sdtune.paths import check_output_apart
 from sdtune.toy.judging import accuracy, format_table, judge_palette, shape_prompts
 from sdtune.toy.shapes import COLORS, SHAPES, judge
 
@@ -85,6 +87,10 @@ def main(args: list[str]) -> int:
     if ns.data is not None and not Path(ns.data).is_dir():
         raise SdtuneError(f"--data {ns.data} is not a folder")
     out = Path(ns.out)
+    from sdtune.models.pretrained import local_model_path
+
+    clip_model = local_model_path(ns.clip_model)
+    check_output_apart(out, [*common_inputs(ns, adapters), ("--data", ns.data), ("--clip-model", clip_model)])
     if (out / "metrics.json").exists() and not ns.overwrite:
         raise SdtuneError(f"{out} already holds an evaluation; pass --overwrite or choose another --out")
 

@@ -147,6 +147,15 @@ def parse_adapter(text: str):
     return Adapter(where, scale)
 
 
+def common_inputs(ns: argparse.Namespace, adapters: list) -> list[tuple[str, Path | None]]:
+    """What the shared flags read from disk, for `check_output_apart`: the model, its configs, the prompts file and
+    each adapter (a Hub id is not on disk, so it is no input here)."""
+    from sdtune.models.pretrained import local_model_path
+
+    return [("--model", local_model_path(ns.model)), ("--model-config", local_model_path(ns.model_config)),
+            ("--prompts-file", ns.prompts_file), *[("--adapter", adapter.path) for adapter in adapters]]  # fmt: skip
+
+
 def slug(text: str, limit: int = 40) -> str:
     """Lower-case words joined by '-', at most `limit` characters: safe in a file name on every system."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "prompt"

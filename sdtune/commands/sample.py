@@ -15,12 +15,14 @@ from sdtune.commands.options import (
     Parser,
     add_common_arguments,
     check_common,
+    common_inputs,
     image_size,
     parse_adapter,
     pick_device,
     slug,
 )
 from sdtune.errors import SdtuneError
+from sdtune.paths import check_output_apart
 
 EPILOG = """examples:
   sdtune sample --model stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt "a photo of sks dog on a beach" \\
@@ -121,6 +123,8 @@ def main(args: list[str]) -> int:
     device = pick_device(ns.device)
 
     out = Path(ns.out)
+    check_output_apart(out, [*common_inputs(ns, adapters), *[("--embedding", path) for path, _ in embeddings],
+                             ("--init-image", ns.init_image), ("--mask", ns.mask)])  # fmt: skip
     if out.exists() and not out.is_dir():
         raise SdtuneError(f"--out {out} is a file, not a folder")
     jobs = [(p, seed) for p in range(len(prompts)) for seed in seeds]
