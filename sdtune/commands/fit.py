@@ -30,7 +30,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from sdtune.callbacks import EMA, GracefulStop, NonFiniteGuard, SampleImages, SaveAdapter, SaveRunConfig, Throughput
-from sdtune.commands.preflight import fit_problems
+from sdtune.commands.preflight import fit_problems, outputs_problems
 from sdtune.commands.recipes import find_recipe
 from sdtune.errors import SdtuneError, SdtuneErrors
 from sdtune.finetune.checkpointing import AtomicCheckpointIO, pick_resume_checkpoint
@@ -98,13 +98,13 @@ class SdtuneCLI(LightningCLI):
         parser.link_arguments("model", "data.init_args.added_tokens", compute_fn=added_tokens, apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
-        """`fit` checks paths, settings, the model's configs, the data and free disk before any weights load; the
-        checkpoint settings that follow from others are set before the callback is built."""
+        """`fit` checks paths, settings, the model's configs, the data and free disk before any weights load (`validate`
+        that its run directory stays apart from its inputs); the checkpoint settings that follow from others are set
+        before the callback is built."""
         config = self.config[self.subcommand]
-        if self.subcommand == "fit":
-            problems = fit_problems(config)
-            if problems:
-                raise SdtuneErrors(problems)
+        problems = fit_problems(config) if self.subcommand == "fit" else outputs_problems(config)
+        if problems:
+            raise SdtuneErrors(problems)
         if config.get("checkpoint.monitor") is not None and config.get("checkpoint.every_n_train_steps"):
             # A step-triggered save runs before that step's validation and would be scored with the previous
             # val/loss; saving when validation ends scores every checkpoint by its own.

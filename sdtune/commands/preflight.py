@@ -4,6 +4,8 @@ the minutes of loading a model (or the hours until the first checkpoint), and ev
 What is checked, each problem one line naming the key to change:
 - paths: the model (a directory with its subfolders, a Hub id, or a single file with its configs), the data folders
   (root, subsets, val_root, mask_dir), model.init_adapter;
+- outputs apart from inputs: the run directory is none of those paths nor inside one, and what the run writes in it
+  (config.yaml, logs, checkpoints, adapter or model, samples) holds none of them;
 - settings the classes check themselves (the DataModule's arguments, the LoRA shapes), with the classes' own
   validators, collected instead of stopping at the first;
 - against the model built from its configs on the meta device (no weights): data.resolution and data.bucket_step
@@ -25,6 +27,7 @@ from typing import Any, Callable
 from sdtune.adapters.lora import check_targets
 from sdtune.errors import SdtuneError, first_line
 from sdtune.models.pretrained import model_skeleton
+from sdtune.paths import check_output_apart
 
 GB = 1024**3
 
@@ -48,6 +51,7 @@ def fit_problems(config: Any) -> list[str]:
     lora = check(lambda: _lora_settings(model)) if "lora" in model else None
     text_lora = check(lambda: _text_encoder_lora(model))
     _check_paths(model, data, problems)
+    problems += outputs_problems(config)
     datamodule = check(lambda: _instantiate(data_class, data))
     if source is not None:
         skeleton = check(lambda: model_skeleton(str(model.pretrained), model.get("revision"), model.get("pretrained_config")))
@@ -117,16 +121,58 @@ def _check_vae_factor(factor: int, data: Any, why: str = "the VAE's downscaling"
 # --- paths and data -----------------------------------------------------------------------------------------------
 
 
-def _check_paths(model: Any, data: Any, problems: list[str]) -> None:
+def _input_paths(model: Any, data: Any) -> list[tuple[str, Any]]:
+    """The data folders and the starting adapter a run reads, by the key that names them (None when not set)."""
     paths = [("data.root", data.get("root")), ("data.val_root", data.get("val_root")),
              ("data.mask_dir", data.get("mask_dir")), ("model.init_adapter", model.get("init_adapter"))]  # fmt: skip
     for i, subset in enumerate(data.get("subsets") or []):
         get = subset.get if isinstance(subset, dict) else lambda key, default=None: getattr(subset, key, default)
         if not get("generate", 0):  # a folder of class images still to generate is made by the run
             paths.append((f"data.subsets[{i}].root", get("root")))
-    for key, value in paths:
-        if value is not None and not Path(str(value)).expanduser().exists():
+    return [(key, None if value is None else str(value)) for key, value in paths]
+
+
+def _check_paths(model: Any, data: Any, problems: list[str]) -> None:
+    for key, value in _input_paths(model, data):
+        if value is not None and not Path(value).expanduser().exists():
             problems.append(f"{key} '{value}' does not exist")
+
+
+def _run_outputs(config: Any, root: Path) -> list[tuple[str, Path, str]]:
+    """What a run writes (name, path, the setting that moves it): config.yaml, logs, checkpoints, the adapter (or
+    model) folder and its EMA twin, samples."""
+    model_class = str(config.get("model.class_path"))
+    module, name = model_class.rsplit(".", 1)
+    saved = config.get("adapter.dirname") or getattr(getattr(import_module(module), name), "output_dirname", "adapter")
+    samples = config.get("samples.dirname") or "samples"
+    setting = "trainer.default_root_dir"
+    entries = ("config.yaml", "logs", saved, f"{saved}_ema", samples)
+    outputs = [(f"the run's {entry}", root / entry, setting) for entry in entries]
+    dirpath = config.get("checkpoint.dirpath")
+    if dirpath:
+        return [*outputs, ("checkpoint.dirpath", Path(str(dirpath)).expanduser(), "checkpoint.dirpath")]
+    return [*outputs, ("the run's checkpoints", root / "checkpoints", setting)]
+
+
+def outputs_problems(config: Any) -> list[str]:
+    """The run directory is none of the run's inputs (model, configs, data, init adapter) and lies inside none; what
+    the run writes there contains none either. Shared by `fit` and `validate`, which both write a run directory."""
+    from sdtune.models.pretrained import local_model_path
+
+    model_class, data_class = str(config.get("model.class_path") or ""), str(config.get("data.class_path") or "")
+    if not (model_class.startswith("sdtune.") and data_class == "sdtune.data.CaptionDataModule"):
+        return []
+    model, data = config.model.init_args, config.data.init_args
+    inputs = [("model.pretrained", local_model_path(model.get("pretrained"))),
+              ("model.pretrained_config", local_model_path(model.get("pretrained_config"))), *_input_paths(model, data)]  # fmt: skip
+    root = Path(str(config.get("trainer.default_root_dir") or Path.cwd())).expanduser()
+    try:
+        check_output_apart(root, inputs, "trainer.default_root_dir", may_contain=True)
+        for name, path, setting in _run_outputs(config, root):
+            check_output_apart(path, inputs, name, setting=setting)
+    except SdtuneError as err:
+        return [first_line(err)]
+    return []
 
 
 def _instantiate(class_path: str, init_args: Any):
