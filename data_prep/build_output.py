@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from data_prep.sources import nfc
 from sdtune.errors import SdtuneError
+from sdtune.paths import check_output_apart
 
 METADATA_NAME = "metadata.jsonl"
 REPORT_NAME = "prep_report.json"
@@ -28,16 +29,10 @@ def check_paths(src: Path, out: Path) -> tuple[Path, Path]:
         raise SdtuneError(f"source folder '{src}' does not exist")
     if not src.is_dir():
         raise SdtuneError(f"source '{src}' is a file; pass a folder of images")
-    src_real, out_real = src.resolve(), out.resolve()
-    if out_real == src_real:
-        raise SdtuneError("--out is the source folder; prep tools never write into SRC, choose another folder")
-    if out_real.is_relative_to(src_real):
-        raise SdtuneError(f"--out '{out}' is inside the source folder; prep tools never write into SRC")
-    if src_real.is_relative_to(out_real):
-        raise SdtuneError(f"the source folder is inside --out '{out}'; choose an --out outside it")
+    check_output_apart(out, {"SRC": src})
     if out.exists() and not out.is_dir():
         raise SdtuneError(f"--out '{out}' is a file; pass a folder")
-    return src_real, out_real
+    return src.resolve(), out.resolve()
 
 
 def prepare_destination(out: Path, overwrite: bool) -> None:

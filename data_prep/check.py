@@ -38,11 +38,13 @@ from data_prep.dataset import (
     fill_bucket,
     load_entries,
     quote_names,
+    read_rows,
     upright_size,
 )
 from sdtune.data.buckets import make_buckets
 from sdtune.data.records import IMAGE_SUFFIXES
 from sdtune.errors import SdtuneError, first_line
+from sdtune.paths import check_output_apart
 
 EXAMPLES = """examples:
   sdtune prep check data/my_dog --batch-size 4
@@ -269,10 +271,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_outputs_apart(root: Path, outputs: list[tuple[str, Path]], tokenizer: str | None) -> None:
+    """The report and the sheet go beside the dataset's files (in DST by default), never over metadata.jsonl, an
+    image it lists or the --tokenizer model."""
+    inputs = [(f"DST's {METADATA}", root / METADATA), ("--tokenizer", tokenizer)]
+    inputs += [("an image of DST", root / row["file_name"]) for row in read_rows(root)]
+    for name, output in outputs:
+        check_output_apart(output, inputs, name)
+
+
 def run(args: argparse.Namespace) -> int:
     from data_prep.contact_sheet import write_contact_sheet
 
     root = Path(args.dst).expanduser()
+    report_out, sheet_out = Path(args.json or root / REPORT_NAME), Path(args.sheet or root / SHEET_NAME)
+    outputs = [("--json", report_out)] + ([] if args.no_sheet else [("--sheet", sheet_out)])
+    _check_outputs_apart(root, outputs, args.tokenizer)
     result = check_dataset(
         root,
         batch_size=args.batch_size,
@@ -285,11 +299,11 @@ def run(args: argparse.Namespace) -> int:
     )
     print(format_table(result.report))
     print()
-    report_path = write_report(result.report, args.json or root / REPORT_NAME)
+    report_path = write_report(result.report, report_out)
     print(f"report        {report_path}")
     if not args.no_sheet:
         sheet = write_contact_sheet(
-            args.sheet or root / SHEET_NAME, result.entries, result.thumbnails, title=str(root), limit=args.sheet_limit
+            sheet_out, result.entries, result.thumbnails, title=str(root), limit=args.sheet_limit
         )
         print(f"contact sheet {sheet}")
     errors, warnings = len(result.report["errors"]), len(result.report["warnings"])

@@ -215,14 +215,14 @@ def test_refuses_unsafe_destinations(tmp_path, capsys):
     save(pattern((64, 64), 1), src / "one.png")
     before = snapshot(src)
     assert build(src, src / "out", "--min-side", "8") == 2
-    assert "inside the source folder" in capsys.readouterr().err
+    assert f"--out '{src / 'out'}' is inside SRC '{src}'" in capsys.readouterr().err
     assert build(src, src, "--min-side", "8") == 2
     assert build(src / "sub", src, "--min-side", "8") == 2  # (missing SRC also refused)
     inner = src / "inner"
     save(pattern((64, 64), 2), inner / "two.png")
     before = snapshot(src)
     assert build(inner, src, "--min-side", "8") == 2
-    assert "inside --out" in capsys.readouterr().err
+    assert f"--out '{src}' contains SRC '{inner}'" in capsys.readouterr().err
     assert snapshot(src) == before
     busy = tmp_path / "busy"
     write(busy / "notes.md", b"mine")
