@@ -41,8 +41,11 @@ def run_demo(out: Path, steps: int, seeds: int, model: str = "sdtune:toy", flow:
     """Prepare, train and judge; returns {"base"|"lora": {"new": share, "known": share}} (None if a step failed)."""
     from sdtune.commands import run as run_command
     from sdtune.commands.toy import judge_sampling
+    from sdtune.models.pretrained import local_model_path
+    from sdtune.paths import check_output_apart
     from sdtune.toy.shapes import make_shapes_dataset
 
+    check_output_apart(out, {"the base model (--model)": local_model_path(model)})
     new, known, run = out / NEW_COLOR, out / "known", out / "run"
     make_shapes_dataset(new, count=IMAGES, size=32, seed=3, colors=[NEW_COLOR])
     make_shapes_dataset(known, count=IMAGES, size=32, seed=4, colors=KNOWN_COLORS)

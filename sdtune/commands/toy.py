@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from sdtune.errors import SdtuneError
+from sdtune.paths import check_output_apart
 
 # The VAE sees every colour the demos use, those held out from the base included; the base UNet only the four base colours.
 VAE_COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "magenta")
@@ -65,6 +66,16 @@ def to_float16(source: Path, dest: Path) -> Path:
     return dest
 
 
+def check_out_apart(out: str | Path, flow: bool) -> None:
+    """--out never is, sits inside or contains what a toy model is made from: sdtune's tiny tokenizer and, for the
+    flow toy, sdtune:toy (whose VAE it takes)."""
+    from sdtune.models.pretrained import local_model_path
+    from sdtune.models.tiny import TOKENIZER_FILES
+
+    vae_from = local_model_path("sdtune:toy") if flow else None
+    check_output_apart(out, {"sdtune's tiny tokenizer": TOKENIZER_FILES, "sdtune:toy": vae_from})
+
+
 def cmd_init(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="sdtune toy init",
@@ -76,6 +87,7 @@ def cmd_init(args: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     parser.add_argument("--flow", action="store_true", help="the flow-matching toy (an SD3) on sdtune:toy's trained VAE")
     ns = parser.parse_args(args)
+    check_out_apart(ns.out, ns.flow)
     from sdtune.toy.model import build_toy_sd3, build_toy_stable_diffusion
 
     if ns.flow:
@@ -104,6 +116,7 @@ def cmd_build(args: list[str]) -> int:
     parser.add_argument("--skip-judge", action="store_true", help="do not score the result with the shapes judge")
     ns = parser.parse_args(args)
     out = Path(ns.out)
+    check_out_apart(out, ns.flow)
     if (out / "vae").exists() or (out / "base").exists():
         raise SdtuneError(f"{out} already holds a toy build (vae/ or base/): pass a new --out")
     started = time.perf_counter()
