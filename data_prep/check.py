@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from data_prep.check_captions import check_captions
@@ -41,6 +41,7 @@ from data_prep.dataset import (
     upright_size,
 )
 from sdtune.data.buckets import make_buckets
+from sdtune.data.images import open_file, upright_rgb
 from sdtune.data.records import IMAGE_SUFFIXES
 from sdtune.errors import SdtuneError, first_line
 
@@ -72,7 +73,7 @@ def _size_bin(short_side: int) -> str:
 
 
 def _thumbnail(image: Image.Image) -> str:
-    image = ImageOps.exif_transpose(image).convert("RGB")
+    image = upright_rgb(image)  # as training sees it: a 16-bit PNG is not shown white
     image.thumbnail((THUMB_SIDE, THUMB_SIDE))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=75)
@@ -88,7 +89,7 @@ def _read_images(entries: list[Entry], thumbnails_for: int, progress: bool) -> t
         if entry.problem:
             continue
         try:
-            with Image.open(entry.path) as image:
+            with open_file(entry.path) as image:  # only the formats training reads
                 width, height = upright_size(image)
                 if entry.index < thumbnails_for:
                     image.draft("RGB", (THUMB_SIDE * 2, THUMB_SIDE * 2))  # JPEG: decode at reduced scale

@@ -16,11 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from sdtune.data.buckets import Bucket, assign_bucket, format_bucket, make_buckets, parse_bucket
+from sdtune.data.images import IMAGE_ERRORS, open_file
 from sdtune.data.records import discover_records, jsonl_rows, upright_size
-from sdtune.data.transforms import IMAGE_ERRORS  # what PIL raises on files that are not (valid) images
 from sdtune.errors import SdtuneError, first_line
 
 METADATA = "metadata.jsonl"
@@ -167,7 +165,7 @@ def load_folder(dst: str | Path, setting: str = "DST") -> list[Entry]:
 def read_size(entry: Entry) -> None:
     """Set the upright width and height from the image header, or `problem` when the image cannot be read."""
     try:
-        with Image.open(entry.path) as image:
+        with open_file(entry.path) as image:
             entry.width, entry.height = upright_size(image)
     except IMAGE_ERRORS as err:
         entry.problem = f"unreadable ({first_line(err)})"

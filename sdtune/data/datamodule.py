@@ -25,9 +25,9 @@ from sdtune.data.cached_dataset import CachePlan, check_cacheable
 from sdtune.data.captions import with_prefix
 from sdtune.data.class_images import generate_class_images
 from sdtune.data.dataset import CaptionDataset, derive_seed
+from sdtune.data.images import IMAGE_ERRORS, has_alpha
 from sdtune.data.records import Record
 from sdtune.data.subsets import Subset, check_subsets, load_subsets
-from sdtune.data.transforms import IMAGE_ERRORS, has_alpha
 from sdtune.errors import SdtuneError, first_line
 from sdtune.models.pretrained import load_tokenizers, model_family
 from sdtune.models.text import chunk_count, text_token_ids

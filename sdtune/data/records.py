@@ -19,6 +19,7 @@ from typing import Any
 
 from PIL import Image
 
+from sdtune.data.images import open_file
 from sdtune.errors import SdtuneError, first_line
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
@@ -57,7 +58,7 @@ class Record:
 
     def upright_size(self) -> tuple[int, int]:
         """The image's (width, height) as training sees it (EXIF orientation applied), from its header alone."""
-        with Image.open(self.open()) as image:
+        with open_file(self.open()) as image:
             return upright_size(image)
 
 
