@@ -158,6 +158,9 @@ def caption_dataset(
         for start in range(0, len(todo), batch_size):
             batch, images = [], []
             for entry in todo[start : start + batch_size]:
+                if entry.problem:  # a row naming a file outside DST: never read
+                    result.failed.append(entry.file_name)
+                    continue
                 try:
                     images.append(open_image(entry.path))
                     batch.append(entry)

@@ -5,7 +5,8 @@ side, how many images each aspect-ratio bucket holds against one global batch (b
 caption problems: empty, duplicated, or longer than CLIP's 75-token window. Writes the numbers as JSON and an HTML
 contact sheet (thumbnails embedded, grouped by bucket). Exit code 1 when there are errors, else 0.
 
-Errors: missing or unreadable images, a bucket with fewer images than one global batch, no readable image at all.
+Errors: missing or unreadable images, rows naming a file outside DST (never read), a bucket with fewer images than
+one global batch, no readable image at all.
 Warnings: empty captions, duplicate captions, captions over `--max-tokens`, metadata width/height that disagree with
 the image, rows naming the same file twice, images in DST that metadata.jsonl does not list.
 
@@ -55,6 +56,7 @@ REPORT_NAME = "check_report.json"
 SHEET_NAME = "contact_sheet.html"
 SIZE_BINS = ((0, "<256"), (256, "256-511"), (512, "512-767"), (768, "768-1023"), (1024, ">=1024"))
 THUMB_SIDE = 192
+OUTSIDE = ("outside", "leads outside")  # how `sdtune.data.records.outside` reasons start
 
 
 @dataclass
@@ -198,11 +200,13 @@ def check_dataset(
             fill_bucket(entry, buckets, recompute=area is not None)
     good = [entry for entry in entries if not entry.problem]
     missing = [entry.file_name for entry in entries if entry.problem == "missing"]
-    unreadable = [entry for entry in entries if entry.problem and entry.problem != "missing"]
+    escaping = [entry for entry in entries if entry.problem and entry.problem.startswith(OUTSIDE)]
+    unreadable = [entry for entry in entries if entry.problem and entry.problem != "missing" and entry not in escaping]
 
     errors = [
         issue("missing_image", f"{name}: listed in {METADATA} but the file does not exist", [name]) for name in missing
     ]
+    errors += [issue("outside_dataset", f"{e.file_name}: {e.problem}", [e.file_name]) for e in escaping]
     errors += [issue("unreadable_image", f"{e.file_name}: {e.problem}", [e.file_name]) for e in unreadable]
     if not good:
         errors.append(issue("no_images", f"no readable images in '{dst}'"))
@@ -223,6 +227,7 @@ def check_dataset(
         },
         "counts": {
             "rows": len(entries), "images": len(good), "missing": len(missing), "unreadable": len(unreadable),
+            "outside": len(escaping),
             **captions.counts,
         },
         "sizes": {"measure": "shorter side (px)", "bins": sizes},
