@@ -191,6 +191,11 @@ def build_dataset(
     buckets = make_buckets(area)
     src_real, out_real = check_paths(src, out)
     scan = scan_source(src, avoid=out_real)
+    if not scan.images and scan.outside:
+        raise SdtuneError(
+            f"no usable images in '{src}': {len(scan.outside)} symlink(s) lead outside it and were not followed, "
+            f"first '{scan.outside[0]['path']}'; copy the files into it instead"
+        )
     if not scan.images:
         raise SdtuneError(
             f"no images in '{src}' ({', '.join(sorted(IMAGE_SUFFIXES))}; searched recursively, hidden folders skipped)"
@@ -205,7 +210,8 @@ def build_dataset(
     }
     collector = _Collector(captions, OutputNames(out, arrow), dedupe, phash_distance,
                            lambda width, height: format_bucket(assign_bucket(width, height, buckets)),
-                           warnings=scan.unsupported_warnings())
+                           warnings=scan.unsupported_warnings() + scan.outside_captions)
+    collector.rejected.extend(scan.outside)  # symlinks leading out of SRC: named, never read
     tasks = [(str(path), rel) for rel, path in scan.images]
     complete = False
     try:
@@ -215,22 +221,23 @@ def build_dataset(
     finally:
         caption_warnings = captions.warnings_after({rel for rel, _ in scan.images})
         warnings = sorted(collector.warnings + caption_warnings, key=lambda w: w["path"])
-        rows, rejected = collector.rows, collector.rejected
+        rows, rejected = collector.rows, sorted(collector.rejected, key=lambda entry: entry["path"])
+        found = len(tasks) + len(scan.outside)
         if rows:
             write_metadata(out, rows)
         write_report(out, {
             "source": str(src_real),
             "settings": settings,
-            "totals": {"found": len(tasks), "kept": len(rows), "rejected": len(rejected), "warnings": len(warnings)},
+            "totals": {"found": found, "kept": len(rows), "rejected": len(rejected), "warnings": len(warnings)},
             "rejected": rejected,
             "warnings": warnings,
             **({} if complete else {"interrupted": True}),
         })
 
-    result = BuildResult(out=out, found=len(tasks), kept=len(rows), rejected=rejected, warnings=warnings)
+    result = BuildResult(out=out, found=found, kept=len(rows), rejected=rejected, warnings=warnings)
     if not rows:
         raise SdtuneError(
-            f"no usable images: all {len(tasks)} in '{src}' were rejected ({_reason_counts(rejected)}); "
+            f"no usable images: all {found} in '{src}' were rejected ({_reason_counts(rejected)}); "
             f"see {result.report_path}"
         )
     if arrow:

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from data_prep.dataset import IMAGE_ERRORS, caption_key, load_entries, quote_names, write_rows
+from sdtune.data.images import open_image
 from sdtune.errors import SdtuneError, first_line
 
 EXAMPLES = """examples:
@@ -157,9 +158,11 @@ def caption_dataset(
         for start in range(0, len(todo), batch_size):
             batch, images = [], []
             for entry in todo[start : start + batch_size]:
+                if entry.problem:  # a row naming a file outside DST: never read
+                    result.failed.append(entry.file_name)
+                    continue
                 try:
-                    with Image.open(entry.path) as opened:
-                        images.append(ImageOps.exif_transpose(opened).convert("RGB"))
+                    images.append(open_image(entry.path))
                     batch.append(entry)
                 except IMAGE_ERRORS:
                     result.failed.append(entry.file_name)

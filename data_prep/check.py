@@ -5,7 +5,8 @@ side, how many images each aspect-ratio bucket holds against one global batch (b
 caption problems: empty, duplicated, or longer than CLIP's 75-token window. Writes the numbers as JSON and an HTML
 contact sheet (thumbnails embedded, grouped by bucket). Exit code 1 when there are errors, else 0.
 
-Errors: missing or unreadable images, a bucket with fewer images than one global batch, no readable image at all.
+Errors: missing or unreadable images, rows naming a file outside DST (never read), a bucket with fewer images than
+one global batch, no readable image at all.
 Warnings: empty captions, duplicate captions, captions over `--max-tokens`, metadata width/height that disagree with
 the image, rows naming the same file twice, images in DST that metadata.jsonl does not list.
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from data_prep.check_captions import check_captions
@@ -42,6 +43,7 @@ from data_prep.dataset import (
     upright_size,
 )
 from sdtune.data.buckets import make_buckets
+from sdtune.data.images import open_file, upright_rgb
 from sdtune.data.records import IMAGE_SUFFIXES
 from sdtune.errors import SdtuneError, first_line
 from sdtune.paths import check_output_apart
@@ -56,6 +58,7 @@ REPORT_NAME = "check_report.json"
 SHEET_NAME = "contact_sheet.html"
 SIZE_BINS = ((0, "<256"), (256, "256-511"), (512, "512-767"), (768, "768-1023"), (1024, ">=1024"))
 THUMB_SIDE = 192
+OUTSIDE = ("outside", "leads outside")  # how `sdtune.data.records.outside` reasons start
 
 
 @dataclass
@@ -74,7 +77,7 @@ def _size_bin(short_side: int) -> str:
 
 
 def _thumbnail(image: Image.Image) -> str:
-    image = ImageOps.exif_transpose(image).convert("RGB")
+    image = upright_rgb(image)  # as training sees it: a 16-bit PNG is not shown white
     image.thumbnail((THUMB_SIDE, THUMB_SIDE))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=75)
@@ -90,7 +93,7 @@ def _read_images(entries: list[Entry], thumbnails_for: int, progress: bool) -> t
         if entry.problem:
             continue
         try:
-            with Image.open(entry.path) as image:
+            with open_file(entry.path) as image:  # only the formats training reads
                 width, height = upright_size(image)
                 if entry.index < thumbnails_for:
                     image.draft("RGB", (THUMB_SIDE * 2, THUMB_SIDE * 2))  # JPEG: decode at reduced scale
@@ -199,11 +202,13 @@ def check_dataset(
             fill_bucket(entry, buckets, recompute=area is not None)
     good = [entry for entry in entries if not entry.problem]
     missing = [entry.file_name for entry in entries if entry.problem == "missing"]
-    unreadable = [entry for entry in entries if entry.problem and entry.problem != "missing"]
+    escaping = [entry for entry in entries if entry.problem and entry.problem.startswith(OUTSIDE)]
+    unreadable = [entry for entry in entries if entry.problem and entry.problem != "missing" and entry not in escaping]
 
     errors = [
         issue("missing_image", f"{name}: listed in {METADATA} but the file does not exist", [name]) for name in missing
     ]
+    errors += [issue("outside_dataset", f"{e.file_name}: {e.problem}", [e.file_name]) for e in escaping]
     errors += [issue("unreadable_image", f"{e.file_name}: {e.problem}", [e.file_name]) for e in unreadable]
     if not good:
         errors.append(issue("no_images", f"no readable images in '{dst}'"))
@@ -224,6 +229,7 @@ def check_dataset(
         },
         "counts": {
             "rows": len(entries), "images": len(good), "missing": len(missing), "unreadable": len(unreadable),
+            "outside": len(escaping),
             **captions.counts,
         },
         "sizes": {"measure": "shorter side (px)", "bins": sizes},

@@ -18,7 +18,8 @@ def format_table(report: dict[str, Any], listed: int = 10) -> str:
     c, s, t = report["counts"], report["settings"], report["tokens"]
     lines = [
         f"dataset   {report['dataset']}",
-        f"images    {c['images']} readable of {c['rows']} rows ({c['missing']} missing, {c['unreadable']} unreadable)",
+        f"images    {c['images']} readable of {c['rows']} rows ({c['missing']} missing, {c['unreadable']} unreadable"
+        + (f", {c['outside']} outside the dataset)" if c.get("outside") else ")"),
         f"captions  {c['captioned']} captioned, {c['empty_captions']} empty, {c['duplicate_captions']} duplicated, "
         f"{c['long_captions']} over {s['max_tokens']} tokens",
         f"tokens    max {t['max']}, mean {t['mean']} ("

@@ -16,11 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from sdtune.data.buckets import Bucket, assign_bucket, format_bucket, make_buckets, parse_bucket
-from sdtune.data.records import discover_records, jsonl_rows, upright_size
-from sdtune.data.transforms import IMAGE_ERRORS  # what PIL raises on files that are not (valid) images
+from sdtune.data.images import IMAGE_ERRORS, open_file
+from sdtune.data.records import discover_records, jsonl_rows, outside, upright_size
 from sdtune.errors import SdtuneError, first_line
 
 METADATA = "metadata.jsonl"
@@ -120,7 +118,8 @@ def load_entries(dst: str | Path, area: int | None = None, read_headers: bool = 
     `area=None` keeps the bucket stored in each row and computes missing ones for DEFAULT_AREA (512²); an explicit
     `area` recomputes every bucket from the image size, for training at another resolution. Width and height come
     from the row when present, else from the image header (`read_headers=False` skips that, leaving them None).
-    Missing files set `problem` instead of raising, so `check` can list them all.
+    Missing files, and rows naming a file outside DST (`../x.png`, an absolute path, a symlink leading out), set
+    `problem` instead of raising, so `check` can list them all; an outside file is never read.
     """
     root = Path(dst).expanduser()
     rows = read_rows(root)
@@ -129,9 +128,10 @@ def load_entries(dst: str | Path, area: int | None = None, read_headers: bool = 
     entries = []
     for index, row in enumerate(rows):
         entry = _entry(index, root, row["file_name"], str(row.get(key) or "").strip(), row)
-        if not entry.path.is_file():
+        entry.problem = outside(entry.file_name, root, "the dataset folder")
+        if entry.problem is None and not entry.path.is_file():
             entry.problem = "missing"
-        else:
+        elif entry.problem is None:
             if (entry.width is None or entry.height is None) and read_headers:
                 read_size(entry)
             fill_bucket(entry, buckets, recompute=area is not None)
@@ -167,7 +167,7 @@ def load_folder(dst: str | Path, setting: str = "DST") -> list[Entry]:
 def read_size(entry: Entry) -> None:
     """Set the upright width and height from the image header, or `problem` when the image cannot be read."""
     try:
-        with Image.open(entry.path) as image:
+        with open_file(entry.path) as image:
             entry.width, entry.height = upright_size(image)
     except IMAGE_ERRORS as err:
         entry.problem = f"unreadable ({first_line(err)})"

@@ -4,10 +4,11 @@
 file was rejected (zero bytes, not an image, truncated, too small, too large...). A kept image comes back as the
 bytes to store (the source bytes themselves when they need no change), its size and the hashes `dedupe` compares.
 
-Normalisation: EXIF orientation applied; every mode (CMYK, palette, LA, RGBA, 16-bit and float greyscale, ...)
-becomes 8-bit RGB, transparency over white; 16-bit values are scaled to 8 bits (PIL's own `convert` clips them at
-255, which turns a 16-bit photo white); animated files keep their first frame. Decompression bombs are rejected
-from the header, before any pixel is decoded.
+Normalisation is training's own (`sdtune.data.images.upright_rgb`): EXIF orientation applied; every mode (CMYK,
+palette, LA, RGBA, 16-bit and float greyscale, ...) becomes 8-bit RGB, transparency over white; 16-bit values are
+scaled to 8 bits (PIL's own `convert` clips them at 255, which turns a 16-bit photo white); animated files keep
+their first frame. Only the formats training reads are tried (`sdtune.data.images.FORMATS`), by content. Decompression
+bombs are rejected from the header, before any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -19,16 +20,12 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from data_prep.dedupe import perceptual_hash, pixel_hash
+from sdtune.data.images import identify, readable_formats, upright_rgb
 from sdtune.errors import first_line
 
-WHITE = (255, 255, 255)
-ORIENTATION = 0x0112
-# Formats PIL may try. Anything else (EPS runs Ghostscript, PDF, PSD, ...) is "not an image" here.
-SAFE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "DIB", "GIF", "TIFF", "AVIF")
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 JPEG_QUALITY = 95
 PNG_COMPRESS_LEVEL = 3  # zlib level 6 (PIL's default) is ~3x slower for ~5% smaller files
@@ -120,9 +117,9 @@ def _decode(data: bytes, settings: DecodeSettings, notes: list[str]) -> _Decoded
         warnings.simplefilter("ignore")  # PIL's chatter about odd EXIF and the like is not the user's problem
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data), formats=_formats())
+            image = Image.open(io.BytesIO(data), formats=readable_formats())
         except UnidentifiedImageError:
-            return f"not an image ({sniff(data)})"
+            return f"not an image ({identify(data)})"
         except Exception as err:  # noqa: BLE001 - a broken or cut-off header, or a bomb
             return _failure(err, settings.max_pixels)
         with image:
@@ -157,10 +154,7 @@ def _normalise(image: Image.Image, max_pixels: int, notes: list[str]) -> _Decode
     except Exception as err:  # noqa: BLE001 - truncated or corrupt pixel data, or a bomb
         return _failure(err, max_pixels)
     icc = image.info.get("icc_profile") if source_mode in MODES_WITH_RGB_PROFILE else None
-    if image.getexif().get(ORIENTATION, 1) not in (None, 1):
-        clean = False
-        image = ImageOps.exif_transpose(image)
-    rgb = to_rgb(image, notes)
+    rgb = upright_rgb(image, notes)  # the same conversion as training's
     return _Decoded(rgb, jpeg=source_format in ("JPEG", "MPO"), clean=clean and rgb is image, icc=icc)
 
 
@@ -173,12 +167,6 @@ def stored_suffix(rel: str, jpeg: bool) -> str:
 
 
 # --- decoding helpers ----------------------------------------------------------------------------------------------
-
-
-def _formats() -> list[str]:
-    """SAFE_FORMATS this Pillow build can open: format sniffing must never reach a plugin that runs a program."""
-    Image.init()
-    return [name for name in SAFE_FORMATS if name in Image.OPEN]
 
 
 @contextlib.contextmanager
@@ -215,25 +203,6 @@ def _first_line(err: BaseException) -> str:
     return first_line(err)[:200]
 
 
-def sniff(data: bytes) -> str:
-    """What a file PIL cannot identify most likely is, for the rejection reason."""
-    head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head or b"<head" in head:
-        return "an HTML page"
-    if head.startswith(b"<?xml") or head.startswith(b"<svg"):
-        return "SVG or XML text" if b"<svg" in head else "XML text"
-    if head.startswith(b"%pdf"):
-        return "a PDF"
-    if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypmsf1", b"ftyphevc"):
-        return "HEIC, which PIL cannot read; convert it to JPEG"
-    if head.startswith(b"pk\x03\x04"):
-        return "a zip archive"
-    sample = data[:512]
-    if sample and sum(32 <= b < 127 or b in (9, 10, 13) for b in sample) > 0.95 * len(sample):
-        return "a text file"
-    return "unrecognised format"
-
-
 def _is_clean(image: Image.Image, animated: bool) -> bool:
     """Whether the source bytes can be stored as they are: 8-bit RGB JPEG/PNG, one frame, no transparency.
 
@@ -250,64 +219,6 @@ def _is_clean(image: Image.Image, animated: bool) -> bool:
 
 
 # --- normalisation -------------------------------------------------------------------------------------------------
-
-
-def to_rgb(image: Image.Image, notes: list[str]) -> Image.Image:
-    """8-bit RGB; the image itself when it already is. Transparency becomes white, 16-bit values are scaled.
-
-    `notes` gets a line when values had to be stretched, which changes how the image looks."""
-    mode = image.mode
-    if mode == "RGB" and "transparency" not in image.info:
-        return image
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        return Image.fromarray(_to_uint8(np.asarray(image), mode, notes), "L").convert("RGB")
-    if mode == "CMYK":
-        return _cmyk_to_rgb(image)
-    if mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    elif mode in ("L", "1") and "transparency" in image.info:
-        image = image.convert("LA")
-    elif mode == "RGB":  # a tRNS colour key: that colour is transparent
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, WHITE)
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
-
-
-def _to_uint8(values: np.ndarray, mode: str, notes: list[str]) -> np.ndarray:
-    """Greyscale of any depth to 0..255, using the range the format implies rather than clipping."""
-    if mode.startswith("I;16"):
-        return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if mode == "F" and 0.0 <= low and high <= 1.0:
-        return np.rint(values * 255.0).astype(np.uint8)
-    if 0 <= low and high <= 255:
-        return np.rint(values).astype(np.uint8)
-    if 0 <= low and high <= 65535:
-        return np.rint(values.astype(np.float64) / 257.0).astype(np.uint8)
-    notes.append(f"{mode} values {low:g}..{high:g} stretched to 0..255")
-    span = high - low or 1.0
-    return np.rint((values.astype(np.float64) - low) * (255.0 / span)).astype(np.uint8)
-
-
-def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
-    """Through the embedded ICC profile when there is one (print CMYK is far from PIL's naive formula)."""
-    icc = image.info.get("icc_profile")
-    if icc:
-        try:
-            from PIL import ImageCms
-
-            converted = ImageCms.profileToProfile(
-                image, io.BytesIO(icc), ImageCms.createProfile("sRGB"), outputMode="RGB"
-            )
-            if converted is not None:
-                return converted
-        except Exception:  # noqa: BLE001 - a broken profile: the naive conversion is still an image
-            pass
-    return image.convert("RGB")
 
 
 def downscale(image: Image.Image, max_side: int) -> Image.Image:

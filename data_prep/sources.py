@@ -1,8 +1,10 @@
 """The source side of `sdtune prep build`: which files under SRC are images, and what each image's caption is.
 
-SRC is only ever read. Captions come from SRC/metadata.jsonl or metadata.csv, from .txt/.caption files next to the
-images (sidecars), from file names, or from a fixed template; whatever could not be matched up (an image without a
-caption, a caption without an image, a file that is not UTF-8) becomes a warning for the report, never an error.
+SRC is only ever read, and nothing outside it: a symlink in SRC that leads out of it (to a file or a folder) is
+reported, never followed, so a folder from someone else cannot pull in files from elsewhere on the disk. Captions
+come from SRC/metadata.jsonl or metadata.csv, from .txt/.caption files next to the images (sidecars), from file
+names, or from a fixed template; whatever could not be matched up (an image without a caption, a caption without an
+image, a file that is not UTF-8) becomes a warning for the report, never an error.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import codecs
 import csv
 import io
 import json
+import operator
 import os
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from sdtune.data.records import outside
 from sdtune.errors import SdtuneError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tiff", ".tif"})
@@ -36,6 +40,10 @@ class SourceScan:
     images: list[tuple[str, Path]]  # (path relative to SRC, posix; absolute path), sorted by the relative path
     sidecars: Sidecars
     unsupported: list[str]
+    # {"path", "reason"} of each symlink leading out of SRC, never followed or read: images and folders (a folder's
+    # path ends in "/"), which the report lists as rejected, and caption files, which it lists as warnings.
+    outside: list[dict]
+    outside_captions: list[dict]
 
     def unsupported_warnings(self) -> list[dict]:
         """Image files PIL cannot read are named in the report, so a user is not left wondering where they went."""
@@ -52,7 +60,7 @@ def scan_source(src: Path, avoid: Path | None = None) -> SourceScan:
     `avoid` (the output folder) is never entered, so a symlink inside SRC pointing at DST cannot feed a build its
     own output. Results are sorted, so the first of two duplicates, and every report, is the same on every run.
     """
-    images, unsupported = [], []
+    images, unsupported, leaving, leaving_captions = [], [], [], []
     sidecars: Sidecars = {}
     seen: set[str] = set()
     avoid_real = os.path.realpath(avoid) if avoid is not None else None
@@ -62,14 +70,28 @@ def scan_source(src: Path, avoid: Path | None = None) -> SourceScan:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel_folder = _posix_folder(Path(folder).relative_to(src).as_posix())
+        subfolders = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            rel = f"{rel_folder}/{name}" if rel_folder else name
+            reason = outside(rel, src, "SRC")  # a linked folder is judged before it is listed
+            if reason is None:
+                subfolders.append(name)
+            else:
+                leaving.append({"path": f"{rel}/", "reason": reason})
+        dirnames[:] = subfolders
         for name in filenames:
             if name.startswith("."):
                 continue
             path = Path(folder, name)
             rel = f"{rel_folder}/{name}" if rel_folder else name
             suffix = path.suffix.lower()
+            if suffix in IMAGE_SUFFIXES or suffix in CAPTION_SUFFIXES:
+                reason = outside(rel, src, "SRC")
+                if reason is not None:
+                    entry = {"path": rel, "reason": reason}
+                    (leaving if suffix in IMAGE_SUFFIXES else leaving_captions).append(entry)
+                    continue
             if suffix in IMAGE_SUFFIXES:
                 images.append((rel, path))
             elif suffix in CAPTION_SUFFIXES:
@@ -79,7 +101,10 @@ def scan_source(src: Path, avoid: Path | None = None) -> SourceScan:
     images.sort(key=lambda item: item[0])
     for entries in sidecars.values():
         entries.sort(key=lambda item: (CAPTION_SUFFIXES.index(Path(item[0]).suffix.lower()), item[0]))
-    return SourceScan(images, sidecars, sorted(unsupported))
+    by_path = operator.itemgetter("path")
+    return SourceScan(
+        images, sidecars, sorted(unsupported), sorted(leaving, key=by_path), sorted(leaving_captions, key=by_path)
+    )
 
 
 def _posix_folder(folder: str) -> str:
@@ -274,5 +299,6 @@ class Captions:
             image_names = {nfc(rel) for rel in all_images}
             for key, file_name in sorted(self.listed.items()):
                 if key not in image_names:
-                    self._warn(file_name, f"listed in {self.metadata_name} but there is no such image")
+                    leaves = outside(file_name, self.metadata_file.parent, "SRC")
+                    self._warn(file_name, f"listed in {self.metadata_name} but {leaves or 'there is no such image'}")
         return self.warnings

@@ -206,7 +206,7 @@ def _check_batches(config: Any, datamodule: Any) -> None:
     """Finds the records the run will train on (no tokenizer, no weights) and counts batches per device."""
     from sdtune.data.bucket_sampler import BucketBatchSampler
 
-    pairs = datamodule.training_pairs(announce=False)
+    pairs = datamodule.training_pairs(announce=False, skipped=[])  # setup() warns about what it leaves out
     if datamodule.val_root is None and datamodule.val_fraction > 0:
         pairs, _ = datamodule.split(pairs)
     records = [record for record, repeats in pairs for _ in range(repeats)]

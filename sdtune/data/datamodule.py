@@ -25,9 +25,9 @@ from sdtune.data.cached_dataset import CachePlan, check_cacheable
 from sdtune.data.captions import with_prefix
 from sdtune.data.class_images import generate_class_images
 from sdtune.data.dataset import CaptionDataset, derive_seed
+from sdtune.data.images import IMAGE_ERRORS, has_alpha
 from sdtune.data.records import Record
 from sdtune.data.subsets import Subset, check_subsets, load_subsets
-from sdtune.data.transforms import IMAGE_ERRORS, has_alpha
 from sdtune.errors import SdtuneError, first_line
 from sdtune.models.pretrained import load_tokenizers, model_family
 from sdtune.models.text import chunk_count, text_token_ids
@@ -143,6 +143,9 @@ class CaptionDataModule(L.LightningDataModule):
         self._train_batches: BucketBatchSampler | None = None  # the training loader's, for state_dict()
         self._resume: dict[str, int] | None = None  # from a checkpoint, until the training loader exists
         self.unreadable: dict[str, int] = {}  # image files that failed to load in training: how often
+        self.skipped: list[str] = []  # what setup() left out and why: rows outside their folder, unreadable headers
+        # Each header read: the image's upright size, or why it could not be read.
+        self._sizes: dict[tuple[str, int], tuple[int, int] | str] = {}
 
     def check(self) -> None:
         """The settings' own rules, one line for the first broken one (pre-flight builds the module to run them)."""
@@ -192,15 +195,21 @@ class CaptionDataModule(L.LightningDataModule):
             if tokenizers[0].convert_tokens_to_ids(list(self.added_tokens)) != list(self.added_tokens.values()):
                 raise SdtuneError("data.pretrained's tokenizer differs from the model's; the new tokens got other ids")
         chunk_count(tokenizers[0], self.max_token_length)  # a bad length fails before anything is read
-        pairs = self.training_pairs()
+        skipped: list[str] = []
+        pairs = self.training_pairs(skipped=skipped)
         if self.val_root is not None:
-            val_pairs = load_subsets([Subset(self.val_root)], ["data.val_root"], self.mask_dir, announce=False)
+            val_pairs = load_subsets([Subset(self.val_root)], ["data.val_root"], self.mask_dir, False, skipped)
+            val_pairs = self._readable(val_pairs, skipped, "data.val_root")
         elif self.val_fraction > 0:
             pairs, val_pairs = self.split(pairs)
         else:
             val_pairs = []
         self.train_records = [record for record, repeats in pairs for _ in range(repeats)]
         self.val_records = [record for record, _ in val_pairs]
+        self.skipped = skipped
+        if skipped:
+            more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+            rank_zero_warn(f"{len(skipped)} image(s) left out: {'; '.join(skipped[:5])}{more}")
         self._warn_about_long_captions(tokenizers[0], [record for record, _ in pairs])
         self._warn_about_missing_masks([record for record, _ in pairs])
         self.train_buckets = self.assign_buckets(self.train_records)
@@ -220,12 +229,49 @@ class CaptionDataModule(L.LightningDataModule):
         """The first text encoder's tokenizer (None before `setup`)."""
         return self.tokenizers[0] if self.tokenizers else None
 
-    def training_pairs(self, announce: bool = True) -> list[tuple[Record, int]]:
-        """(record, repeats) of every image in data.root or data.subsets, before any validation split."""
+    def training_pairs(self, announce: bool = True, skipped: list[str] | None = None) -> list[tuple[Record, int]]:
+        """(record, repeats) of every image in data.root or data.subsets, before any validation split.
+
+        What is left out (rows outside their folder; with buckets, images whose header cannot be read) goes to
+        `skipped` with the reason; without a list, each is a warning."""
         if self.subsets is not None:
             settings = [f"data.subsets[{i}].root" for i in range(len(self.subsets))]
-            return load_subsets(self.subsets, settings, self.mask_dir, announce=announce)
-        return load_subsets([Subset(str(self.root))], ["data.root"], self.mask_dir, announce=announce)
+            where = "data.subsets"
+        else:
+            settings, where = ["data.root"], "data.root"
+        subsets = self.subsets or [Subset(str(self.root))]
+        pairs = load_subsets(subsets, settings, self.mask_dir, announce=announce, skipped=skipped)
+        return self._readable(pairs, skipped, where)
+
+    def _readable(
+        self, pairs: list[tuple[Record, int]], skipped: list[str] | None, where: str
+    ) -> list[tuple[Record, int]]:
+        """With buckets every header is read anyway (for the image's size): an image whose header cannot be (not a
+        format sdtune reads, a decompression bomb, a broken file) is left out with its reason. Without buckets such
+        a file is found when it is loaded, and replaced by a stand-in (see `on_before_batch_transfer`)."""
+        if not self.buckets:
+            return pairs
+        kept, failed = [], {}
+        for record, repeats in pairs:
+            key = (record.path, record.row)
+            if key not in self._sizes:
+                try:
+                    self._sizes[key] = record.upright_size()
+                except IMAGE_ERRORS as err:
+                    self._sizes[key] = f"{where}: skipped '{record.path}': {first_line(err)}"
+            if isinstance(self._sizes[key], str):
+                failed[key] = self._sizes[key]
+            else:
+                kept.append((record, repeats))
+        reasons = list(failed.values())
+        if pairs and not kept:
+            raise SdtuneError(f"{where} has no readable images: all {len(pairs)} skipped, first {reasons[0]}")
+        if skipped is None:
+            for reason in reasons:
+                rank_zero_warn(reason)
+        else:
+            skipped.extend(reasons)
+        return kept
 
     def prepare_data(self) -> None:
         """Generate missing DreamBooth class images, and with data.cache compute the missing entries (once per node,
@@ -260,7 +306,10 @@ class CaptionDataModule(L.LightningDataModule):
         found: dict[tuple[str, int], Bucket] = {}
         for record in records:  # a record repeated by its subset is opened once
             if (record.path, record.row) not in found:
-                found[record.path, record.row] = assign_bucket(*self._read_header(record, Record.upright_size), table)
+                size = self._sizes.get((record.path, record.row))
+                if not isinstance(size, tuple):
+                    size = self._read_header(record, Record.upright_size)
+                found[record.path, record.row] = assign_bucket(*size, table)
         return [found[record.path, record.row] for record in records]
 
     def split(self, pairs: list[tuple[Record, int]]) -> tuple[list[tuple[Record, int]], list[tuple[Record, int]]]:

@@ -18,8 +18,9 @@ from torch.utils.data import Dataset
 from sdtune.data.batch import CaptionTokenizer
 from sdtune.data.buckets import Bucket
 from sdtune.data.captions import process_caption
+from sdtune.data.images import IMAGE_ERRORS, load_image, load_mask
 from sdtune.data.records import Record
-from sdtune.data.transforms import IMAGE_ERRORS, Geometry, load_image, load_mask, mask_to_tensor, to_tensor
+from sdtune.data.transforms import Geometry, mask_to_tensor, to_tensor
 from sdtune.errors import SdtuneError, first_line
 
 

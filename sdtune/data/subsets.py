@@ -105,13 +105,15 @@ def kohya_subsets(parent: Subset, setting: str) -> list[Subset] | None:
 
 
 def load_subsets(
-    subsets: Sequence[Subset], settings: Sequence[str], mask_dir: str | None = None, announce: bool = True
+    subsets: Sequence[Subset], settings: Sequence[str], mask_dir: str | None = None, announce: bool = True,
+    skipped: list[str] | None = None,
 ) -> list[tuple[Record, int]]:
     """Every image of every subset, with its default caption, prefix and mask filled in, and its repeat count.
 
     Masks are looked up relative to the subset's folder first, then (for kohya folders) relative to the parent,
     so `mask_dir` may mirror either. `announce` logs one line per subset, which is how users check that the
-    repeats they meant are the ones in effect.
+    repeats they meant are the ones in effect. Rows left out (outside their folder) go to `skipped`, as in
+    `discover_records`.
     """
     masks = Path(mask_dir).expanduser() if mask_dir else None
     pairs: list[tuple[Record, int]] = []
@@ -130,7 +132,7 @@ def load_subsets(
                     mask=find_mask(record, masks, bases, "data.mask_dir") if masks else None,
                     prior=child.prior,
                 )
-                for record in ([] if pending else discover_records(child.root, setting))
+                for record in ([] if pending else discover_records(child.root, setting, skipped, base=parent_root))
             ]
             if announce and (children or len(subsets) > 1 or child.repeats > 1 or child.prefix):
                 name = Path(child.root).name if children else child.root

@@ -1,57 +1,16 @@
 """Image preprocessing with PIL and torch only (no torchvision), as pure functions that are easy to test.
 
+Opening and converting files is `sdtune.data.images`; this is what happens to the RGB image after that.
+
 Randomness is passed in (a `torch.Generator` or pre-drawn uniforms) so a sample is a function of its seed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import IO
 
 import torch
-from PIL import Image, ImageOps
-
-WHITE = (255, 255, 255)
-# What Pillow raises for a file that is not a readable image (UnidentifiedImageError is an OSError).
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-def load_image(source: str | IO[bytes]) -> tuple[Image.Image, Image.Image | None]:
-    """Open an image upright (EXIF orientation applied) as RGB, plus its alpha channel ('L') if it has one.
-
-    Transparency becomes white, not black, in the RGB image; the alpha is kept apart for `alpha_mask` training.
-    """
-    with Image.open(source) as opened:
-        image = ImageOps.exif_transpose(opened)
-        image.load()
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        alpha = rgba.getchannel("A")
-        background = Image.new("RGB", rgba.size, WHITE)
-        background.paste(rgba, mask=alpha)
-        return background, alpha
-    return image.convert("RGB"), None
-
-
-def load_rgb(source: str | IO[bytes]) -> Image.Image:
-    """Open an image upright (EXIF orientation applied) as RGB; transparency becomes white, not black."""
-    return load_image(source)[0]
-
-
-def has_alpha(source: str | IO[bytes]) -> bool:
-    """Whether the file carries transparency; reads the header only, so checking a whole dataset is cheap."""
-    with Image.open(source) as opened:
-        return opened.mode in ("RGBA", "LA", "PA") or (opened.mode == "P" and "transparency" in opened.info)
-
-
-def load_mask(source: str | IO[bytes]) -> Image.Image:
-    """A loss-weight mask as grayscale 'L' (white = full weight), upright like the images it belongs to."""
-    with Image.open(source) as opened:
-        mask = ImageOps.exif_transpose(opened)
-        mask.load()
-    return mask.convert("L")
+from PIL import Image
 
 
 def cover_size(width: int, height: int, target: tuple[int, int]) -> tuple[int, int]:

@@ -11,8 +11,9 @@ from PIL import Image
 from transformers import CLIPTokenizer
 
 from sdtune.data import BucketBatchSampler, CaptionDataModule, CaptionDataset
+from sdtune.data.images import open_image
 from sdtune.data.records import Record
-from sdtune.data.transforms import load_rgb, preprocess
+from sdtune.data.transforms import preprocess
 from sdtune.errors import SdtuneError
 from sdtune.models.tiny import build_tiny_stable_diffusion, write_tokenizer
 
@@ -66,7 +67,7 @@ def test_center_crop_keeps_the_middle():
 
 
 def test_random_crop_follows_the_generator(tmp_path):
-    image = load_rgb(str(gradient_image(tmp_path / "g.png", size=(64, 8))))
+    image = open_image(str(gradient_image(tmp_path / "g.png", size=(64, 8))))
     crops = [preprocess(image, 8, center_crop=False, generator=torch.Generator().manual_seed(s)) for s in range(8)]
     again = preprocess(image, 8, center_crop=False, generator=torch.Generator().manual_seed(3))
     assert torch.equal(crops[3], again)
@@ -77,7 +78,7 @@ def test_transparent_pixels_become_white(tmp_path):
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
     rgba.putpixel((0, 0), (0, 0, 255, 255))
     rgba.save(tmp_path / "rgba.png")
-    image = load_rgb(str(tmp_path / "rgba.png"))
+    image = open_image(str(tmp_path / "rgba.png"))
     assert image.mode == "RGB"
     assert image.getpixel((2, 2)) == (255, 255, 255) and image.getpixel((0, 0)) == (0, 0, 255)
 
@@ -85,7 +86,7 @@ def test_transparent_pixels_become_white(tmp_path):
     palette.putpalette([0, 0, 0, 0, 255, 0])
     palette.putpixel((0, 0), 1)
     palette.save(tmp_path / "p.png", transparency=0)
-    image = load_rgb(str(tmp_path / "p.png"))
+    image = open_image(str(tmp_path / "p.png"))
     assert image.getpixel((3, 3)) == (255, 255, 255) and image.getpixel((0, 0)) == (0, 255, 0)
 
 
@@ -96,7 +97,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
 
-    image = load_rgb(str(tmp_path / "phone.jpg"))
+    image = open_image(str(tmp_path / "phone.jpg"))
 
     assert image.size == (16, 32)
     top, bottom = image.getpixel((8, 4)), image.getpixel((8, 28))

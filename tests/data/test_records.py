@@ -10,8 +10,8 @@ import datasets
 import pytest
 from PIL import Image
 
+from sdtune.data.images import open_image
 from sdtune.data.records import discover_records
-from sdtune.data.transforms import load_rgb
 from sdtune.errors import SdtuneError
 
 
@@ -80,8 +80,8 @@ def test_save_to_disk_rows_read_their_own_images(tmp_path, as_dict, column):
     records = discover_records(tmp_path / "saved")
 
     assert [r.caption for r in records] == ["a red thing", "a blue thing"]
-    assert load_rgb(records[0].open()).getpixel((0, 0)) == (255, 0, 0)
-    assert load_rgb(records[1].open()).getpixel((0, 0)) == (0, 0, 255)
+    assert open_image(records[0].open()).getpixel((0, 0)) == (255, 0, 0)
+    assert open_image(records[1].open()).getpixel((0, 0)) == (0, 0, 255)
 
 
 def test_missing_root_names_the_setting(tmp_path):

@@ -49,7 +49,7 @@ def test_counts_sizes_and_buckets_of_a_good_dataset(tmp_path):
 
     assert report["ok"] and report["errors"] == []
     assert report["counts"] == {
-        "rows": 8, "images": 8, "missing": 0, "unreadable": 0, "captioned": 8, "empty_captions": 0,
+        "rows": 8, "images": 8, "missing": 0, "unreadable": 0, "outside": 0, "captioned": 8, "empty_captions": 0,
         "duplicate_captions": 0, "long_captions": 0,
     }
     assert report["sizes"]["bins"] == {"<256": 4, "256-511": 4, "512-767": 0, "768-1023": 0, ">=1024": 0}

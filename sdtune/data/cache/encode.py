@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from sdtune.data.buckets import Bucket, format_bucket
 from sdtune.data.cache.index import CacheIndex, write_atomic
-from sdtune.data.transforms import IMAGE_ERRORS, Geometry, load_image, to_tensor
+from sdtune.data.images import IMAGE_ERRORS, open_image
+from sdtune.data.transforms import Geometry, to_tensor
 from sdtune.errors import SdtuneError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -40,7 +41,7 @@ def cover_geometry(size: tuple[int, int], bucket: Bucket, flip: bool = False) ->
 
 def cache_pixels(path: str | Path | IO[bytes], bucket: Bucket, flip: bool = False) -> torch.Tensor:
     """The 3×H×W pixels in [-1, 1] that a cache entry encodes (alpha becomes white, as in training)."""
-    image, _ = load_image(path if hasattr(path, "read") else str(path))
+    image = open_image(path)
     return to_tensor(cover_geometry(image.size, bucket, flip).apply(image))
 
 
