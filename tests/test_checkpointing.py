@@ -158,6 +158,33 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit_cleanly(name, tiny_model_
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
 
 
+@pytest.mark.parametrize(
+    "first, stop",
+    [(4, "max_steps"), (6, "max_steps"), (4, "SIGINT")],
+    ids=["ended-at-an-epoch-end", "ended-mid-epoch", "ctrl-c-on-an-epochs-last-batch"],
+)
+def test_a_run_saved_only_when_it_stopped_continues_bit_identical(first, stop, tiny_model_dir, shapes_dir, tmp_path, whole):
+    """No step checkpoint before the stop (every 30 steps), so last.ckpt is the one written when the epoch loop or
+    the run had ended: extending the run (a raised max_steps) or resuming after Ctrl+C on an epoch's last batch
+    trains steps 5-7 on the batches and noise of an unbroken run, in the same epochs."""
+    run, rare = tmp_path / "run", ("--checkpoint.every_n_train_steps", 30)
+    if stop == "max_steps":
+        fit(tiny_model_dir, shapes_dir, run, "--trainer.max_steps", first, *rare)
+    else:
+        stopped = fit(tiny_model_dir, shapes_dir, run, *rare, "--trainer.callbacks.signal_after", first,
+                      "--trainer.callbacks.signal_name", stop, check=False)  # fmt: skip
+        assert stopped.returncode == 128 + signal.SIGINT, stopped.stderr[-2000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == first
+    fit(tiny_model_dir, shapes_dir, run, "--ckpt_path", "last", *rare)
+    expected, again = steps(whole), steps(run)
+    assert [again[s]["paths"] for s in sorted(again)] == [expected[s]["paths"] for s in sorted(expected)]
+    assert [again[s]["loss"] for s in sorted(again)] == [expected[s]["loss"] for s in sorted(expected)]
+    adapters = [load_file(r / "adapter" / "pytorch_lora_weights.safetensors") for r in (whole, run)]
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+    saved = [torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)]
+    assert saved[0]["global_step"] == 7  # the end of the extended run is saved too
+
+
 def test_resume_skips_a_damaged_last_checkpoint(tiny_model_dir, shapes_dir, tmp_path):
     run = tmp_path / "run"
     fit(tiny_model_dir, shapes_dir, run, "--trainer.max_steps", 4)

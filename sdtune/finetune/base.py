@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from sdtune.data.dataset import derive_seed
 from sdtune.errors import SdtuneError
+from sdtune.finetune.checkpointing import resume_after_last_batch
 from sdtune.finetune.rng_state import gather_states, restore_states
 from sdtune.models import ModelParts, load_model
 
@@ -295,6 +296,7 @@ class ModelFineTune(L.LightningModule):
         for name, tensor in own.items():
             if saved[name].shape != tensor.shape:
                 raise SdtuneError(f"checkpoint tensor {name} has shape {tuple(saved[name].shape)}, this model {tuple(tensor.shape)}: {self.mismatch_hint}")
+        resume_after_last_batch(checkpoint)
         step, epoch = checkpoint.get("global_step"), checkpoint.get("epoch")
         rank_zero_info(f"resuming after optimizer step {step} (epoch {epoch})")
         extra = checkpoint.get("sdtune", {})

@@ -103,3 +103,30 @@ def pick_resume_checkpoint(folder: str | Path) -> Path | None:
     raise SdtuneError(
         f"no usable checkpoint in {folder}: " + "; ".join(skipped) + "; start without --ckpt_path or restore a backup"
     )
+
+
+def resume_after_last_batch(checkpoint: dict[str, Any]) -> bool:
+    """Make a checkpoint written after an epoch's loop finished (at train end, on the epoch-end save, or when a stop
+    signal arrived there) resume like one written right after its last batch. Returns whether it changed anything.
+
+    Lightning resumes step-based training exactly from a checkpoint saved at a batch's end (mid-epoch, or the
+    epoch's last batch). Saved after the epoch's loop has ended instead, its loop counters already count the epoch
+    as processed and the last batch as completed; a resume then runs an empty epoch and trains the next one with
+    the epoch after's data order and noise (the run drifts from an unbroken one, and the checkpoint counts two
+    epochs too many). The counters are set back to the batch-end shape: the epoch started but not processed, the
+    last batch processed but not completed, which Lightning completes on restart."""
+    fit = checkpoint.get("loops", {}).get("fit_loop")
+    if not fit:
+        return False
+    epochs, batches = fit["epoch_progress"], fit["epoch_loop.batch_progress"]
+    epoch_ended = epochs["total"]["processed"] == epochs["total"]["started"] > 0
+    batch_done = batches["total"]["completed"] == batches["total"]["processed"] == batches["total"]["started"] > 0
+    if not (epoch_ended and batch_done):
+        return False
+    for counts in (epochs["total"], epochs["current"]):
+        counts["processed"] -= 1
+        counts["completed"] = min(counts["completed"], counts["processed"])
+    for counts in (batches["total"], batches["current"]):
+        counts["completed"] -= 1
+    fit["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+    return True
