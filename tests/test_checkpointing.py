@@ -160,8 +160,8 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit_cleanly(name, tiny_model_
 
 @pytest.mark.parametrize(
     "first, stop",
-    [(4, "max_steps"), (6, "max_steps"), (4, "SIGINT")],
-    ids=["ended-at-an-epoch-end", "ended-mid-epoch", "ctrl-c-on-an-epochs-last-batch"],
+    [(4, "max_steps"), (4, "SIGINT")],
+    ids=["ended-at-an-epoch-end", "ctrl-c-on-an-epochs-last-batch"],
 )
 def test_a_run_saved_only_when_it_stopped_continues_bit_identical(first, stop, tiny_model_dir, shapes_dir, tmp_path, whole):
     """No step checkpoint before the stop (every 30 steps), so last.ckpt is the one written when the epoch loop or
