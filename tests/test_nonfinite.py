@@ -12,7 +12,6 @@ from training import fit, make_data, trainable
 from sdtune.callbacks import NonFiniteGuard
 from sdtune.callbacks.nonfinite import gradients_finite
 from sdtune.errors import SdtuneError
-from sdtune.finetune.checkpointing import checkpoint_problem
 
 
 def test_gradients_finite():
@@ -59,14 +58,47 @@ def test_nan_steps_in_a_row_stop_the_run(tiny_model_dir, shapes_dir, tmp_path):
     assert len(after) == 4 and all(torch.equal(after[3][n], after[1][n]) for n in after[1])
 
 
-def test_a_diverged_run_stops_through_the_cli_with_its_checkpoint_intact(tiny_model_dir, shapes_dir, tmp_path):
-    run = tmp_path / "run"
-    result = fit_cli(tiny_model_dir, shapes_dir, run, "--trainer.callbacks.nan_at", 4, "--nonfinite.max_in_a_row", 2, check=False)
+def one_error(result) -> str:
     assert result.returncode == 2, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("sdtune: error")]
-    assert len(errors) == 1 and "2 optimizer steps in a row had NaN or infinite gradients (the last, step 5" in errors[0]
     assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("sdtune: error")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("hook", ["nan_at", "explode_at"])
+def test_broken_weights_stop_the_run_before_anything_saves_them(hook, tiny_model_dir, shapes_dir, tmp_path):
+    """A NaN weight (its step's gradients are NaN too, so the step is skipped, but the weight stays NaN) or a finite
+    weight of 1e6 at step 4 stops the run at that step's end: checkpoints are written every 3 steps, so last.ckpt
+    keeps step 3, finite, the error names it, and no adapter is written."""
+    run = tmp_path / "run"
+    error = one_error(fit_cli(tiny_model_dir, shapes_dir, run, f"--trainer.callbacks.{hook}", 4, check=False))
+    found = "NaN or infinite" if hook == "nan_at" else "as large as 1e+06"
+    assert f"after step 4 trained weights are {found}" in error
     last = run / "checkpoints" / "last.ckpt"
-    assert checkpoint_problem(last) is None
-    saved = torch.load(last, weights_only=False)
+    assert f"stopped without saving them, the newest checkpoint is {last} (step 3)" in error
+    saved = torch.load(last, weights_only=True)
     assert saved["global_step"] == 3 and all(torch.isfinite(t).all() for t in saved["state_dict"].values())
+    assert not (run / "adapter").exists()
+
+
+def test_a_huge_learning_rate_stops_at_its_first_exploded_step(tiny_model_dir, shapes_dir, tmp_path):
+    """lr 1e10: gradients stay finite, but the first step with a non-zero learning rate (warm-up starts at 0) moves
+    the weights by about 1e9: the run stops there, nothing is saved."""
+    run = tmp_path / "run"
+    result = fit_cli(tiny_model_dir, shapes_dir, run, "--model.optimizer.init_args.lr", "1e10", check=False)
+    error = one_error(result)
+    assert "after step 2 trained weights are as large as" in error and "no checkpoint was written yet" in error
+    assert float(error.split("as large as ")[1].split()[0]) > 1e4
+    assert not list(run.glob("checkpoints/*.ckpt")) and not (run / "adapter").exists()
+
+
+def test_no_checkpoint_or_adapter_is_written_with_nan_weights(tmp_path):
+    from sdtune.finetune.checkpointing import AtomicCheckpointIO
+
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
+    before = path.read_bytes()
+    with pytest.raises(SdtuneError, match=r"not writing .*last.ckpt: 1 weight tensors hold NaN or infinity \(b\)"):
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2), "b": torch.tensor([float("inf")])}}, path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

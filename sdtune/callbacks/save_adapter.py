@@ -9,6 +9,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from sdtune.errors import SdtuneError
+from sdtune.finetune.checkpointing import nonfinite_weights
 
 
 class SaveAdapter(L.Callback):
@@ -35,6 +36,10 @@ class SaveAdapter(L.Callback):
     def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path) -> None:
         if not self.enabled or not trainer.is_global_zero or not hasattr(pl_module, "save_weights"):
             return
+        trained = {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
+        bad = nonfinite_weights(trained)
+        if bad:
+            raise SdtuneError(f"not saving {folder}: trained weights hold NaN or infinity ({', '.join(bad[:3])})")
         path = pl_module.save_weights(folder)
         rank_zero_info(f"saved {path} (step {trainer.global_step})")
 

@@ -44,6 +44,14 @@ def checkpoint_problem(path: str | Path) -> str | None:
     return None
 
 
+def nonfinite_weights(state_dict: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in `state_dict` holding a NaN or an infinity."""
+    return [
+        name for name, value in state_dict.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]  # fmt: skip
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         descriptor = os.open(folder, os.O_RDONLY)
@@ -58,12 +66,19 @@ def _fsync_dir(folder: Path) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to `.<name>.partial`, fsync, verify, rename over `<name>`: never a half-written checkpoint."""
+    """torch.save to `.<name>.partial`, fsync, verify, rename over `<name>`: never a half-written checkpoint, and
+    never one whose weights hold NaN or infinity."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
         path = Path(path)
+        bad = nonfinite_weights(checkpoint.get("state_dict", {}))
+        if bad:
+            raise SdtuneError(
+                f"not writing {path}: {len(bad)} weight tensors hold NaN or infinity ({', '.join(bad[:3])}); "
+                "the checkpoints already in its folder are unchanged"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial")
         try:
