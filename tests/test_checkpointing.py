@@ -244,3 +244,16 @@ def test_older_checkpoints_are_pruned_only_after_the_new_one_passed(tiny_model_d
     # step 2's top-k file failed: step 1's files are still there and complete, and nothing half-written is left
     assert sorted(p.name for p in folder.iterdir()) == ["epoch=0-step=1.ckpt", "last.ckpt"]
     assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 1
+
+
+def test_a_stop_signal_checkpoints_first_and_samples_nothing(tiny_model_dir, shapes_dir, tmp_path):
+    """SIGTERM after step 3, the step where a checkpoint is due and samples are due (every 3 steps and at every
+    checkpoint): the checkpoint is written, no grid is rendered, the run exits with 128 + SIGTERM."""
+    run = tmp_path / "run"
+    stopped = fit(tiny_model_dir, shapes_dir, run, "--samples.enabled", "true", "--samples.before_training", "false",
+                  "--samples.every_n_train_steps", 3, "--samples.steps", 2, "--trainer.callbacks.signal_after", 3,
+                  check=False)  # fmt: skip
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    assert "samples: none at step 3, the run is stopping on a signal" in stopped.stderr
+    assert not (run / "samples").exists()
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3

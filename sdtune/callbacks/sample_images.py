@@ -132,6 +132,11 @@ class SampleImages(L.Callback):
         step = trainer.global_step
         if not self.enabled or step in self.sampled_steps:
             return
+        # A stop signal (SIGTERM, Ctrl+C) leaves a grace period that a grid of samples can outlast: the checkpoint
+        # comes first and nothing is sampled. Every rank takes the same decision.
+        if trainer.strategy.reduce_boolean_decision(bool(trainer.received_sigterm), all=False):
+            rank_zero_info(f"samples: none at step {step}, the run is stopping on a signal")
+            return
         self.sampled_steps.append(step)
         if trainer.is_global_zero:
             self.sample(trainer, pl_module)
