@@ -1,5 +1,5 @@
-"""The run lock: a second holder refuses in one line and leaves the lock as it was; a lock its holder left behind when
-it died is taken over; the lock is gone after its holder ends."""
+"""One process at a time per run directory: a second `fit` or `validate` refuses in one line and writes nothing; a
+lock its holder left behind when it died is taken over; the lock is gone however the run ends."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import json
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from sdtune.errors import SdtuneError
 from sdtune.runlock import LOCK_NAME, RunLock, _start_ticks, is_launching_process
+
+TESTS = Path(__file__).parent
 
 
 @pytest.fixture
@@ -107,3 +110,50 @@ def test_ranks_started_by_a_launcher_do_not_take_the_lock(variable, monkeypatch)
     assert is_launching_process()
     monkeypatch.setenv(variable, "1")
     assert not is_launching_process()
+
+
+# --- through the CLI ------------------------------------------------------------------------------------------
+
+
+def sdtune(*args, extra_path: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([extra_path, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "sdtune.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600)  # fmt: skip
+
+
+def fit_args(tiny_model_dir, shapes_dir, run: Path, command: str = "fit") -> list:
+    return [command, "--config", "tiny/lora", "--model.pretrained", tiny_model_dir, "--data.root", shapes_dir,
+            "--data.resolution", 32, "--data.batch_size", 2, "--trainer.max_steps", 2, "--samples.enabled", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", run]  # fmt: skip
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("sdtune: error:")]
+
+
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_a_second_process_on_a_run_directory_refuses_and_writes_nothing(command, tiny_model_dir, shapes_dir, tmp_path,
+                                                                        live_pid):
+    run = tmp_path / "run"
+    text = write_lock(run, live_pid)
+    result = sdtune(*fit_args(tiny_model_dir, shapes_dir, run, command))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = error_lines(result.stderr)
+    assert f"trainer.default_root_dir '{run}' is in use by another sdtune process (pid {live_pid} on host" in line
+    assert os.listdir(run) == [LOCK_NAME] and (run / LOCK_NAME).read_text() == text
+
+
+def test_a_stale_lock_is_taken_over_and_every_way_out_releases_it(tiny_model_dir, shapes_dir, tmp_path, dead_pid):
+    run = tmp_path / "run"
+    write_lock(run, dead_pid)
+    done = sdtune(*fit_args(tiny_model_dir, shapes_dir, run))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"warning: {run / LOCK_NAME} was left by pid {dead_pid}" in done.stderr
+    assert (run / "adapter").is_dir() and not (run / LOCK_NAME).exists()
+
+    # SIGTERM after the first step: saved, stopped with 128 + 15, and the lock released on the way out
+    stopped = sdtune(*fit_args(tiny_model_dir, shapes_dir, tmp_path / "stopped"), "--trainer.callbacks+",
+                     "step_hooks.StepHooks", "--trainer.callbacks.signal_after", 1, extra_path=str(TESTS))  # fmt: skip
+    assert stopped.returncode == 128 + 15, stopped.stderr[-3000:]
+    assert "SIGTERM: stopped after optimizer step 1 and saved" in stopped.stderr
+    assert not (tmp_path / "stopped" / LOCK_NAME).exists()
