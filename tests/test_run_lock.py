@@ -1,10 +1,12 @@
-"""One process at a time per run directory: a second `fit` or `validate` refuses in one line and writes nothing; a
-lock its holder left behind when it died is taken over; the lock is gone however the run ends."""
+"""One process at a time per run directory and cache folder: a second `fit`, `validate` or `prep cache` refuses in
+one line and writes nothing; a lock its holder left behind when it died is taken over; the lock is gone however the
+run ends."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from sdtune.cli import main
 from sdtune.errors import SdtuneError
 from sdtune.runlock import LOCK_NAME, RunLock, _start_ticks, is_launching_process
 
@@ -157,3 +160,16 @@ def test_a_stale_lock_is_taken_over_and_every_way_out_releases_it(tiny_model_dir
     assert stopped.returncode == 128 + 15, stopped.stderr[-3000:]
     assert "SIGTERM: stopped after optimizer step 1 and saved" in stopped.stderr
     assert not (tmp_path / "stopped" / LOCK_NAME).exists()
+
+
+def test_prep_cache_refuses_while_another_writes_the_cache_and_releases_its_own(tiny_model_dir, shapes_dir, tmp_path,
+                                                                              live_pid, capsys):
+    dst = Path(shutil.copytree(shapes_dir, tmp_path / "shapes"))
+    text = write_lock(dst / "cache", live_pid)
+    code = main(["prep", "cache", str(dst), "--model", str(tiny_model_dir), "--resolution", "32"])
+    [line] = error_lines(capsys.readouterr().err)
+    assert code == 2 and f"'{dst / 'cache'}' is in use by another sdtune process (pid {live_pid}" in line
+    assert os.listdir(dst / "cache") == [LOCK_NAME] and (dst / "cache" / LOCK_NAME).read_text() == text
+    (dst / "cache" / LOCK_NAME).unlink()  # that process ended and released it
+    assert main(["prep", "cache", str(dst), "--model", str(tiny_model_dir), "--resolution", "32"]) == 0
+    assert not (dst / "cache" / LOCK_NAME).exists()
