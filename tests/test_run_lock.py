@@ -16,7 +16,7 @@ import pytest
 
 from sdtune.cli import main
 from sdtune.errors import SdtuneError
-from sdtune.runlock import LOCK_NAME, RunLock, _start_ticks, is_launching_process
+from sdtune.runlock import LOCK_NAME, RunLock, is_launching_process
 
 TESTS = Path(__file__).parent
 
@@ -40,7 +40,7 @@ def dead_pid() -> int:
 def write_lock(folder: Path, pid: int, hostname: str | None = None) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     holder = {"pid": pid, "hostname": hostname or socket.gethostname(), "command": "sdtune fit ...",
-              "started": "2025-01-02T03:04:05+00:00", "process_start": _start_ticks(pid)}  # fmt: skip
+              "started": "2025-01-02T03:04:05+00:00"}  # fmt: skip
     text = json.dumps(holder)
     (folder / LOCK_NAME).write_text(text)
     return text
@@ -82,8 +82,7 @@ def test_a_dead_holders_lock_is_taken_over_with_a_warning(tmp_path, dead_pid, ca
 
 
 def test_a_reused_pid_does_not_hold_the_lock(tmp_path, live_pid):
-    write_lock(tmp_path, live_pid)
-    holder = json.loads((tmp_path / LOCK_NAME).read_text())
+    holder = json.loads(write_lock(tmp_path, live_pid))
     (tmp_path / LOCK_NAME).write_text(json.dumps({**holder, "process_start": "1"}))  # an earlier process, same pid
     with RunLock(tmp_path):
         pass
