@@ -10,7 +10,8 @@ The files are laid out as `sdtune.data.cache.index` describes, one folder per VA
 entry is named by a key over everything its tensors depend on (`sdtune.data.cache.keys`), so a changed input gives a
 new key, never a stale entry. Entries are written to a temporary file and renamed, so an interrupted run leaves only
 complete entries and a rerun computes only the rest. Old entries are never deleted (switching settings back reuses
-them); delete DST/cache to reclaim the space.
+them); delete DST/cache to reclaim the space. One `prep cache` at a time writes a DST/cache (`sdtune.runlock`): a
+second one on it refuses.
 
 Training with a cache cannot apply per-step image or caption randomness: random crops, tag shuffling or dropout,
 and random flips unless the cache was built with `--flip` (the manifest's settings say "flip": false otherwise).
@@ -35,6 +36,7 @@ from sdtune.data.cache.keys import FORMAT, digest, file_hash, latent_key, model_
 from sdtune.errors import SdtuneError
 from sdtune.models.families import vae_scale_factor
 from sdtune.models.pretrained import model_family
+from sdtune.runlock import RunLock
 
 CROPS = ("center",)  # a random crop differs every step; it cannot be cached
 
@@ -129,12 +131,17 @@ def build_cache(
     """Compute the missing entries for every image and caption of DST, then rewrite index.jsonl and manifest.json.
 
     Returns the index with `counts` of computed and reused entries. Raises SdtuneError for a missing DST, an
-    unusable model or settings, and unreadable images.
+    unusable model or settings, unreadable images, and a DST/cache another process is writing.
     """
     settings.check()
     dst = Path(dst).expanduser()
     if not dst.is_dir():
         raise SdtuneError(f"prep cache: DST '{dst}' {'is not a folder' if dst.exists() else 'does not exist'}")
+    with RunLock(dst / "cache"):  # a second run would delete this one's temporary files as leftovers
+        return _build(dst, pretrained, revision, settings)
+
+
+def _build(dst: Path, pretrained: str, revision: str | None, settings: CacheSettings) -> CacheIndex:
     encoders = Encoders(pretrained, revision, settings.dtype, settings.device)
     identity = model_identity(pretrained, revision)
     if identity.get("vae") is None:  # a Hub model not downloaded yet: load it (downloads if allowed), then look again

@@ -6,7 +6,8 @@ unless the config's `samples:` block or `--samples.enabled true` turns it on), a
 `perf/*` speed and memory logs), an EMA of the trained weights (`--ema.*`, off unless `--ema.enabled true`), a NonFiniteGuard (`--nonfinite.*`: steps with NaN/inf gradients skipped, the run
 stopped after N in a row), a GracefulStop (`--graceful_stop.*`: SIGTERM or Ctrl+C saves last.ckpt after the current
 batch and exits with 128 + the signal's number), TensorBoard logs in `<run dir>/logs`, the
-resolved config in `<run dir>/config.yaml` (rewritten on resume), and the model's `pretrained` linked to the data
+resolved config in `<run dir>/config.yaml` (rewritten on resume), a lock so that one process at a time writes the
+run directory (`sdtune.runlock`), and the model's `pretrained` linked to the data
 module (with `revision` and `pretrained_config`) so both use the same tokenizer. Checkpoints are written atomically
 and verified (`sdtune.finetune.checkpointing`); `--ckpt_path last` resumes from the newest complete one.
 """
@@ -19,6 +20,7 @@ import re
 import signal
 import sys
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from sdtune.commands.preflight import fit_problems, outputs_problems
 from sdtune.commands.recipes import find_recipe
 from sdtune.errors import SdtuneError, SdtuneErrors
 from sdtune.finetune.checkpointing import AtomicCheckpointIO, pick_resume_checkpoint
+from sdtune.runlock import RunLock, is_launching_process
 
 UNION_REPORT = (
     "Does not validate against any of the Union subtypes",
@@ -72,6 +75,10 @@ class SdtuneParser(LightningArgumentParser):
 
 
 class SdtuneCLI(LightningCLI):
+    def __init__(self, *args: Any, locks: ExitStack | None = None, **kwargs: Any) -> None:
+        self.locks = locks  # holds the run directory's lock until the command ends
+        super().__init__(*args, **kwargs)
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}, "validate": {"model", "dataloaders", "datamodule"}}
@@ -99,12 +106,16 @@ class SdtuneCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """`fit` checks paths, settings, the model's configs, the data and free disk before any weights load (`validate`
-        that its run directory stays apart from its inputs); the checkpoint settings that follow from others are set
+        that its run directory stays apart from its inputs); then the run directory is locked, so a second process on
+        it refuses before loading anything; the checkpoint settings that follow from others are set
         before the callback is built."""
         config = self.config[self.subcommand]
         problems = fit_problems(config) if self.subcommand == "fit" else outputs_problems(config)
         if problems:
             raise SdtuneErrors(problems)
+        if self.locks is not None and is_launching_process():  # DDP ranks re-run this command: the launcher holds it
+            root = Path(str(config.get("trainer.default_root_dir") or os.getcwd()))
+            self.locks.enter_context(RunLock(root, "trainer.default_root_dir"))
         if config.get("checkpoint.monitor") is not None and config.get("checkpoint.every_n_train_steps"):
             # A step-triggered save runs before that step's validation and would be scored with the previous
             # val/loss; saving when validation ends scores every checkpoint by its own.
@@ -182,7 +193,7 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
-def run_cli(args: list[str], epilog: str) -> SdtuneCLI:
+def run_cli(args: list[str], epilog: str, locks: ExitStack | None = None) -> SdtuneCLI:
     # The settings dataclasses document each field with a docstring under it; show those in --help.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     for pattern in QUIET:
@@ -199,6 +210,7 @@ def run_cli(args: list[str], epilog: str) -> SdtuneCLI:
         auto_configure_optimizers=False,
         parser_kwargs={subcommand: {"epilog": epilog, "formatter_class": argparse.RawDescriptionHelpFormatter}},
         args=args,
+        locks=locks,
     )
 
 
@@ -240,10 +252,11 @@ def run(subcommand: str, args: list[str]) -> int:
     from sdtune.callbacks.graceful_stop import received
 
     epilog = FIT_EPILOG if subcommand == "fit" else VALIDATE_EPILOG
-    try:
-        run_cli([subcommand, *resolve_configs(args)], epilog)
-    except SIGTERMException:  # stopped by SIGTERM or Ctrl+C after a checkpoint was saved (GracefulStop)
-        return 128 + int(received["signal"] or signal.SIGTERM)
+    with ExitStack() as locks:  # the run directory's lock, released however the command ends
+        try:
+            run_cli([subcommand, *resolve_configs(args)], epilog, locks)
+        except SIGTERMException:  # stopped by SIGTERM or Ctrl+C after a checkpoint was saved (GracefulStop)
+            return 128 + int(received["signal"] or signal.SIGTERM)
     return 0
 
 
