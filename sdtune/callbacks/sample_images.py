@@ -94,7 +94,7 @@ class SampleImages(L.Callback):
         self.before_training = before_training
         self.enabled = enabled
         self.dirname = dirname
-        self.sampled_steps: list[int] = []  # steps sampled in this process, in order (every rank keeps the same list)
+        self.sampled_steps: list[int] = []  # steps sampled (or skipped on a stop signal) in this process, in order; same on every rank
         self.seconds: list[float] = []  # wall time of each sampling on global rank 0
 
     # --- hooks -----------------------------------------------------------------------------------------------
@@ -134,10 +134,11 @@ class SampleImages(L.Callback):
             return
         # A stop signal (SIGTERM, Ctrl+C) leaves a grace period that a grid of samples can outlast: the checkpoint
         # comes first and nothing is sampled. Every rank takes the same decision.
-        if trainer.strategy.reduce_boolean_decision(bool(trainer.received_sigterm), all=False):
+        stopping = trainer.strategy.reduce_boolean_decision(bool(trainer.received_sigterm), all=False)
+        self.sampled_steps.append(step)
+        if stopping:
             rank_zero_info(f"samples: none at step {step}, the run is stopping on a signal")
             return
-        self.sampled_steps.append(step)
         if trainer.is_global_zero:
             self.sample(trainer, pl_module)
         # Every rank reaches this (the decision above depends only on the step), so none waits forever.
