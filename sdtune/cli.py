@@ -8,7 +8,7 @@ import os
 import sys
 
 from sdtune.commands import COMMANDS, run
-from sdtune.errors import SdtuneError, SdtuneErrors
+from sdtune.errors import SdtuneError, SdtuneErrors, write_refused
 
 USAGE = """usage: sdtune <command> [options]
 
@@ -88,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SdtuneError as err:
         print(f"sdtune: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        refused = write_refused(err)
+        if refused is None:
+            raise
+        again = "the same command with --ckpt_path last to continue" if command == "fit" else "the command again"
+        print(f"sdtune: error: could not write {refused}; free space or fix permissions, then run {again}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sdtune: interrupted", file=sys.stderr)

@@ -1,5 +1,10 @@
 """The one exception type users see: a single line that says what is wrong and which setting to change."""
 
+import errno
+
+# A full disk, a quota, a read-only filesystem, a file-size limit or missing permissions: the machine refused a write.
+WRITE_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
+
 
 class SdtuneError(Exception):
     """A problem with the user's input (paths, configs, models). The CLI prints it as one line, no traceback."""
@@ -17,3 +22,11 @@ def first_line(err: BaseException) -> str:
     """An exception's message for a one-line error: its first line, or its type when it has none."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def write_refused(err: BaseException) -> str | None:
+    """'<path>: <reason>' when `err` is the machine refusing a write (see WRITE_REFUSED), else None."""
+    if not isinstance(err, OSError) or err.errno not in WRITE_REFUSED:
+        return None
+    reason = err.strerror or first_line(err)
+    return f"{err.filename}: {reason}" if err.filename else reason

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -92,7 +93,7 @@ def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
 # --- through the CLI ------------------------------------------------------------------------------------------
 
 
-def fit(tiny_model_dir, shapes_dir, run: Path, *extra, check: bool = True) -> subprocess.CompletedProcess:
+def fit(tiny_model_dir, shapes_dir, run: Path, *extra, check: bool = True, max_file_bytes: int = 0) -> subprocess.CompletedProcess:
     """7 steps of 2 images (4 batches an epoch), random crops and flips, a checkpoint every 3 steps (mid-epoch: after
     3 of epoch 0's 4 batches); every step's loss and batch recorded in run/steps.jsonl."""
     args = ["fit", "--config", "tiny/lora", "--model.pretrained", tiny_model_dir, "--data.root", shapes_dir,
@@ -101,8 +102,10 @@ def fit(tiny_model_dir, shapes_dir, run: Path, *extra, check: bool = True) -> su
             "--trainer.enable_progress_bar", "false", "--trainer.callbacks+", "step_hooks.StepHooks",
             "--trainer.callbacks.record", run / "steps.jsonl", *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    # A file-size limit makes larger writes fail as a full disk would (EFBIG; Python ignores SIGXFSZ).
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))) if max_file_bytes else None
     result = subprocess.run([sys.executable, "-m", "sdtune.cli", *map(str, args)], capture_output=True, text=True,
-                            env=env, timeout=600)  # fmt: skip
+                            env=env, timeout=600, preexec_fn=limit)  # fmt: skip
     if check and result.returncode != 0:
         raise AssertionError(f"fit exited {result.returncode}:\n{result.stderr[-3000:]}")
     return result
@@ -254,6 +257,24 @@ def test_a_stop_signal_checkpoints_first_and_samples_nothing(tiny_model_dir, sha
                   "--samples.every_n_train_steps", 3, "--samples.steps", 2, "--trainer.callbacks.signal_after", 3,
                   check=False)  # fmt: skip
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
-    assert "samples: none at step 3, the run is stopping on a signal" in stopped.stderr
+    assert stopped.stderr.count("samples: none at step 3, the run is stopping on a signal") == 1
     assert not (run / "samples").exists()
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_a_disk_that_refuses_a_checkpoint_is_one_line_and_the_next_start_cleans_up(tiny_model_dir, shapes_dir, tmp_path):
+    """A resumed run whose next checkpoint cannot be written (a file-size limit below its size: EFBIG, as a full disk
+    gives ENOSPC) stops with one line naming the file, the newest checkpoint and how to continue; it stays intact
+    and nothing half-written is left. A `.partial` file a killed save left behind is removed when a run starts."""
+    run = tmp_path / "run"
+    fit(tiny_model_dir, shapes_dir, run, "--trainer.max_steps", 3)
+    last = run / "checkpoints" / "last.ckpt"
+    before, size = last.read_bytes(), last.stat().st_size
+    (run / "checkpoints" / ".last.ckpt.partial").write_bytes(before[: size // 2])  # as a SIGKILL mid-save leaves it
+    full = fit(tiny_model_dir, shapes_dir, run, "--ckpt_path", "last", check=False, max_file_bytes=size // 2)
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert f"removed 1 unfinished checkpoint files left by an earlier run in {run / 'checkpoints'}" in full.stderr
+    (error,) = [line for line in full.stderr.splitlines() if line.startswith("sdtune: error")]
+    assert "could not write checkpoint" in error and "File too large" in error, error
+    assert f"the newest checkpoint is {last} (step 3)" in error and "--ckpt_path last to continue" in error
+    assert last.read_bytes() == before and not list(run.glob("checkpoints/.*.partial"))

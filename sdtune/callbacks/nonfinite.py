@@ -21,7 +21,6 @@ run are normal); the guard leaves those to it and only counts steps once the sca
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -29,6 +28,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from sdtune.errors import SdtuneError
+from sdtune.finetune.checkpointing import newest_checkpoint
 
 
 def gradients_finite(grads: list[torch.Tensor]) -> bool:
@@ -47,15 +47,9 @@ def largest_magnitude(tensors: list[torch.Tensor]) -> float:
     return float(torch.stack([m.float().to(maxima[0].device) for m in maxima]).max())
 
 
-def newest_checkpoint(trainer: L.Trainer) -> str:
-    """'<path> (step N)' of the run's newest checkpoint file, for error messages; says so when there is none."""
-    callback = trainer.checkpoint_callback
-    folder = Path(callback.dirpath) if getattr(callback, "dirpath", None) else None
-    found = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns) if folder and folder.is_dir() else []
-    if not found:
-        return "no checkpoint was written yet"
-    step = getattr(callback, "_last_global_step_saved", None)
-    return f"the newest checkpoint is {found[-1]}" + (f" (step {step})" if step else "")
+def newest_checkpoint_of(trainer: L.Trainer) -> str:
+    folder = getattr(trainer.checkpoint_callback, "dirpath", None)
+    return newest_checkpoint(folder) if folder else "no checkpoint was written yet"
 
 
 class NonFiniteGuard(L.Callback):
@@ -107,7 +101,7 @@ class NonFiniteGuard(L.Callback):
         if self.in_a_row >= self.max_in_a_row:
             raise SdtuneError(
                 f"{self.in_a_row} optimizer steps in a row had NaN or infinite gradients (the last, step {step}, "
-                f"on {shown or 'a batch without file names'}); stopped, {newest_checkpoint(trainer)}: "
+                f"on {shown or 'a batch without file names'}); stopped, {newest_checkpoint_of(trainer)}: "
                 "lower the learning rate, check those images, or use bf16-mixed instead of 16-mixed"
             )
         rank_zero_warn(f"step {step}: NaN or infinite gradients, step skipped (batch: {shown or 'no file names'})")
@@ -125,7 +119,7 @@ class NonFiniteGuard(L.Callback):
         found = "NaN or infinite" if not torch.isfinite(torch.tensor(largest)) else f"as large as {largest:.3g}"
         raise SdtuneError(
             f"after step {step} trained weights are {found} (nonfinite.max_abs_weight {self.max_abs_weight}): "
-            f"stopped without saving them, {newest_checkpoint(trainer)}; lower the learning rate and continue from "
+            f"stopped without saving them, {newest_checkpoint_of(trainer)}; lower the learning rate and continue from "
             "it with --ckpt_path last, or start again"
         )
 

@@ -35,7 +35,7 @@ from sdtune.callbacks import EMA, GracefulStop, NonFiniteGuard, SampleImages, Sa
 from sdtune.commands.preflight import fit_problems, outputs_problems
 from sdtune.commands.recipes import find_recipe
 from sdtune.errors import SdtuneError, SdtuneErrors
-from sdtune.finetune.checkpointing import AtomicCheckpointIO, pick_resume_checkpoint
+from sdtune.finetune.checkpointing import AtomicCheckpointIO, pick_resume_checkpoint, remove_unfinished
 from sdtune.runlock import RunLock, is_launching_process
 
 UNION_REPORT = (
@@ -147,6 +147,10 @@ class SdtuneCLI(LightningCLI):
         checkpoint: ModelCheckpoint = config.checkpoint
         if checkpoint.dirpath is None:
             checkpoint.dirpath = os.path.realpath(root / "checkpoints")
+        if is_launching_process():  # the run's lock is held: what a killed save left is nobody's
+            left = remove_unfinished(checkpoint.dirpath)
+            if left:
+                rank_zero_info(f"removed {len(left)} unfinished checkpoint files left by an earlier run in {checkpoint.dirpath}")
         if config.trainer.logger in (None, True):
             kwargs["logger"] = TensorBoardLogger(save_dir=str(root), name="logs", version="")
         plugins = config.trainer.plugins

@@ -21,7 +21,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from sdtune.errors import SdtuneError, first_line
+from sdtune.errors import SdtuneError, first_line, write_refused
 
 
 def checkpoint_problem(path: str | Path) -> str | None:
@@ -90,10 +90,38 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if problem is not None:
                 raise SdtuneError(f"checkpoint {path} failed its check after writing: {problem}; disk full or failing?")
             os.replace(partial, path)
-        except BaseException:
+        except BaseException as err:
             partial.unlink(missing_ok=True)
-            raise
+            refused = write_refused(err)
+            if refused is None:
+                raise
+            raise SdtuneError(
+                f"could not write checkpoint {path} ({refused}); {newest_checkpoint(path.parent)}: free space or fix "
+                "permissions, then run the same command with --ckpt_path last to continue"
+            ) from err
         _fsync_dir(path.parent)
+
+
+def newest_checkpoint(folder: str | Path) -> str:
+    """'the newest checkpoint is <path> (step N)' for messages, or that there is none yet."""
+    found = sorted(Path(folder).glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns) if Path(folder).is_dir() else []
+    found = [p for p in found if checkpoint_problem(p) is None]
+    if not found:
+        return "no checkpoint was written yet"
+    try:  # memory-mapped: reads the step, not the weights
+        step = torch.load(found[-1], map_location="cpu", mmap=True, weights_only=True).get("global_step")
+    except Exception:
+        step = None
+    return f"the newest checkpoint is {found[-1]}" + (f" (step {step})" if step is not None else "")
+
+
+def remove_unfinished(folder: str | Path) -> list[Path]:
+    """Delete the `.<name>.partial` files a killed save left in `folder` (the run holds its lock); returns them."""
+    folder = Path(folder)
+    left = sorted(folder.glob(".*.partial")) if folder.is_dir() else []
+    for path in left:
+        path.unlink(missing_ok=True)
+    return left
 
 
 def pick_resume_checkpoint(folder: str | Path) -> Path | None:
