@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from sdtune.commands.options import Parser
+
 TOOLS = {
     "build": "normalise a folder of images and captions into a clean imagefolder, with a report",
     "check": "pre-flight a built dataset: counts, sizes, buckets vs batch size, captions; HTML contact sheet",
@@ -36,10 +38,10 @@ def main(argv: list[str]) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in TOOLS:
-        print(f"sdtune prep: error: unknown tool '{name}'\n\n{USAGE}", file=sys.stderr)
+        print(f"sdtune: error: unknown prep tool '{name}' (see `sdtune prep --help` for the tools)", file=sys.stderr)
         return 2
     tool = importlib.import_module(f"data_prep.{name}")
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=f"sdtune prep {name}",
         description=TOOLS[name][0].upper() + TOOLS[name][1:] + ".",
         epilog=tool.EXAMPLES,

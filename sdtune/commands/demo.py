@@ -14,13 +14,15 @@ import json
 import time
 from pathlib import Path
 
+from sdtune.commands.options import Parser
+
 NEW_COLOR = "orange"
 KNOWN_COLORS = ("red", "green", "blue", "yellow")
 IMAGES = 24  # of each kind
 
 
 def main(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="sdtune demo",
         description=__doc__,
         epilog="examples:\n  sdtune demo --out sdtune-demo\n  tensorboard --logdir sdtune-demo/run/logs\n"

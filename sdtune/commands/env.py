@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from sdtune.commands.options import Parser
 from sdtune.environment import report
 
 
 def main(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="sdtune env",
         description="Print the versions of sdtune, Python, torch (CUDA/MPS, GPUs), diffusers, transformers, peft, "
         "lightning and the other libraries, and whether each is in sdtune's declared range: paste it into bug reports.",

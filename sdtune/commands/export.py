@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+from sdtune.commands.options import Parser
 from sdtune.errors import SdtuneError
 from sdtune.paths import check_output_apart
 
@@ -35,7 +36,7 @@ match is renamed *.invalid and the command fails.
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="sdtune export",
         description="Export a trained LoRA as a diffusers, peft or kohya (A1111/ComfyUI) file, or merge it into the model.",
         epilog=EPILOG,

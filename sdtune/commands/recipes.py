@@ -8,6 +8,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdtune.commands.options import Parser
 from sdtune.errors import SdtuneError
 
 
@@ -49,7 +50,7 @@ def find_recipe(name_or_path: str) -> Path:
 
 
 def ls(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="sdtune ls",
         description="List the packaged recipes: name and what each is for.",
         epilog="example:\n  sdtune ls\n  sdtune cp sd15/lora my_lora.yaml",
@@ -64,7 +65,7 @@ def ls(args: list[str]) -> int:
 
 
 def cp(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="sdtune cp",
         description="Copy a packaged recipe to a file you can edit, then pass it to `sdtune fit --config`.",
         epilog="example:\n  sdtune cp sd15/lora my_lora.yaml\n  sdtune fit --config my_lora.yaml --data.root ./my_dataset",

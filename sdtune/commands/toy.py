@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from sdtune.commands.options import Parser
 from sdtune.errors import SdtuneError
 from sdtune.paths import check_output_apart
 
@@ -77,7 +78,7 @@ def check_out_apart(out: str | Path, flow: bool) -> None:
 
 
 def cmd_init(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="sdtune toy init",
         description="Write the toy architecture (32-px images, 8×8×4 latents) with random weights as a diffusers folder.",
         epilog="examples:\n  sdtune toy init --out toy/random\n  sdtune toy init --flow --out toy/flow-random",
@@ -101,7 +102,7 @@ def cmd_init(args: list[str]) -> int:
 
 
 def cmd_build(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="sdtune toy build",
         description="Reproduce a shipped toy base model: datasets, VAE, denoiser + text encoders, float16 copy, judge score.",
         epilog=EPILOG,
