@@ -232,7 +232,7 @@ class CaptionDataModule(L.LightningDataModule):
     def training_pairs(self, announce: bool = True, skipped: list[str] | None = None) -> list[tuple[Record, int]]:
         """(record, repeats) of every image in data.root or data.subsets, before any validation split.
 
-        What is left out (rows outside their folder; with buckets, images whose header cannot be read) goes to
+        What is left out (rows outside their folder; images whose header cannot be read) goes to
         `skipped` with the reason; without a list, each is a warning."""
         if self.subsets is not None:
             settings = [f"data.subsets[{i}].root" for i in range(len(self.subsets))]
@@ -246,11 +246,10 @@ class CaptionDataModule(L.LightningDataModule):
     def _readable(
         self, pairs: list[tuple[Record, int]], skipped: list[str] | None, where: str
     ) -> list[tuple[Record, int]]:
-        """With buckets every header is read anyway (for the image's size): an image whose header cannot be (not a
-        format sdtune reads, a decompression bomb, a broken file) is left out with its reason. Without buckets such
-        a file is found when it is loaded, and replaced by a stand-in (see `on_before_batch_transfer`)."""
-        if not self.buckets:
-            return pairs
+        """Every image's header is read (buckets need its size; without them, the run would otherwise start and
+        meet the file mid-epoch): one whose header cannot be read (not a format sdtune reads, a decompression bomb,
+        a broken file) is left out with its reason. A file that breaks after its header is found when it is loaded,
+        and replaced by a stand-in (see `on_before_batch_transfer`)."""
         kept, failed = [], {}
         for record, repeats in pairs:
             key = (record.path, record.row)

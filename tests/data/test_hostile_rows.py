@@ -5,19 +5,17 @@ trains as `prep build` stores it (mid-grey stays mid-grey), all without changing
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import struct
 import sys
 import warnings
-import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hostile_files import EPS, png_header_only, snapshot
 from PIL import EpsImagePlugin, Image, TgaImagePlugin
 
 from data_prep.build import build_dataset
@@ -27,9 +25,6 @@ from sdtune.data import CaptionDataModule
 from sdtune.data.cache.encode import cache_pixels
 from sdtune.data.transforms import to_tensor
 from sdtune.errors import SdtuneError
-
-# A minimal EPS file: what Pillow's EPS reader would hand to Ghostscript.
-EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n"
 
 _opened: list[str] | None = None  # paths opened while `opened_files` records
 
@@ -57,27 +52,6 @@ def picture(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (3
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, colour).save(path)
     return path
-
-
-def snapshot(*roots: Path) -> dict[str, str]:
-    """Content hash and mtime of every file under `roots`, symlinks not followed: proves nothing was changed."""
-    state = {}
-    for root in roots:
-        for path in sorted(root.rglob("*")):
-            stat = path.lstat()
-            content = os.readlink(path) if path.is_symlink() else path.read_bytes() if path.is_file() else b""
-            state[str(path)] = f"{hashlib.sha256(os.fsencode(content)).hexdigest()} {stat.st_mtime_ns}"
-    return state
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height: a few dozen bytes on disk, a decompression bomb if decoded."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 @pytest.fixture
@@ -249,8 +223,9 @@ def odd_files(tmp_path, monkeypatch) -> Path:
     return root
 
 
-def test_other_formats_and_bombs_are_skipped_at_setup_with_their_reason(odd_files, tiny_model_dir):
-    dm = datamodule(odd_files, tiny_model_dir, buckets=True, bucket_step=32)
+@pytest.mark.parametrize("buckets", [True, False])
+def test_other_formats_and_bombs_are_skipped_at_setup_with_their_reason(buckets, odd_files, tiny_model_dir):
+    dm = datamodule(odd_files, tiny_model_dir, buckets=buckets, bucket_step=32)
     messages = setup_warnings(dm)
     assert [Path(r.path).name for r in dm.train_records] == ["a.png", "e.png"]
     reasons = {Path(line.split("'")[1]).name: line for line in dm.skipped}
@@ -259,19 +234,6 @@ def test_other_formats_and_bombs_are_skipped_at_setup_with_their_reason(odd_file
     assert "not an image format sdtune reads" in reasons["c.png"]
     assert "too large: 1600 MP, above Pillow's decompression-bomb limit; not decoded" in reasons["d.png"]
     assert any(m.startswith("3 image(s) left out") for m in messages)
-
-
-def test_other_formats_met_while_training_are_replaced_with_their_reason(odd_files, tiny_model_dir):
-    dm = datamodule(odd_files, tiny_model_dir)  # no buckets: no header is read before training
-    setup_warnings(dm)
-    dataset = dm._train_dataset()
-    names = [Path(r.path).name for r in dm.train_records]
-    samples = {name: dataset[names.index(name)] for name in ("b.png", "c.png", "d.png")}
-    assert "not an image format sdtune reads (PostScript or EPS)" in samples["b.png"]["unreadable"]
-    assert "not an image format sdtune reads" in samples["c.png"]["unreadable"]
-    assert "too large: 1600 MP" in samples["d.png"]["unreadable"]
-    assert all(Path(sample["path"]).name == "e.png" for sample in samples.values())  # the next readable one
-    assert "unreadable" not in dataset[names.index("a.png")]
 
 
 def test_prep_build_and_check_skip_other_formats_with_their_reason(odd_files, tmp_path):
