@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"sdtune: error: unknown command '{command}'\n\n{usage()}", file=sys.stderr)
+        print(f"sdtune: error: unknown command '{command}' (see `sdtune --help` for the commands)", file=sys.stderr)
         return 2
     try:
         if command not in NO_VERSION_CHECK and "-h" not in rest and "--help" not in rest:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     except SdtuneError as err:
         print(f"sdtune: error: {one_line(err)}", file=sys.stderr)
         return 2
-    except OSError as err:
+    except Exception as err:  # the machine refusing a write; anything else is a bug worth its traceback
         refused = write_refused(err)
         if refused is None:
             raise

@@ -1,6 +1,8 @@
 """The one exception type users see: a single line that says what is wrong and which setting to change."""
 
 import errno
+import os
+import re
 
 # A full disk, a quota, a read-only filesystem, a file-size limit or missing permissions: the machine refused a write.
 WRITE_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
@@ -25,8 +27,14 @@ def first_line(err: BaseException) -> str:
 
 
 def write_refused(err: BaseException) -> str | None:
-    """'<path>: <reason>' when `err` is the machine refusing a write (see WRITE_REFUSED), else None."""
-    if not isinstance(err, OSError) or err.errno not in WRITE_REFUSED:
+    """'<path>: <reason>' when `err` is the machine refusing a write (see WRITE_REFUSED), else None. Libraries
+    with their own I/O (safetensors) report it as '... (os error N)' in another exception type."""
+    if isinstance(err, OSError):
+        if err.errno not in WRITE_REFUSED:
+            return None
+        reason = err.strerror or first_line(err)
+        return f"{err.filename}: {reason}" if err.filename else reason
+    found = re.search(r"\(os error (\d+)\)", str(err))
+    if found is None or int(found.group(1)) not in WRITE_REFUSED:
         return None
-    reason = err.strerror or first_line(err)
-    return f"{err.filename}: {reason}" if err.filename else reason
+    return os.strerror(int(found.group(1)))
