@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from sdtune.callbacks import EMA, GracefulStop, NonFiniteGuard, SampleImages, SaveAdapter, SaveRunConfig, Throughput
 from sdtune.commands.preflight import fit_problems, outputs_problems
 from sdtune.commands.recipes import find_recipe
+from sdtune.commands.resume import check_checkpoint, is_file_path
 from sdtune.errors import SdtuneError, SdtuneErrors
 from sdtune.finetune.checkpointing import AtomicCheckpointIO, pick_resume_checkpoint
 
@@ -97,6 +98,28 @@ class SdtuneCLI(LightningCLI):
         # Textual inversion: the data module tokenizes captions with the model's new tokens (and their ids).
         parser.link_arguments("model", "data.init_args.added_tokens", compute_fn=added_tokens, apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning 2.6's CLI parses the settings a `--ckpt_path` checkpoint recorded over the config here, so the
+        checkpoint (an edited one, or one of another run) overrode the command line. sdtune checks the file and
+        compares its settings instead, and the config stays as given (`sdtune.commands.resume`).
+
+        `fit --ckpt_path last` is resolved here too, before any weights load: the newest complete checkpoint of the
+        run, skipping damaged ones with a warning (Lightning's own "last" would take `last.ckpt` as it is); none
+        yet: start from scratch."""
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        config = self.config[subcommand]
+        ckpt_path, verified = config.get("ckpt_path"), False
+        if subcommand == "fit" and ckpt_path == "last":
+            found = pick_resume_checkpoint(checkpoint_folder(config))
+            config["ckpt_path"] = ckpt_path = None if found is None else str(found)
+            verified = True
+            if found is None:
+                rank_zero_info("--ckpt_path last: no checkpoint yet, starting from scratch")
+        if is_file_path(ckpt_path):
+            check_checkpoint(ckpt_path, config, resume=subcommand == "fit", verified=verified)
+
     def before_instantiate_classes(self) -> None:
         """`fit` checks paths, settings, the model's configs, the data and free disk before any weights load (`validate`
         that its run directory stays apart from its inputs); the checkpoint settings that follow from others are set
@@ -135,7 +158,7 @@ class SdtuneCLI(LightningCLI):
         root = Path(config.trainer.default_root_dir or os.getcwd())
         checkpoint: ModelCheckpoint = config.checkpoint
         if checkpoint.dirpath is None:
-            checkpoint.dirpath = os.path.realpath(root / "checkpoints")
+            checkpoint.dirpath = str(checkpoint_folder(self.config[self.subcommand]))
         if config.trainer.logger in (None, True):
             kwargs["logger"] = TensorBoardLogger(save_dir=str(root), name="logs", version="")
         plugins = config.trainer.plugins
@@ -143,16 +166,13 @@ class SdtuneCLI(LightningCLI):
             kwargs["plugins"] = [*(plugins or []), AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
-    def before_fit(self) -> None:
-        """`--ckpt_path last`: the newest checkpoint of the run that is complete, skipping damaged ones with a
-        warning (Lightning's own "last" would take `last.ckpt` as it is); none yet: start from scratch."""
-        config = self.config_init[self.subcommand]
-        checkpoint = self.trainer.checkpoint_callback
-        if config.get("ckpt_path") == "last" and isinstance(checkpoint, ModelCheckpoint):
-            found = pick_resume_checkpoint(checkpoint.dirpath)
-            config["ckpt_path"] = str(found) if found is not None else None
-            if found is None:
-                rank_zero_info("--ckpt_path last: no checkpoint yet, starting from scratch")
+
+def checkpoint_folder(config: Any) -> Path:
+    """Where the run's checkpoints go: checkpoint.dirpath, or `checkpoints/` in the run directory."""
+    dirpath = config.get("checkpoint.dirpath")
+    if dirpath:
+        return Path(str(dirpath)).expanduser()
+    return Path(os.path.realpath(Path(str(config.get("trainer.default_root_dir") or os.getcwd())) / "checkpoints"))
 
 
 def added_tokens(model: Any) -> dict[str, int]:

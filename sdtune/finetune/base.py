@@ -31,6 +31,7 @@ from sdtune.errors import SdtuneError
 from sdtune.finetune.checkpointing import resume_after_last_batch
 from sdtune.finetune.rng_state import gather_states, restore_states
 from sdtune.models import ModelParts, load_model
+from sdtune.models.families import FAMILIES
 
 SCHEDULES_NEEDING_LENGTH = ("cosine", "cosine_with_restarts", "linear", "polynomial")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -101,6 +102,9 @@ class ModelFineTune(L.LightningModule):
 
     output_dirname: ClassVar[str] = "adapter"  # where SaveAdapter writes `save_weights` output inside the run directory
     mismatch_hint: ClassVar[str] = "was it written by another kind of run?"  # ends the error when a checkpoint does not fit
+    # Settings that fix what a checkpoint's trained tensors are (their shapes, or how they act on the model): a resume
+    # with other values is refused (`sdtune.commands.resume`); every other setting is the config's on resume.
+    fixed_on_resume: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -285,9 +289,17 @@ class ModelFineTune(L.LightningModule):
         return out
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["sdtune"] = {"rng": gather_states(self._rng())}  # every rank's; see sdtune.finetune.rng_state
+        # Every rank's random states (see sdtune.finetune.rng_state), and the model family the weights belong to.
+        checkpoint["sdtune"] = {"rng": gather_states(self._rng()), "family": self.family.name}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        family = checkpoint.get("sdtune", {}).get("family", self.family.name)  # older checkpoints do not record it
+        if family != self.family.name:
+            label = next((f.label for f in FAMILIES if f.name == family), family)
+            raise SdtuneError(
+                f"model.pretrained: the checkpoint was trained on a {label} model, {self.pretrained} is {self.family.label}; "
+                "resume with the model it was trained on"
+            )
         saved = checkpoint.get("state_dict", {})
         own = self.state_dict(keep_vars=True)
         missing = [name for name in own if name not in saved]
