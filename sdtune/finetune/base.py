@@ -230,6 +230,23 @@ class ModelFineTune(L.LightningModule):
         # dropout in the UNet) needs train mode. `train` keeps the frozen encoders in eval.
         self.train()
 
+    def on_train_start(self) -> None:
+        """A resume restores the optimizer and its schedule with the learning rates the checkpoint's run had; the
+        config's win, as every other setting does, at the point of the schedule the run has reached."""
+        configured = getattr(self, "_configured_lrs", None)
+        scheduler = self.lr_schedulers()
+        if not configured or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return  # diffusers' schedules are all LambdaLR; an optimizer configured elsewhere is left as it is
+        changed = []
+        for i, (group, lr) in enumerate(zip(self.optimizers(use_pl_optimizer=False).param_groups, configured)):
+            if group.get("initial_lr", lr) == lr:
+                continue
+            changed.append(f"{group.get('name', i)} {group['initial_lr']:g} → {lr:g}")
+            group["initial_lr"] = scheduler.base_lrs[i] = lr
+            group["lr"] = scheduler._last_lr[i] = lr * scheduler.lr_lambdas[i](scheduler.last_epoch)
+        if changed:
+            rank_zero_info(f"learning rate from the config, not the checkpoint: {', '.join(changed)}")
+
     def validation_generator(self, batch: dict[str, Any], batch_idx: int) -> torch.Generator | list[torch.Generator]:
         """Fixed draws per validation sample (dataset index; per batch index for a batch without keys), whatever
         the seed, epoch or batch size, so validation curves (and adapters) compare like with like."""
@@ -260,6 +277,7 @@ class ModelFineTune(L.LightningModule):
                 "model.optimizer has no lr (e.g. Adafactor with relative_step: true), but model.lr_schedule scales one: "
                 "set relative_step: false and an lr"
             )
+        self._configured_lrs = [group["lr"] for group in optimizer.param_groups]  # see on_train_start
         total = self.trainer.estimated_stepping_batches
         if self.lr_schedule.name in SCHEDULES_NEEDING_LENGTH and not math.isfinite(total):
             raise SdtuneError(f"model.lr_schedule.name={self.lr_schedule.name} needs a run length: set trainer.max_steps")
