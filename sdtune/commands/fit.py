@@ -14,6 +14,7 @@ and verified (`sdtune.finetune.checkpointing`); `--ckpt_path last` resumes from 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -254,6 +255,33 @@ def resolve_configs(args: list[str]) -> list[str]:
     return out
 
 
+NULLS = ("null", "Null", "NULL", "~")  # what YAML reads as null
+
+
+def nested_nulls(args: list[str]) -> list[str]:
+    """`--model.objective.min_snr_gamma null` → `--model.objective '{"min_snr_gamma": null}'`. jsonargparse (4.53)
+    hands a null two or more keys below a class_path on to the class's parser as the text "None" (then "Expected a
+    float"); a mapping one key below the class_path merges with the values set before, as the flag means."""
+    out, i = [], 0
+    while i < len(args):
+        key, sep, value = args[i].partition("=")
+        taken = 1
+        if not sep and i + 1 < len(args):
+            value, taken = args[i + 1], 2
+        root, *keys = key[2:].split(".") if key.startswith(("--model.", "--data.")) else [""]
+        keys = keys[1:] if keys[:1] == ["init_args"] else keys
+        if value in NULLS and len(keys) >= 2:
+            nested: Any = None
+            for name in reversed(keys[1:]):
+                nested = {name: nested}
+            out += [f"--{root}.{keys[0]}", json.dumps(nested)]
+            i += taken
+        else:
+            out.append(args[i])
+            i += 1
+    return out
+
+
 def run(subcommand: str, args: list[str]) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -261,7 +289,7 @@ def run(subcommand: str, args: list[str]) -> int:
 
     epilog = FIT_EPILOG if subcommand == "fit" else VALIDATE_EPILOG
     try:
-        run_cli([subcommand, *resolve_configs(args)], epilog)
+        run_cli([subcommand, *nested_nulls(resolve_configs(args))], epilog)
     except SIGTERMException:  # stopped by SIGTERM or Ctrl+C after a checkpoint was saved (GracefulStop)
         return 128 + int(received["signal"] or signal.SIGTERM)
     return 0
