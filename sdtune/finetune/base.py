@@ -315,7 +315,7 @@ class ModelFineTune(L.LightningModule):
         if family != self.family.name:
             label = next((f.label for f in FAMILIES if f.name == family), family)
             raise SdtuneError(
-                f"model.pretrained: the checkpoint was trained on a {label} model, {self.pretrained} is {self.family.label}; "
+                f"model.pretrained: the checkpoint was trained for {label}, {self.pretrained} is {self.family.label}; "
                 "resume with the model it was trained on"
             )
         saved = checkpoint.get("state_dict", {})
