@@ -38,3 +38,20 @@ def write_refused(err: BaseException) -> str | None:
     if found is None or int(found.group(1)) not in WRITE_REFUSED:
         return None
     return os.strerror(int(found.group(1)))
+
+
+def refused_pickle(err: BaseException | None) -> str | None:
+    """What `torch.load(weights_only=True)` refused to unpickle (e.g. "io.open", or "unknown"), or None when neither
+    `err` nor an error it was raised from is that refusal (diffusers re-raises it as an OSError)."""
+    while err is not None:
+        text = str(err)
+        if "Weights only load failed" in text:
+            found = re.search(r"GLOBAL (\S+)", text)
+            return found[1] if found else "unknown"
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def pickled_objects(found: str) -> str:
+    """The end of a one-line error for a file `refused_pickle` explains."""
+    return f"pickled Python objects ({found}) that sdtune will not load, since unpickling them can run code"

@@ -15,6 +15,7 @@ and verified (`sdtune.finetune.checkpointing`); `--ckpt_path last` resumes from 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -34,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from sdtune.callbacks import EMA, GracefulStop, NonFiniteGuard, SampleImages, SaveAdapter, SaveRunConfig, Throughput
 from sdtune.commands.preflight import fit_problems, outputs_problems
 from sdtune.commands.recipes import find_recipe
+from sdtune.commands.resume import check_checkpoint, is_file_path
 from sdtune.errors import SdtuneError, SdtuneErrors
 from sdtune.finetune.checkpointing import AtomicCheckpointIO, pick_resume_checkpoint, remove_unfinished
 from sdtune.runlock import RunLock, is_launching_process
@@ -104,6 +106,28 @@ class SdtuneCLI(LightningCLI):
         # Textual inversion: the data module tokenizes captions with the model's new tokens (and their ids).
         parser.link_arguments("model", "data.init_args.added_tokens", compute_fn=added_tokens, apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning 2.6's CLI parses the settings a `--ckpt_path` checkpoint recorded over the config here, so the
+        checkpoint (an edited one, or one of another run) overrode the command line. sdtune checks the file and
+        compares its settings instead, and the config stays as given (`sdtune.commands.resume`).
+
+        `fit --ckpt_path last` is resolved here too, before any weights load: the newest complete checkpoint of the
+        run, skipping damaged ones with a warning (Lightning's own "last" would take `last.ckpt` as it is); none
+        yet: start from scratch."""
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        config = self.config[subcommand]
+        ckpt_path, verified = config.get("ckpt_path"), False
+        if subcommand == "fit" and ckpt_path == "last":
+            found = pick_resume_checkpoint(checkpoint_folder(config))
+            config["ckpt_path"] = ckpt_path = None if found is None else str(found)
+            verified = True
+            if found is None:
+                rank_zero_info("--ckpt_path last: no checkpoint yet, starting from scratch")
+        if is_file_path(ckpt_path):
+            check_checkpoint(ckpt_path, config, resume=subcommand == "fit", verified=verified)
+
     def before_instantiate_classes(self) -> None:
         """`fit` checks paths, settings, the model's configs, the data and free disk before any weights load (`validate`
         that its run directory stays apart from its inputs); then the run directory is locked, so a second process on
@@ -146,7 +170,7 @@ class SdtuneCLI(LightningCLI):
         root = Path(config.trainer.default_root_dir or os.getcwd())
         checkpoint: ModelCheckpoint = config.checkpoint
         if checkpoint.dirpath is None:
-            checkpoint.dirpath = os.path.realpath(root / "checkpoints")
+            checkpoint.dirpath = str(checkpoint_folder(self.config[self.subcommand]))
         if is_launching_process():  # the run's lock is held: what a killed save left is nobody's
             left = remove_unfinished(checkpoint.dirpath)
             if left:
@@ -158,16 +182,13 @@ class SdtuneCLI(LightningCLI):
             kwargs["plugins"] = [*(plugins or []), AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
-    def before_fit(self) -> None:
-        """`--ckpt_path last`: the newest checkpoint of the run that is complete, skipping damaged ones with a
-        warning (Lightning's own "last" would take `last.ckpt` as it is); none yet: start from scratch."""
-        config = self.config_init[self.subcommand]
-        checkpoint = self.trainer.checkpoint_callback
-        if config.get("ckpt_path") == "last" and isinstance(checkpoint, ModelCheckpoint):
-            found = pick_resume_checkpoint(checkpoint.dirpath)
-            config["ckpt_path"] = str(found) if found is not None else None
-            if found is None:
-                rank_zero_info("--ckpt_path last: no checkpoint yet, starting from scratch")
+
+def checkpoint_folder(config: Any) -> Path:
+    """Where the run's checkpoints go: checkpoint.dirpath, or `checkpoints/` in the run directory."""
+    dirpath = config.get("checkpoint.dirpath")
+    if dirpath:
+        return Path(str(dirpath)).expanduser()
+    return Path(os.path.realpath(Path(str(config.get("trainer.default_root_dir") or os.getcwd())) / "checkpoints"))
 
 
 def added_tokens(model: Any) -> dict[str, int]:
@@ -250,6 +271,33 @@ def resolve_configs(args: list[str]) -> list[str]:
     return out
 
 
+NULLS = ("null", "Null", "NULL", "~")  # what YAML reads as null
+
+
+def nested_nulls(args: list[str]) -> list[str]:
+    """`--model.objective.min_snr_gamma null` → `--model.objective '{"min_snr_gamma": null}'`. jsonargparse (4.53)
+    hands a null two or more keys below a class_path on to the class's parser as the text "None" (then "Expected a
+    float"); a mapping one key below the class_path merges with the values set before, as the flag means."""
+    out, i = [], 0
+    while i < len(args):
+        key, sep, value = args[i].partition("=")
+        taken = 1
+        if not sep and i + 1 < len(args):
+            value, taken = args[i + 1], 2
+        root, *keys = key[2:].split(".") if key.startswith(("--model.", "--data.")) else [""]
+        keys = keys[1:] if keys[:1] == ["init_args"] else keys
+        if value in NULLS and len(keys) >= 2:
+            nested: Any = None
+            for name in reversed(keys[1:]):
+                nested = {name: nested}
+            out += [f"--{root}.{keys[0]}", json.dumps(nested)]
+            i += taken
+        else:
+            out.append(args[i])
+            i += 1
+    return out
+
+
 def run(subcommand: str, args: list[str]) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -258,7 +306,7 @@ def run(subcommand: str, args: list[str]) -> int:
     epilog = FIT_EPILOG if subcommand == "fit" else VALIDATE_EPILOG
     with ExitStack() as locks:  # the run directory's lock, released however the command ends
         try:
-            run_cli([subcommand, *resolve_configs(args)], epilog, locks)
+            run_cli([subcommand, *nested_nulls(resolve_configs(args))], epilog, locks)
         except SIGTERMException:  # stopped by SIGTERM or Ctrl+C after a checkpoint was saved (GracefulStop)
             return 128 + int(received["signal"] or signal.SIGTERM)
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,9 +84,13 @@ class RunRecord:
 
 
 def _read_checkpoint(path: Path) -> dict:
+    from sdtune.finetune.checkpointing import unpickling_error
+
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and weights-only errors have no common base class
+    except pickle.UnpicklingError as err:
+        raise unpickling_error(str(path), err, "export a checkpoint sdtune wrote") from err
+    except Exception as err:  # zip and storage errors have no common base class
         raise SdtuneError(f"{path}: not a readable checkpoint ({first_line(err)})") from err
     if not isinstance(checkpoint, dict) or "_class_path" not in checkpoint.get("hyper_parameters", {}):
         raise SdtuneError(f"{path}: not an sdtune training checkpoint (no recorded model class)")

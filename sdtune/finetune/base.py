@@ -31,6 +31,7 @@ from sdtune.errors import SdtuneError
 from sdtune.finetune.checkpointing import resume_after_last_batch
 from sdtune.finetune.rng_state import gather_states, restore_states
 from sdtune.models import ModelParts, load_model
+from sdtune.models.families import FAMILIES
 
 SCHEDULES_NEEDING_LENGTH = ("cosine", "cosine_with_restarts", "linear", "polynomial")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -101,6 +102,9 @@ class ModelFineTune(L.LightningModule):
 
     output_dirname: ClassVar[str] = "adapter"  # where SaveAdapter writes `save_weights` output inside the run directory
     mismatch_hint: ClassVar[str] = "was it written by another kind of run?"  # ends the error when a checkpoint does not fit
+    # Settings that fix what a checkpoint's trained tensors are (their shapes, or how they act on the model): a resume
+    # with other values is refused (`sdtune.commands.resume`); every other setting is the config's on resume.
+    fixed_on_resume: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -226,6 +230,23 @@ class ModelFineTune(L.LightningModule):
         # dropout in the UNet) needs train mode. `train` keeps the frozen encoders in eval.
         self.train()
 
+    def on_train_start(self) -> None:
+        """A resume restores the optimizer and its schedule with the learning rates the checkpoint's run had; the
+        config's win, as every other setting does, at the point of the schedule the run has reached."""
+        configured = getattr(self, "_configured_lrs", None)
+        scheduler = self.lr_schedulers()
+        if not configured or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return  # diffusers' schedules are all LambdaLR; an optimizer configured elsewhere is left as it is
+        changed = []
+        for i, (group, lr) in enumerate(zip(self.optimizers(use_pl_optimizer=False).param_groups, configured)):
+            if group.get("initial_lr", lr) == lr:
+                continue
+            changed.append(f"{group.get('name', i)} {group['initial_lr']:g} → {lr:g}")
+            group["initial_lr"] = scheduler.base_lrs[i] = lr
+            group["lr"] = scheduler._last_lr[i] = lr * scheduler.lr_lambdas[i](scheduler.last_epoch)
+        if changed:
+            rank_zero_info(f"learning rate from the config, not the checkpoint: {', '.join(changed)}")
+
     def validation_generator(self, batch: dict[str, Any], batch_idx: int) -> torch.Generator | list[torch.Generator]:
         """Fixed draws per validation sample (dataset index; per batch index for a batch without keys), whatever
         the seed, epoch or batch size, so validation curves (and adapters) compare like with like."""
@@ -256,6 +277,7 @@ class ModelFineTune(L.LightningModule):
                 "model.optimizer has no lr (e.g. Adafactor with relative_step: true), but model.lr_schedule scales one: "
                 "set relative_step: false and an lr"
             )
+        self._configured_lrs = [group["lr"] for group in optimizer.param_groups]  # see on_train_start
         total = self.trainer.estimated_stepping_batches
         if self.lr_schedule.name in SCHEDULES_NEEDING_LENGTH and not math.isfinite(total):
             raise SdtuneError(f"model.lr_schedule.name={self.lr_schedule.name} needs a run length: set trainer.max_steps")
@@ -285,9 +307,17 @@ class ModelFineTune(L.LightningModule):
         return out
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["sdtune"] = {"rng": gather_states(self._rng())}  # every rank's; see sdtune.finetune.rng_state
+        # Every rank's random states (see sdtune.finetune.rng_state), and the model family the weights belong to.
+        checkpoint["sdtune"] = {"rng": gather_states(self._rng()), "family": self.family.name}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        family = checkpoint.get("sdtune", {}).get("family", self.family.name)  # older checkpoints do not record it
+        if family != self.family.name:
+            label = next((f.label for f in FAMILIES if f.name == family), family)
+            raise SdtuneError(
+                f"model.pretrained: the checkpoint was trained for {label}, {self.pretrained} is {self.family.label}; "
+                "resume with the model it was trained on"
+            )
         saved = checkpoint.get("state_dict", {})
         own = self.state_dict(keep_vars=True)
         missing = [name for name in own if name not in saved]

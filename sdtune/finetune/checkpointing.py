@@ -8,11 +8,16 @@ file. ModelCheckpoint deletes older files only after the save returns, that is a
 
 `pick_resume_checkpoint` is what `--ckpt_path last` resolves to: the newest checkpoint in the run's checkpoint
 folder that passes the same check, with a warning for every newer one it had to skip.
+
+Reading never runs code from a file: every load passes `weights_only=True` itself (so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD,
+which only changes torch's default, cannot turn unpickling back on), and `read_checkpoint` says in one line why a
+file given to resume from is unusable: damaged, not a checkpoint, or pickling Python objects.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +26,9 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from sdtune.errors import SdtuneError, first_line, write_refused
+from sdtune.errors import SdtuneError, first_line, pickled_objects, refused_pickle, write_refused
+
+RESUME_ADVICE = "resume from a checkpoint sdtune wrote, or start fresh without --ckpt_path"
 
 
 def checkpoint_problem(path: str | Path) -> str | None:
@@ -38,7 +45,7 @@ def checkpoint_problem(path: str | Path) -> str | None:
     except FileNotFoundError:
         return "the file does not exist"
     except (OSError, zipfile.BadZipFile, EOFError, ValueError) as err:
-        return f"not a complete checkpoint ({first_line(err)})"
+        return f"not a complete checkpoint, truncated or never one ({first_line(err)})"
     if bad is not None:
         return f"a checksum does not match ({bad})"
     return None
@@ -50,6 +57,40 @@ def nonfinite_weights(state_dict: dict[str, Any]) -> list[str]:
         name for name, value in state_dict.items()
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
     ]  # fmt: skip
+
+
+def unpickling_error(what: str, err: pickle.UnpicklingError, advice: str = RESUME_ADVICE) -> SdtuneError:
+    """One line for a file torch.load(weights_only=True) refused (it pickles Python objects, which can run code when
+    unpickled) or could not unpickle, naming `what` (e.g. "--ckpt_path runs/x/last.ckpt") and ending in `advice`,
+    instead of torch's advice to pass weights_only=False."""
+    found = refused_pickle(err)
+    if found is None:
+        return SdtuneError(f"{what} is not a checkpoint ({first_line(err)}); {advice}")
+    return SdtuneError(f"{what} contains {pickled_objects(found)}; {advice}")
+
+
+def read_checkpoint(path: str | Path, what: str, resume: bool = True, verified: bool = False) -> dict[str, Any]:
+    """A checkpoint file given to resume (or validate) from, read on the CPU (memory-mapped, so the tensors are not
+    read): complete (`checkpoint_problem`, unless `verified` says it was just checked), written by torch.save,
+    tensors and plain values only, and holding the training state Lightning restores (`resume`: the optimizers'
+    too). Every other case is one SdtuneError line naming `what`."""
+    problem = None if verified else checkpoint_problem(path)
+    if problem is not None:
+        raise SdtuneError(f"{what}: {problem}; {RESUME_ADVICE}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise unpickling_error(what, err) from err
+    except Exception as err:  # a complete zip archive (checked above) that torch.save did not write
+        raise SdtuneError(f"{what} is a zip archive but not a checkpoint written by torch.save; {RESUME_ADVICE}") from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise SdtuneError(f"{what} is not a training checkpoint (it has no state_dict); {RESUME_ADVICE}")
+    if resume and "optimizer_states" not in checkpoint:
+        raise SdtuneError(
+            f"{what} holds weights but no optimizer state to resume from (written with checkpoint.save_weights_only?); "
+            f"{RESUME_ADVICE}"
+        )
+    return checkpoint
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -67,7 +108,17 @@ def _fsync_dir(folder: Path) -> None:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save to `.<name>.partial`, fsync, verify, rename over `<name>`: never a half-written checkpoint, and
-    never one whose weights hold NaN or infinity."""
+    never one whose weights hold NaN or infinity. Loads are weights-only, whatever the Trainer asks."""
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any = lambda storage, loc: storage, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        # sdtune's checkpoints hold tensors and plain values only (`base.plain`, `rng_state`); Lightning passes
+        # weights_only=None, which TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD would turn into unpickling anything.
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise unpickling_error(f"checkpoint {path}", err) from err
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
         if storage_options is not None:

@@ -31,6 +31,7 @@ class FullFineTune(DiffusionFineTune):
 
     output_dirname: ClassVar[str] = "model"
     mismatch_hint: ClassVar[str] = "it was not written by a full fine-tune of this model"
+    fixed_on_resume: ClassVar[tuple[str, ...]] = ("train_text_encoder",)
 
     def __init__(
         self, pretrained: str, train_text_encoder: bool = False, text_encoder_lr: float | None = None, **kwargs: Any

@@ -45,6 +45,10 @@ class LoRAFineTune(DiffusionFineTune):
     """
 
     mismatch_hint: ClassVar[str] = "model.lora.rank or target modules differ from the run that wrote it"
+    fixed_on_resume: ClassVar[tuple[str, ...]] = (
+        *(f"{key}.{name}" for key in ("lora", "text_encoder_lora") for name in ("rank", "alpha", "use_dora", "target_modules")),
+        "lora.conv_rank", "lora.conv_alpha", "lora.conv_target_modules", "new_tokens.tokens",
+    )  # fmt: skip
 
     def __init__(
         self,

@@ -22,6 +22,7 @@ class TextualInversion(DiffusionFineTune):
     """
 
     mismatch_hint: ClassVar[str] = "model.new_tokens differ from the run that wrote it"
+    fixed_on_resume: ClassVar[tuple[str, ...]] = ("new_tokens.tokens",)
 
     def __init__(self, pretrained: str, new_tokens: NewTokens, **kwargs: Any) -> None:
         new_tokens = as_settings(NewTokens, new_tokens)

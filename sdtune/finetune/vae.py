@@ -38,6 +38,7 @@ class VAEFineTune(ModelFineTune):
 
     output_dirname: ClassVar[str] = "model"
     mismatch_hint: ClassVar[str] = "it was not written by a VAE fine-tune of this model"
+    fixed_on_resume: ClassVar[tuple[str, ...]] = ("decoder_only",)
 
     def __init__(
         self,

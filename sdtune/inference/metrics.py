@@ -7,13 +7,14 @@ and seeds, never across CLIP models.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 
 import torch
 from PIL import Image
 from transformers import AutoProcessor, CLIPModel
 
-from sdtune.errors import SdtuneError, first_line
+from sdtune.errors import SdtuneError, first_line, pickled_objects, refused_pickle
 from sdtune.models.pretrained import HUB_ID, offline_hint
 
 
@@ -22,7 +23,10 @@ def load_clip(source: str, device: str | torch.device = "cpu") -> tuple[CLIPMode
     try:
         model = CLIPModel.from_pretrained(source).to(device).eval()
         processor = AutoProcessor.from_pretrained(source)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, pickle.UnpicklingError) as err:
+        found = refused_pickle(err)
+        if found is not None:
+            raise SdtuneError(f"--clip-model '{source}' has weights with {pickled_objects(found)}; use a copy with .safetensors weights") from err
         where = "" if HUB_ID.match(source) else " (not a folder with a saved CLIPModel)"
         raise SdtuneError(f"--clip-model '{source}' could not be loaded{where}{offline_hint()}: {first_line(err)}") from err
     return model, processor

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from diffusers import DDPMScheduler
 from transformers import CLIPTextConfig, CLIPTokenizer
 
-from sdtune.errors import SdtuneError, first_line
+from sdtune.errors import SdtuneError, first_line, pickled_objects, refused_pickle
 from sdtune.models.families import FAMILIES, Layout, ModelFamily, ModelParts, family_for
 from sdtune.models.single_file import SINGLE_FILE_SUFFIXES, part_from_single_file, read_single_file
 
@@ -177,7 +178,10 @@ def load_part(cls, source: Source, subfolder: str, **kwargs):
     load = cls.from_pretrained if hasattr(cls, "from_pretrained") else cls
     try:
         return load(source.configs, subfolder=subfolder, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError, EnvironmentError, pickle.UnpicklingError) as err:
+        found = refused_pickle(err)  # .bin weights: diffusers and transformers load them weights-only
+        if found is not None:
+            raise SdtuneError(f"{source.where()}: {subfolder}/ has weights with {pickled_objects(found)}; use a copy of the model with .safetensors weights") from err
         raise SdtuneError(f"{source.where()}: {subfolder}/ could not be loaded{offline_hint()}: {first_line(err)}") from err
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextModel
 
-from sdtune.errors import SdtuneError, first_line
+from sdtune.errors import SdtuneError, first_line, refused_pickle
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 # Key prefixes of the original LDM layout that a Stable Diffusion 1.x/2.x single file must have, by part.
@@ -42,11 +42,11 @@ def read_single_file(path: Path) -> dict[str, torch.Tensor]:
         else:  # mmap keeps a multi-GB zip-format .ckpt out of RAM until each tensor is converted
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" not in str(err):
+        found = refused_pickle(err)
+        if found is None:
             raise SdtuneError(f"model.pretrained '{path}' could not be read (truncated or not a checkpoint?): {_describe(err)}") from err
-        found = re.search(r"GLOBAL (\S+)", str(err))
         raise SdtuneError(
-            f"model.pretrained '{path}' pickles Python objects besides tensors ({found[1] if found else 'unknown'}), "
+            f"model.pretrained '{path}' pickles Python objects besides tensors ({found}), "
             "which sdtune does not load since unpickling them can run code: use a .safetensors release of the model"
         ) from err
     except Exception as err:  # torch.load and safetensors raise anything from KeyError to OSError on damaged files
