@@ -113,13 +113,16 @@ def main(args: list[str]) -> int:
     clip = _load_clip(ns.clip_model, device)
     batches = _validation_batches(ns, module, width) if ns.data else None
 
+    for adapter in adapters:  # an adapter this model cannot take fails now, not after the base images
+        load_adapters(pipe, [adapter], ns.model)
+        pipe.unload_lora_weights()
     variants = [("base", None)] + [(f"{a.path.name}" + (f" @{a.scale:g}" if a.scale != 1 else ""), a) for a in adapters]
     results, judged, rows, labels = [], [], [[] for _ in prompts], [[] for _ in prompts]
     out.mkdir(parents=True, exist_ok=True)
     for number, (name, adapter) in enumerate(variants):
         pipe.unload_lora_weights()
         if adapter is not None:
-            load_adapters(pipe, [adapter])
+            load_adapters(pipe, [adapter], ns.model)
         images: list[list] = [[] for _ in prompts]
         for p, _, image in iter_images(
             pipe, [p.prompt for p in prompts], seeds, steps=ns.steps, guidance_scale=ns.guidance, height=height,

@@ -153,7 +153,7 @@ def main(args: list[str]) -> int:
     ns.scheduler = scheduler_name(ns.scheduler, pipe.scheduler.config)
     pipe.scheduler = make_scheduler(ns.scheduler, pipe.scheduler.config)
     image_width, image_height = image_size(pipe, ns)
-    adapter_names = load_adapters(pipe, adapters)
+    adapter_names = load_adapters(pipe, adapters, ns.model)
     tokens = [load_embedding(pipe, path, token) for path, token in embeddings]
     condition = None
     if init_image is not None:
