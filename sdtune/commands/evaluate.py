@@ -16,6 +16,7 @@ from pathlib import Path
 from sdtune.commands.options import (
     Parser,
     add_common_arguments,
+    check_clip_skip,
     check_common,
     common_inputs,
     image_size,
@@ -93,6 +94,7 @@ def main(args: list[str]) -> int:
     check_output_apart(out, [*common_inputs(ns, adapters), ("--data", ns.data), ("--clip-model", clip_model)])
     if (out / "metrics.json").exists() and not ns.overwrite:
         raise SdtuneError(f"{out} already holds an evaluation; pass --overwrite or choose another --out")
+    width, height = image_size(ns)
 
     from sdtune.finetune import DiffusionFineTune, Objective
     from sdtune.inference.grid import make_grid
@@ -109,7 +111,7 @@ def main(args: list[str]) -> int:
     scheduler = make_scheduler(ns.scheduler, module.noise_scheduler.config)
     pipe = module.parts.pipeline(scheduler)
     pipe.set_progress_bar_config(disable=True)
-    width, height = image_size(pipe, ns)
+    check_clip_skip(pipe, ns)
     clip = _load_clip(ns.clip_model, device)
     batches = _validation_batches(ns, module, width) if ns.data else None
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from sdtune.adapters.lora import check_targets
 from sdtune.errors import SdtuneError, first_line
-from sdtune.models.pretrained import model_skeleton
+from sdtune.models.pretrained import model_skeleton, size_multiple
 from sdtune.paths import check_output_apart
 
 GB = 1024**3
@@ -56,8 +56,7 @@ def fit_problems(config: Any) -> list[str]:
     if source is not None:
         skeleton = check(lambda: model_skeleton(str(model.pretrained), model.get("revision"), model.get("pretrained_config")))
         if skeleton is not None:
-            multiple = skeleton.family.size_multiple(skeleton.denoiser.config, skeleton.vae_scale_factor)
-            why = "the VAE's downscaling" if multiple == skeleton.vae_scale_factor else "the VAE's downscaling times the transformer's patch"
+            multiple, why = size_multiple(skeleton.family, skeleton.denoiser.config, skeleton.vae_scale_factor)
             check(lambda: _check_vae_factor(multiple, data, why))
             if lora is not None:
                 lora = lora.for_family(skeleton.family)
