@@ -25,7 +25,7 @@ from sdtune.commands.options import (
     slug,
 )
 from sdtune.errors import SdtuneError
-from sdtune.paths import check_output_apart
+from sdtune.paths import check_output_apart, check_writable
 from sdtune.toy.judging import accuracy, format_table, judge_palette, shape_prompts
 from sdtune.toy.shapes import COLORS, SHAPES, judge
 
@@ -92,6 +92,7 @@ def main(args: list[str]) -> int:
 
     clip_model = local_model_path(ns.clip_model)
     check_output_apart(out, [*common_inputs(ns, adapters), ("--data", ns.data), ("--clip-model", clip_model)])
+    check_writable(out)
     if (out / "metrics.json").exists() and not ns.overwrite:
         raise SdtuneError(f"{out} already holds an evaluation; pass --overwrite or choose another --out")
     width, height = image_size(ns)

@@ -24,7 +24,7 @@ from sdtune.commands.options import (
     slug,
 )
 from sdtune.errors import SdtuneError, first_line
-from sdtune.paths import check_output_apart
+from sdtune.paths import check_output_apart, check_writable
 
 EPILOG = """examples:
   sdtune sample --model stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt "a photo of sks dog on a beach" \\
@@ -131,6 +131,7 @@ def main(args: list[str]) -> int:
                              ("--init-image", ns.init_image), ("--mask", ns.mask)])  # fmt: skip
     if out.exists() and not out.is_dir():
         raise SdtuneError(f"--out {out} is a file, not a folder")
+    check_writable(out)
     jobs = [(p, seed) for p in range(len(prompts)) for seed in seeds]
     width = max(4, len(str(len(jobs) - 1)))
     names = [f"{i:0{width}d}_{slug(prompts[p].prompt)}_s{seed}.png" for i, (p, seed) in enumerate(jobs)]
