@@ -29,8 +29,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from sdtune.callbacks import EMA, GracefulStop, NonFiniteGuard, SampleImages, SaveAdapter, SaveRunConfig, Throughput
-from sdtune.commands.preflight import fit_problems, outputs_problems
+from sdtune.callbacks import SaveRunConfig
+from sdtune.commands.preflight import CALLBACKS, fit_problems, outputs_problems, settings_problems
 from sdtune.commands.recipes import find_recipe
 from sdtune.errors import SdtuneError, SdtuneErrors
 from sdtune.finetune.checkpointing import AtomicCheckpointIO, pick_resume_checkpoint
@@ -77,15 +77,9 @@ class SdtuneCLI(LightningCLI):
         return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}, "validate": {"model", "dataloaders", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        for key, callback in CALLBACKS.items():  # in the order they run
+            parser.add_lightning_class_args(callback, key)
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1, "checkpoint.every_n_train_steps": 500})
-        # Throughput before the other sdtune callbacks: its batch-end timing then stops before they save or sample.
-        parser.add_lightning_class_args(Throughput, "throughput")
-        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
-        parser.add_lightning_class_args(GracefulStop, "graceful_stop")
-        parser.add_lightning_class_args(SaveAdapter, "adapter")
-        parser.add_lightning_class_args(SampleImages, "samples")
-        parser.add_lightning_class_args(EMA, "ema")
         parser.set_defaults({"samples.enabled": False, "ema.enabled": False})
         # The DataModule's BucketBatchSampler splits batches between ranks; Lightning must not wrap it.
         parser.set_defaults({"trainer.use_distributed_sampler": False})
@@ -99,10 +93,10 @@ class SdtuneCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """`fit` checks paths, settings, the model's configs, the data and free disk before any weights load (`validate`
-        that its run directory stays apart from its inputs); the checkpoint settings that follow from others are set
-        before the callback is built."""
+        the Trainer's and callbacks' settings, and that its run directory stays apart from its inputs); the
+        checkpoint settings that follow from others are set before the callback is built."""
         config = self.config[self.subcommand]
-        problems = fit_problems(config) if self.subcommand == "fit" else outputs_problems(config)
+        problems = fit_problems(config) if self.subcommand == "fit" else [*settings_problems(config), *outputs_problems(config)]
         if problems:
             raise SdtuneErrors(problems)
         if config.get("checkpoint.monitor") is not None and config.get("checkpoint.every_n_train_steps"):
