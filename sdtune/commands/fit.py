@@ -14,6 +14,7 @@ and verified (`sdtune.finetune.checkpointing`); `--ckpt_path last` resumes from 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import re
 import signal
@@ -45,8 +46,42 @@ UNION_REPORT = (
 )
 
 
+# The types of a union in jsonargparse's report: "Subtypes: [typing.Literal['16-mixed', ...], <class 'NoneType'>]".
+SUBTYPE = re.compile(r"typing\.Literal\[([^]]*)\]|<class '([\w.]+)'>")
+TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "NoneType": "null"}
+
+
+def summarize_union_error(message: str) -> str | None:
+    """A value no type of a union of plain types takes → `trainer.precision: Expected one of 16-mixed, ..., null. Got
+    value: 8-mixed`, keyed as the user wrote it (`model.optimizer.init_args.lr`); None for any other report."""
+    keys = list(dict.fromkeys(re.findall(r'Parser key "([^"]+)"', message)))
+    if not keys:
+        return None
+    inner = message[message.rfind(f'Parser key "{keys[-1]}"') :]
+    subtypes = re.search(r"^\s*Subtypes: (.*)$", inner, re.MULTILINE)
+    given = re.search(r"^\s*Given value: (.*?)(?:\. Got value: .*)?$", inner, re.MULTILINE)
+    if subtypes is None or given is None or "Problem with given class_path" in inner[: given.start()]:
+        return None
+    choices: list[str] = []
+    for literal, name in SUBTYPE.findall(subtypes.group(1)):
+        choices += [str(value) for value in ast.literal_eval(f"[{literal}]")] if literal else [TYPE_NAMES.get(name, "")]
+    choices = [choice for choice in dict.fromkeys(choices) if choice]
+    if not choices:
+        return None
+    nested = re.search(r"Given value: NestedArg\(key='([^']+)', val='(.*)'\)\s*$", message)
+    key, value = (f"{keys[0]}.{nested.group(1)}", nested.group(2)) if nested else (".".join(keys), given.group(1))
+    if "typing.Literal" in subtypes.group(1):
+        expected = f"one of {', '.join(choices)}"
+    else:
+        expected = ", ".join(choices[:-1]) + (" or " if len(choices) > 1 else "") + choices[-1]
+    return f"{key}: Expected {expected}. Got value: {value}"
+
+
 def summarize_parse_error(message: str) -> str:
     """jsonargparse's nested union report → `model.lora.rank: Expected a <class 'int'>. Got value: abc`."""
+    union = summarize_union_error(message)
+    if union is not None:
+        return union
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     keys: list[str] = []
     details: list[str] = []
