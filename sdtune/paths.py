@@ -9,6 +9,7 @@ by a second name (a bind mount, another case on a case-insensitive disk) is reco
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Union
@@ -75,3 +76,25 @@ def check_output_apart(
             "inside or contain a command's inputs, not even with --force or --overwrite; "
             f"choose another {setting or output_name}"
         )
+
+
+def check_writable(output: PathLike, output_name: str = "--out") -> None:
+    """Raise SdtuneError when nothing could be written at `output`: the nearest part of it that exists is a file
+    where a folder is needed, or a folder this process cannot create entries in (read-only, another user's, /proc).
+
+    Checked by creating and removing an empty folder there: the file system decides, not the permission bits, which
+    say nothing of read-only mounts or of what root may do. Nothing else is created."""
+    path = Path(output).expanduser().absolute()
+    try:
+        existing = next(part for part in (path, *path.parents) if part.exists())
+    except PermissionError as err:
+        raise SdtuneError(f"{output_name} '{output}': a folder on the way cannot be read ({err.strerror}); choose another {output_name}") from None
+    folder = existing.parent if existing == path and not path.is_dir() else existing
+    if not folder.is_dir():
+        raise SdtuneError(f"{output_name} '{output}': {folder} is a file, not a folder, so nothing can be written under it; "
+                          f"choose another {output_name}")  # fmt: skip
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".sdtune-write-check-", dir=folder))
+    except OSError as err:
+        raise SdtuneError(f"{output_name} '{output}': cannot write in {folder} ({err.strerror or type(err).__name__}); "
+                          f"choose another {output_name}") from None

@@ -143,7 +143,7 @@ BAD = {
     "strength runs no step": (["--init-image", "{tmp}/init.png", "--strength", "0.1", "--steps", "5"], "--steps 10"),
     "strength without init image": (["--strength", "0.5"], "--strength needs --init-image"),
     "unknown scheduler": (["--scheduler", "karras"], "invalid choice"),
-    "width not a multiple": (["--width", "33"], "multiple of 2"),
+    "width not a multiple": (["--width", "36"], "--width 36 is not a multiple of 8"),
     "clip skip too deep": (["--clip-skip", "9"], "--clip-skip"),
     "bad prompts file type": (["--prompts-file", "{tmp}/prompts.csv", "--no-prompt"], ".txt or .jsonl"),
     "bad jsonl": (["--prompts-file", "{tmp}/bad.jsonl", "--no-prompt"], "line 2"),

@@ -16,6 +16,7 @@ from pathlib import Path
 from sdtune.commands.options import (
     Parser,
     add_common_arguments,
+    check_clip_skip,
     check_common,
     common_inputs,
     image_size,
@@ -24,7 +25,7 @@ from sdtune.commands.options import (
     slug,
 )
 from sdtune.errors import SdtuneError
-from sdtune.paths import check_output_apart
+from sdtune.paths import check_output_apart, check_writable
 from sdtune.toy.judging import accuracy, format_table, judge_palette, shape_prompts
 from sdtune.toy.shapes import COLORS, SHAPES, judge
 
@@ -91,8 +92,10 @@ def main(args: list[str]) -> int:
 
     clip_model = local_model_path(ns.clip_model)
     check_output_apart(out, [*common_inputs(ns, adapters), ("--data", ns.data), ("--clip-model", clip_model)])
+    check_writable(out)
     if (out / "metrics.json").exists() and not ns.overwrite:
         raise SdtuneError(f"{out} already holds an evaluation; pass --overwrite or choose another --out")
+    width, height = image_size(ns)
 
     from sdtune.finetune import DiffusionFineTune, Objective
     from sdtune.inference.grid import make_grid
@@ -109,17 +112,20 @@ def main(args: list[str]) -> int:
     scheduler = make_scheduler(ns.scheduler, module.noise_scheduler.config)
     pipe = module.parts.pipeline(scheduler)
     pipe.set_progress_bar_config(disable=True)
-    width, height = image_size(pipe, ns)
+    check_clip_skip(pipe, ns)
     clip = _load_clip(ns.clip_model, device)
     batches = _validation_batches(ns, module, width) if ns.data else None
 
+    for adapter in adapters:  # an adapter this model cannot take fails now, not after the base images
+        load_adapters(pipe, [adapter], ns.model)
+        pipe.unload_lora_weights()
     variants = [("base", None)] + [(f"{a.path.name}" + (f" @{a.scale:g}" if a.scale != 1 else ""), a) for a in adapters]
     results, judged, rows, labels = [], [], [[] for _ in prompts], [[] for _ in prompts]
     out.mkdir(parents=True, exist_ok=True)
     for number, (name, adapter) in enumerate(variants):
         pipe.unload_lora_weights()
         if adapter is not None:
-            load_adapters(pipe, [adapter])
+            load_adapters(pipe, [adapter], ns.model)
         images: list[list] = [[] for _ in prompts]
         for p, _, image in iter_images(
             pipe, [p.prompt for p in prompts], seeds, steps=ns.steps, guidance_scale=ns.guidance, height=height,

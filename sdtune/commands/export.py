@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sdtune.commands.options import Parser
 from sdtune.errors import SdtuneError
-from sdtune.paths import check_output_apart
+from sdtune.paths import check_output_apart, check_writable
 
 # Arguments are checked before torch, diffusers and peft are imported (seconds), so a typo fails at once.
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -110,6 +110,7 @@ def export(ns: argparse.Namespace) -> Path:
     out = _check_arguments(ns)
     if not Path(ns.source).expanduser().exists():
         raise SdtuneError(f"{ns.source} does not exist (pass a run directory, a checkpoint or an adapter)")
+    check_writable(out)
     import torch
 
     from sdtune.export.check import Probe, compare, count_lora_layers, reference, unet_output

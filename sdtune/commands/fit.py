@@ -15,6 +15,7 @@ and verified (`sdtune.finetune.checkpointing`); `--ckpt_path last` resumes from 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import re
@@ -32,8 +33,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from sdtune.callbacks import EMA, GracefulStop, NonFiniteGuard, SampleImages, SaveAdapter, SaveRunConfig, Throughput
-from sdtune.commands.preflight import fit_problems, outputs_problems
+from sdtune.callbacks import SaveRunConfig
+from sdtune.commands.preflight import CALLBACKS, fit_problems, outputs_problems, settings_problems
 from sdtune.commands.recipes import find_recipe
 from sdtune.commands.resume import check_checkpoint, is_file_path
 from sdtune.errors import SdtuneError, SdtuneErrors
@@ -50,8 +51,42 @@ UNION_REPORT = (
 )
 
 
+# The types of a union in jsonargparse's report: "Subtypes: [typing.Literal['16-mixed', ...], <class 'NoneType'>]".
+SUBTYPE = re.compile(r"typing\.Literal\[([^]]*)\]|<class '([\w.]+)'>")
+TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "NoneType": "null"}
+
+
+def summarize_union_error(message: str) -> str | None:
+    """A value no type of a union of plain types takes → `trainer.precision: Expected one of 16-mixed, ..., null. Got
+    value: 8-mixed`, keyed as the user wrote it (`model.optimizer.init_args.lr`); None for any other report."""
+    keys = list(dict.fromkeys(re.findall(r'Parser key "([^"]+)"', message)))
+    if not keys:
+        return None
+    inner = message[message.rfind(f'Parser key "{keys[-1]}"') :]
+    subtypes = re.search(r"^\s*Subtypes: (.*)$", inner, re.MULTILINE)
+    given = re.search(r"^\s*Given value: (.*?)(?:\. Got value: .*)?$", inner, re.MULTILINE)
+    if subtypes is None or given is None or "Problem with given class_path" in inner[: given.start()]:
+        return None
+    choices: list[str] = []
+    for literal, name in SUBTYPE.findall(subtypes.group(1)):
+        choices += [str(value) for value in ast.literal_eval(f"[{literal}]")] if literal else [TYPE_NAMES.get(name, "")]
+    choices = [choice for choice in dict.fromkeys(choices) if choice]
+    if not choices:
+        return None
+    nested = re.search(r"Given value: NestedArg\(key='([^']+)', val='(.*)'\)\s*$", message)
+    key, value = (f"{keys[0]}.{nested.group(1)}", nested.group(2)) if nested else (".".join(keys), given.group(1))
+    if "typing.Literal" in subtypes.group(1):
+        expected = f"one of {', '.join(choices)}"
+    else:
+        expected = ", ".join(choices[:-1]) + (" or " if len(choices) > 1 else "") + choices[-1]
+    return f"{key}: Expected {expected}. Got value: {value}"
+
+
 def summarize_parse_error(message: str) -> str:
     """jsonargparse's nested union report → `model.lora.rank: Expected a <class 'int'>. Got value: abc`."""
+    union = summarize_union_error(message)
+    if union is not None:
+        return union
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     keys: list[str] = []
     details: list[str] = []
@@ -86,15 +121,9 @@ class SdtuneCLI(LightningCLI):
         return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}, "validate": {"model", "dataloaders", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        for key, callback in CALLBACKS.items():  # in the order they run
+            parser.add_lightning_class_args(callback, key)
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1, "checkpoint.every_n_train_steps": 500})
-        # Throughput before the other sdtune callbacks: its batch-end timing then stops before they save or sample.
-        parser.add_lightning_class_args(Throughput, "throughput")
-        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
-        parser.add_lightning_class_args(GracefulStop, "graceful_stop")
-        parser.add_lightning_class_args(SaveAdapter, "adapter")
-        parser.add_lightning_class_args(SampleImages, "samples")
-        parser.add_lightning_class_args(EMA, "ema")
         parser.set_defaults({"samples.enabled": False, "ema.enabled": False})
         # The DataModule's BucketBatchSampler splits batches between ranks; Lightning must not wrap it.
         parser.set_defaults({"trainer.use_distributed_sampler": False})
@@ -130,11 +159,11 @@ class SdtuneCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """`fit` checks paths, settings, the model's configs, the data and free disk before any weights load (`validate`
-        that its run directory stays apart from its inputs); then the run directory is locked, so a second process on
-        it refuses before loading anything; the checkpoint settings that follow from others are set
-        before the callback is built."""
+        the Trainer's and callbacks' settings, and that its run directory stays apart from its inputs); then the run
+        directory is locked, so a second process on it refuses before loading anything; the checkpoint settings that
+        follow from others are set before the callback is built."""
         config = self.config[self.subcommand]
-        problems = fit_problems(config) if self.subcommand == "fit" else outputs_problems(config)
+        problems = fit_problems(config) if self.subcommand == "fit" else [*settings_problems(config), *outputs_problems(config)]
         if problems:
             raise SdtuneErrors(problems)
         if self.locks is not None and is_launching_process():  # DDP ranks re-run this command: the launcher holds it

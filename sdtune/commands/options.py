@@ -13,6 +13,11 @@ from pathlib import Path
 from sdtune.errors import SdtuneError
 
 DEVICES = ("auto", "cpu", "cuda")
+# Images above this many pixels a side squared are refused without --allow-large: SD's self-attention over the latent
+# grid grows with the square of its cells, and 4096² is already 16× the pixels of SDXL's native size.
+MAX_SIDE = 4096
+# Stable Diffusion's and SDXL's pipelines refuse other sizes whatever the VAE's factor (the tiny test models' is 2).
+PIPELINE_MULTIPLE = 8
 
 
 class Parser(argparse.ArgumentParser):
@@ -46,6 +51,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--scheduler", choices=list(SCHEDULERS), help="sampler (default: ddim; flow_euler for SD3 and Flux)")
     run.add_argument("--width", type=int, help="image width, a multiple of the VAE factor (default: the UNet's native size)")
     run.add_argument("--height", type=int, help="image height (default: the UNet's native size)")
+    run.add_argument("--allow-large", action="store_true",
+                     help=f"allow images above {MAX_SIDE}×{MAX_SIDE} pixels (their latents and attention need more memory than most GPUs have)")  # fmt: skip
     run.add_argument("--clip-skip", type=int, default=1, help="use the k-th last text-encoder layer (1 = last; 2 for NovelAI-style models)")
     run.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available, else cpu")
 
@@ -106,23 +113,35 @@ def check_common(ns: argparse.Namespace) -> tuple[list[PromptSpec], list[int]]:
     return prompts, ns.seed if ns.seed is not None else [0]
 
 
-def image_size(pipe, ns: argparse.Namespace) -> tuple[int, int]:
-    """--width/--height or the UNet's native size, checked against the VAE factor and the text encoder's depth."""
-    from sdtune.inference.sampling import default_size, vae_scale_factor
+def image_size(ns: argparse.Namespace) -> tuple[int, int]:
+    """--width/--height or the denoiser's native size, checked against the model's config files before any weights
+    load: multiples of what the model requires, and at most MAX_SIDE² pixels unless --allow-large."""
+    from sdtune.models.pretrained import image_geometry
 
-    factor = vae_scale_factor(pipe)
-    native_width, native_height = default_size(pipe)
-    width, height = ns.width or native_width, ns.height or native_height
+    geometry = image_geometry(ns.model, ns.revision, ns.model_config)
+    width, height = ns.width or geometry.width, ns.height or geometry.height
+    multiple = math.lcm(geometry.multiple, PIPELINE_MULTIPLE)
+    why = f"{geometry.why} of this model" if multiple == geometry.multiple else "what diffusers' pipelines take"
     for flag, value in (("--width", width), ("--height", height)):
-        if value % factor:
-            raise SdtuneError(f"{flag} {value} is not a multiple of {factor} (this model's VAE factor); try {max(factor, value // factor * factor)}")
+        if value % multiple:
+            raise SdtuneError(f"{flag} {value} is not a multiple of {multiple} ({why}); try {max(multiple, value // multiple * multiple)}")
+    if width * height > MAX_SIDE**2 and not ns.allow_large:
+        raise SdtuneError(
+            f"--width {width} × --height {height} is {width * height / 1e6:.1f} megapixels, above the "
+            f"{MAX_SIDE**2 / 1e6:.1f} ({MAX_SIDE}×{MAX_SIDE}) sdtune samples without --allow-large: its latents and "
+            "attention would need more memory than most GPUs have; choose a smaller size or pass --allow-large"
+        )
+    return width, height
+
+
+def check_clip_skip(pipe, ns: argparse.Namespace) -> None:
+    """--clip-skip against the depth of the loaded text encoders."""
     from sdtune.inference.sampling import prompt_encoders
 
     family, _, encoders = prompt_encoders(pipe)
     allowed = family.max_clip_skip(encoders)
     if ns.clip_skip > allowed:
         raise SdtuneError(f"--clip-skip {ns.clip_skip} is more than this model's text encoders allow ({allowed})")
-    return width, height
 
 
 def parse_adapter(text: str):

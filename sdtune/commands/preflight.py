@@ -6,8 +6,11 @@ What is checked, each problem one line naming the key to change:
   (root, subsets, val_root, mask_dir), model.init_adapter;
 - outputs apart from inputs: the run directory is none of those paths nor inside one, and what the run writes in it
   (config.yaml, logs, checkpoints, adapter or model, samples) holds none of them;
-- settings the classes check themselves (the DataModule's arguments, the LoRA shapes), with the classes' own
-  validators, collected instead of stopping at the first;
+- settings the classes check themselves (the DataModule's arguments, the LoRA shapes, the Trainer's, the optimizer's
+  and every callback's), with the classes' own validators: each class is built with the settings (the Trainer without
+  loggers or callbacks, the optimizer on a one-number parameter), and again after each refusal with the refused
+  setting back at its default, so every problem is collected instead of only the first; the few Trainer settings
+  Lightning takes unchecked are checked against their domains here;
 - against the model built from its configs on the meta device (no weights): data.resolution and data.bucket_step
   divisible by the VAE's downscaling, every LoRA target module present in the UNet and the text encoders (the check
   `add_lora` runs);
@@ -18,15 +21,23 @@ What is checked, each problem one line naming the key to change:
 
 from __future__ import annotations
 
+import inspect
+import logging
 import math
+import re
 import shutil
+import warnings
+from contextlib import contextmanager
 from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable
 
+from lightning.pytorch.callbacks import ModelCheckpoint
+
 from sdtune.adapters.lora import check_targets
+from sdtune.callbacks import EMA, GracefulStop, NonFiniteGuard, SampleImages, SaveAdapter, Throughput
 from sdtune.errors import SdtuneError, first_line
-from sdtune.models.pretrained import model_skeleton
+from sdtune.models.pretrained import model_skeleton, size_multiple
 from sdtune.paths import check_output_apart
 
 GB = 1024**3
@@ -35,10 +46,10 @@ GB = 1024**3
 def fit_problems(config: Any) -> list[str]:
     """Every problem found in a parsed `sdtune fit` config (a jsonargparse Namespace); [] when it looks runnable."""
     model_class, data_class = str(config.get("model.class_path") or ""), str(config.get("data.class_path") or "")
+    problems = settings_problems(config)
     if not (model_class.startswith("sdtune.") and data_class == "sdtune.data.CaptionDataModule"):
-        return []  # someone else's classes: nothing known to check
+        return problems  # someone else's classes: nothing more known to check
     model, data = config.model.init_args, config.data.init_args
-    problems: list[str] = []
 
     def check(step: Callable[[], Any]) -> Any:
         try:
@@ -56,8 +67,7 @@ def fit_problems(config: Any) -> list[str]:
     if source is not None:
         skeleton = check(lambda: model_skeleton(str(model.pretrained), model.get("revision"), model.get("pretrained_config")))
         if skeleton is not None:
-            multiple = skeleton.family.size_multiple(skeleton.denoiser.config, skeleton.vae_scale_factor)
-            why = "the VAE's downscaling" if multiple == skeleton.vae_scale_factor else "the VAE's downscaling times the transformer's patch"
+            multiple, why = size_multiple(skeleton.family, skeleton.denoiser.config, skeleton.vae_scale_factor)
             check(lambda: _check_vae_factor(multiple, data, why))
             if lora is not None:
                 lora = lora.for_family(skeleton.family)
@@ -72,6 +82,174 @@ def fit_problems(config: Any) -> list[str]:
     if datamodule is not None and not any(p.startswith(("data.root", "data.subsets", "data.val_root")) for p in problems):
         check(lambda: _check_batches(config, datamodule))
     return list(dict.fromkeys(problems))  # SDXL's two text encoders can fail the same way
+
+
+# --- Trainer, optimizer and callback settings --------------------------------------------------------------------
+
+# The callbacks `sdtune fit` adds, by the config key of their settings, in the order they run (Throughput first: its
+# batch-end timing then stops before the others save or sample).
+CALLBACKS = {"checkpoint": ModelCheckpoint, "throughput": Throughput, "nonfinite": NonFiniteGuard,
+             "graceful_stop": GracefulStop, "adapter": SaveAdapter, "samples": SampleImages, "ema": EMA}  # fmt: skip
+# Trainer settings Lightning takes without a check, though a value outside these domains fails only after the model
+# has loaded (accumulate_grad_batches 0: a division by zero) or quietly does something else (a negative
+# gradient_clip_val flips the gradients' sign; check_val_every_n_epoch 0 divides by zero at the first epoch's end).
+TRAINER_DOMAINS: dict[str, tuple[int, str]] = {
+    "accumulate_grad_batches": (1, "an integer ≥ 1"),
+    "gradient_clip_val": (0, "a number ≥ 0 (0 or null: no clipping)"),
+    "log_every_n_steps": (0, "an integer ≥ 0 (0: no step logs)"),
+    "check_val_every_n_epoch": (1, "an integer ≥ 1 or null"),
+    "num_sanity_val_steps": (-1, "an integer ≥ -1 (-1: the whole validation set)"),
+    "min_steps": (0, "an integer ≥ 0 or null"),
+    "min_epochs": (0, "an integer ≥ 0 or null"),
+}
+# What the domain is where the class's own message only says the value is wrong.
+DOMAIN_HINTS = {"devices": "a positive integer, -1 (all), 'auto' or a list of device indices", "lr": "a number ≥ 0",
+                "eps": "a number ≥ 0", "weight_decay": "a number ≥ 0", "momentum": "a number ≥ 0",
+                "betas": "two numbers in [0, 1)"}  # fmt: skip
+# Messages that name a setting in words: torch.optim's ("Invalid learning rate: -1"), Lightning's for max_time (its
+# Timer's) and for a GPU accelerator on a machine without one.
+OPTIMIZER_WORDS = {"learning rate": "lr", "epsilon": "eps", "beta": "betas"}
+TRAINER_WORDS = {"timer(duration=": "max_time", "gpu backend": "accelerator"}
+
+
+def settings_problems(config: Any) -> list[str]:
+    """The Trainer's, the optimizer's and the callbacks' settings, each checked by its class (see the module's doc)."""
+    problems = _trainer_problems(config.get("trainer"))
+    for key, cls in CALLBACKS.items():
+        if config.get(key) is not None:
+            problems += _refusals(cls, dict(vars(config.get(key))), key)
+    for i, callback in enumerate(config.get("trainer.callbacks") or []):
+        class_path = str(_get(callback, "class_path") or "")
+        if class_path.startswith("lightning."):  # Lightning's own callbacks are safe to build twice; others may not be
+            init_args = _get(callback, "init_args")
+            problems += _refusals(_import(class_path), dict(vars(init_args)) if init_args else {}, f"trainer.callbacks[{i}].init_args")
+    optimizer = config.get("model.init_args.optimizer")
+    if optimizer is not None and _get(optimizer, "class_path"):
+        try:
+            problems += _optimizer_problems(config.model.init_args, optimizer)
+        except Exception:  # noqa: BLE001 - an optimizer that cannot be built on a CPU number is left to the run
+            pass
+    return problems
+
+
+def _get(value: Any, key: str) -> Any:
+    return value.get(key) if isinstance(value, dict) else getattr(value, key, None)
+
+
+def _import(class_path: str) -> Any:
+    module, name = class_path.rsplit(".", 1)
+    return getattr(import_module(module), name)
+
+
+def _refusals(build: Callable[..., Any], settings: dict[str, Any], prefix: str, errors: tuple[type, ...] = (Exception,),
+              words: dict[str, str] | None = None) -> list[str]:  # fmt: skip
+    """Every setting `build` refuses, one line each: built with `settings`, then again after each refusal with the
+    refused setting back at its default. A refusal naming no setting (or one of sdtune's own errors, which name
+    their key) ends the search."""
+    defaults = {name: p.default for name, p in inspect.signature(build).parameters.items() if p.default is not p.empty}
+    settings, problems = dict(settings), []
+    for _ in range(len(settings) + 1):
+        try:
+            with _quiet():
+                build(**settings)
+            return problems
+        except SdtuneError as err:
+            return [*problems, first_line(err)]
+        except errors as err:
+            message = first_line(err)
+            key = _named_setting(message, [k for k in settings if k in defaults and settings[k] != defaults[k]], words or {})
+            if key is None:
+                return [*problems, f"{prefix}: {message}"]
+            hint = f" (takes {DOMAIN_HINTS[key]})" if key in DOMAIN_HINTS else ""
+            problems.append(f"{prefix}.{key} {_shown(settings[key])}: {message}{hint}")
+            settings[key] = defaults[key]
+    return problems
+
+
+def _named_setting(message: str, keys: list[str], words: dict[str, str]) -> str | None:
+    """The setting a class's error message is about: quoted (`key`, key=...), else named (the longest such name),
+    else in words."""
+    for pattern in (r"`{}`|(?<![\w.]){}=", r"(?<![\w.]){}(?!\w)"):
+        for key in sorted(keys, key=len, reverse=True):
+            if re.search(pattern.format(re.escape(key), re.escape(key)), message):
+                return key
+    lowered = message.lower()
+    return next((key for word, key in words.items() if word in lowered and key in keys), None)
+
+
+def _shown(value: Any) -> str:
+    return "null" if value is None else str(list(value) if isinstance(value, tuple) else value)
+
+
+@contextmanager
+def _quiet():
+    """Building a Trainer reports the devices it found and warns about choices; the real one will say it again."""
+    level = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(level)
+
+
+def _trainer_problems(trainer: Any) -> list[str]:
+    from lightning.pytorch import Trainer
+
+    if trainer is None:
+        return []
+    settings = {key: value for key, value in vars(trainer).items() if key in inspect.signature(Trainer).parameters}
+    problems = []
+    for key, (low, domain) in TRAINER_DOMAINS.items():
+        value = settings.get(key)
+        if isinstance(value, (int, float)) and value < low:
+            problems.append(f"trainer.{key} {value}: must be {domain}")
+            settings.pop(key)
+    # What needs building from its class_path (loggers, callbacks, plugins; a strategy or profiler given as a class) is
+    # left out: the settings are checked, not the objects.
+    for key in ("logger", "callbacks", "plugins", "strategy", "profiler"):
+        if key in settings and not (key in ("strategy", "profiler") and isinstance(settings[key], str)):
+            settings.pop(key)
+    return [*problems, *_refusals(Trainer, {**settings, "logger": False}, "trainer", words=TRAINER_WORDS)]
+
+
+def _optimizer_problems(model: Any, optimizer: Any) -> list[str]:
+    """model.optimizer's settings, and each learning rate the model sets for a group of its own (a text encoder's,
+    new tokens'), checked by building the optimizer on one number: torch.optim checks its arguments when built, but
+    not a parameter group's."""
+    import torch
+
+    cls = _import(str(_get(optimizer, "class_path")))
+    init_args = _get(optimizer, "init_args")
+    settings = dict(vars(init_args)) if init_args else {}
+
+    def build(**kwargs: Any) -> Any:
+        return cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+
+    build.__signature__ = inspect.signature(cls)  # the optimizer's defaults, for `_refusals`
+    problems = _refusals(build, settings, "model.optimizer.init_args", (ValueError,), OPTIMIZER_WORDS)
+    if problems:
+        return problems
+    for key, lr in _group_lrs(model):
+        try:
+            build(**{**settings, "lr": lr})
+        except ValueError as err:
+            problems.append(f"{key} {lr}: {first_line(err)} (takes {DOMAIN_HINTS['lr']}, as model.optimizer's lr)")
+    return problems
+
+
+def _group_lrs(model: Any) -> list[tuple[str, float]]:
+    """The model's own learning rates: `*_lr` settings and the `lr` of its settings blocks (text_encoder_lora, ...)."""
+    found = []
+    for key, value in vars(model).items():
+        if key.endswith("_lr") and isinstance(value, (int, float)):
+            found.append((f"model.{key}", value))
+        elif value is not None and not isinstance(value, (str, int, float, list, tuple)) and key != "optimizer":
+            lr = _get(value, "lr")
+            if isinstance(lr, (int, float)):
+                found.append((f"model.{key}.lr", lr))
+    return found
 
 
 # --- the model ----------------------------------------------------------------------------------------------------
@@ -141,9 +319,7 @@ def _check_paths(model: Any, data: Any, problems: list[str]) -> None:
 def _run_outputs(config: Any, root: Path) -> list[tuple[str, Path, str]]:
     """What a run writes (name, path, the setting that moves it): config.yaml, logs, checkpoints, the adapter (or
     model) folder and its EMA twin, samples."""
-    model_class = str(config.get("model.class_path"))
-    module, name = model_class.rsplit(".", 1)
-    saved = config.get("adapter.dirname") or getattr(getattr(import_module(module), name), "output_dirname", "adapter")
+    saved = config.get("adapter.dirname") or getattr(_import(str(config.get("model.class_path"))), "output_dirname", "adapter")
     samples = config.get("samples.dirname") or "samples"
     setting = "trainer.default_root_dir"
     entries = ("config.yaml", "logs", saved, f"{saved}_ema", samples)
@@ -176,8 +352,7 @@ def outputs_problems(config: Any) -> list[str]:
 
 
 def _instantiate(class_path: str, init_args: Any):
-    module, name = class_path.rsplit(".", 1)
-    return getattr(import_module(module), name)(**dict(vars(init_args)))
+    return _import(class_path)(**dict(vars(init_args)))
 
 
 def _devices(config: Any) -> int:

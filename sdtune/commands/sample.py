@@ -10,10 +10,12 @@ import argparse
 import json
 import shlex
 from pathlib import Path
+from typing import Callable
 
 from sdtune.commands.options import (
     Parser,
     add_common_arguments,
+    check_clip_skip,
     check_common,
     common_inputs,
     image_size,
@@ -21,8 +23,8 @@ from sdtune.commands.options import (
     pick_device,
     slug,
 )
-from sdtune.errors import SdtuneError
-from sdtune.paths import check_output_apart
+from sdtune.errors import SdtuneError, first_line
+from sdtune.paths import check_output_apart, check_writable
 
 EPILOG = """examples:
   sdtune sample --model stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt "a photo of sks dog on a beach" \\
@@ -82,18 +84,18 @@ def parse_embedding(text: str) -> tuple[Path, str | None]:
     return where, token or None
 
 
-def _open_image(path: str | None, flag: str, mode: str):
-    from PIL import Image, UnidentifiedImageError
+def _open_image(path: str | None, flag: str, load: Callable):
+    """`load` (sdtune's image opener: known formats only, decompression bombs refused from the header) on `path`."""
+    from sdtune.data.images import IMAGE_ERRORS
 
     if path is None:
         return None
     if not Path(path).is_file():
         raise SdtuneError(f"{flag} {path} does not exist")
     try:
-        with Image.open(path) as image:
-            return image.convert(mode)
-    except (UnidentifiedImageError, OSError) as err:
-        raise SdtuneError(f"{flag} {path} is not a readable image ({type(err).__name__})") from err
+        return load(path)
+    except IMAGE_ERRORS as err:
+        raise SdtuneError(f"{flag} {path} is not a readable image: {first_line(err)}") from err
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -113,8 +115,10 @@ def main(args: list[str]) -> int:
         raise SdtuneError("--mask needs --init-image (the image to inpaint)")
     if ns.strength is not None and ns.init_image is None:
         raise SdtuneError("--strength needs --init-image (text-to-image always starts from pure noise)")
-    init_image = _open_image(ns.init_image, "--init-image", "RGB")
-    mask = _open_image(ns.mask, "--mask", "L")
+    from sdtune.data.images import load_mask, open_image
+
+    init_image = _open_image(ns.init_image, "--init-image", open_image)
+    mask = _open_image(ns.mask, "--mask", load_mask)
     strength = ns.strength if ns.strength is not None else (1.0 if mask is not None else 0.8)
     if init_image is not None:
         from sdtune.inference.sampling import check_strength
@@ -127,6 +131,7 @@ def main(args: list[str]) -> int:
                              ("--init-image", ns.init_image), ("--mask", ns.mask)])  # fmt: skip
     if out.exists() and not out.is_dir():
         raise SdtuneError(f"--out {out} is a file, not a folder")
+    check_writable(out)
     jobs = [(p, seed) for p in range(len(prompts)) for seed in seeds]
     width = max(4, len(str(len(jobs) - 1)))
     names = [f"{i:0{width}d}_{slug(prompts[p].prompt)}_s{seed}.png" for i, (p, seed) in enumerate(jobs)]
@@ -134,6 +139,7 @@ def main(args: list[str]) -> int:
     if existing and not ns.overwrite:
         more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
         raise SdtuneError(f"{out / existing[0]}{more} already exist; pass --overwrite to replace them, or choose another --out")
+    image_width, image_height = image_size(ns)
 
     import torch
 
@@ -152,8 +158,8 @@ def main(args: list[str]) -> int:
     pipe.set_progress_bar_config(disable=True)
     ns.scheduler = scheduler_name(ns.scheduler, pipe.scheduler.config)
     pipe.scheduler = make_scheduler(ns.scheduler, pipe.scheduler.config)
-    image_width, image_height = image_size(pipe, ns)
-    adapter_names = load_adapters(pipe, adapters)
+    check_clip_skip(pipe, ns)
+    adapter_names = load_adapters(pipe, adapters, ns.model)
     tokens = [load_embedding(pipe, path, token) for path, token in embeddings]
     condition = None
     if init_image is not None:

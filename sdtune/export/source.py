@@ -220,7 +220,7 @@ def _from_adapter_file(path: Path, run: RunRecord, model: str | None, model_conf
     objective = as_settings(Objective, run.model_arg("objective") or {})
     prediction_type = objective.prediction_type
     pipe.scheduler = objective.inference_scheduler(pipe.scheduler)
-    load_lora_file(pipe, path, ADAPTER, what="SOURCE")
+    load_lora_file(pipe, path, ADAPTER, what="SOURCE", model=pretrained)
     # A flow-matching model's scheduler has no prediction type: it learns the velocity ("flow").
     prediction_type = prediction_type or pipe.scheduler.config.get("prediction_type", "flow")
     info = _info(run, pipe, pretrained, title, _steps_of(path, run), prediction_type)

@@ -14,7 +14,9 @@ does not depend on the VAE dtype or on a random posterior draw.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
+import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -359,9 +361,55 @@ class Adapter:
         return adapter_file(self.path)
 
 
-def load_lora_file(pipe, path: Path, name: str, what: str = "--adapter") -> None:
+# Where diffusers and peft report a failed LoRA load before raising it: one line per mismatched tensor.
+LORA_LOADERS = ("diffusers.loaders.peft", "diffusers.loaders.lora_base", "diffusers.loaders.lora_pipeline", "peft")
+SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[[^]]*\])\) from checkpoint, "
+                           r"the shape in current model is torch.Size\((\[[^]]*\])\)")  # fmt: skip
+
+
+@contextmanager
+def held_logs(*names: str) -> Iterator[None]:
+    """Hold what the named loggers and `warnings` print until the block ends: passed on when it succeeds, dropped
+    when it raises (the caller turns the exception into one line)."""
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addFilter(hold)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(hold)
+    # Only reached without an exception.
+    for record in held:
+        logging.getLogger(record.name).handle(record)
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def load_failure(err: BaseException, model: str) -> str:
+    """Why a LoRA file did not load, in one line: for tensors of other shapes, how many and the first of them."""
+    mismatches = SIZE_MISMATCH.findall(str(err))
+    if not mismatches:
+        return f"could not be loaded into {model}: {first_line(err)}"
+    key, in_file, in_model = mismatches[0]
+    key = re.sub(r"\.(lora_[AB]|lora_magnitude_vector)\.[^.]+\.", r".\1.", key)  # without the adapter's load name
+    count = f"{len(mismatches)} of its tensors do not" if len(mismatches) > 1 else "one of its tensors does not"
+    return (f"made for another architecture or rank layout: {count} fit {model} (e.g. {key}: {in_file} in the "
+            f"file, {in_model} in the model); pass an adapter trained on this model's architecture")  # fmt: skip
+
+
+def load_lora_file(pipe, path: Path, name: str, what: str = "--adapter", model: str | None = None) -> None:
     """Load one LoRA file — diffusers or kohya/A1111 format, which diffusers converts — as adapter `name`, with
-    one-line errors for a missing, truncated or foreign file."""
+    one-line errors for a missing, truncated or foreign file (one made for another architecture included: what
+    diffusers and peft print about each mismatched tensor is dropped). `model` names the model in those errors."""
     from safetensors import SafetensorError, safe_open
 
     weights = adapter_file(path)
@@ -376,9 +424,10 @@ def load_lora_file(pipe, path: Path, name: str, what: str = "--adapter") -> None
     if any(k.startswith("text_encoder") and "lora_magnitude_vector" in k for k in keys):
         raise SdtuneError(f"{what} {path}: a text-encoder DoRA adapter; diffusers (with transformers 5) drops its magnitudes when loading it")
     try:
-        pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=name)
+        with held_logs(*LORA_LOADERS):
+            pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=name)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
-        raise SdtuneError(f"{what} {path}: could not be loaded into this model: {first_line(err)}") from err
+        raise SdtuneError(f"{what} {path}: {load_failure(err, f'model {model}' if model else 'this model')}") from err
     loaded = {n for names_ in pipe.get_list_adapters().values() for n in names_}
     if name not in loaded:
         raise SdtuneError(f"{what} {path}: no LoRA weights matching this model's UNet or text encoder")
@@ -404,14 +453,14 @@ def load_embedding(pipe, path: Path, token: str | None = None) -> str:
     return token
 
 
-def load_adapters(pipe, adapters: Sequence[Adapter]) -> list[str]:
+def load_adapters(pipe, adapters: Sequence[Adapter], model: str | None = None) -> list[str]:
     """Load each adapter as `a0`, `a1`, ... (diffusers `load_lora_weights`) and activate them all at their scales.
 
     The scale multiplies the LoRA update, so scale 0 gives the base model's output exactly."""
     names = []
     for i, adapter in enumerate(adapters):
         names.append(f"a{i}")
-        load_lora_file(pipe, adapter.path, names[-1])
+        load_lora_file(pipe, adapter.path, names[-1], model=model)
     if names:
         pipe.set_adapters(names, [adapter.scale for adapter in adapters])
     return names

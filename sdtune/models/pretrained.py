@@ -25,7 +25,7 @@ from diffusers import DDPMScheduler
 from transformers import CLIPTextConfig, CLIPTokenizer
 
 from sdtune.errors import SdtuneError, first_line, pickled_objects, refused_pickle
-from sdtune.models.families import FAMILIES, Layout, ModelFamily, ModelParts, family_for
+from sdtune.models.families import FAMILIES, Layout, ModelFamily, ModelParts, family_for, vae_scale_factor
 from sdtune.models.single_file import SINGLE_FILE_SUFFIXES, part_from_single_file, read_single_file
 
 CONFIG_EXAMPLE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -312,6 +312,39 @@ def model_skeleton(pretrained: str, revision: str | None = None, pretrained_conf
         with torch.device("meta"):
             components[name] = build()
     return ModelParts(family, components, None)
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """What a model's configs say about image sizes: sides are multiples of `multiple` pixels (`why` says what sets
+    it), and the denoiser was built for `width` × `height`."""
+
+    multiple: int
+    why: str
+    width: int
+    height: int
+
+
+def size_multiple(family: ModelFamily, denoiser_config, vae_factor: int) -> tuple[int, str]:
+    """The pixels image sides are multiples of, and what sets that number (for messages)."""
+    multiple = family.size_multiple(denoiser_config, vae_factor)
+    if multiple == vae_factor:
+        return multiple, "the VAE's downscaling"
+    return multiple, "the VAE's downscaling times the transformer's patch"
+
+
+def image_geometry(pretrained: str, revision: str | None = None, pretrained_config: str | None = None) -> ImageGeometry:
+    """The model's `ImageGeometry`, read from the VAE's and the denoiser's config files only (no module built, no
+    weights), so sizes are checked before a model loads."""
+    source = resolve_source(pretrained, revision, pretrained_config)
+    family = detect_family(source, revision)
+    configs = [load_part(family.component_class(name).load_config, source, name, revision=revision)
+               for name in ("vae", family.denoiser)]  # fmt: skip
+    vae, denoiser = configs
+    factor = vae_scale_factor(vae)
+    multiple, why = size_multiple(family, denoiser, factor)
+    height, width = family.default_size(denoiser, factor)
+    return ImageGeometry(multiple, why, width, height)
 
 
 def load_inference_scheduler(pretrained: str, revision: str | None = None, pretrained_config: str | None = None):
