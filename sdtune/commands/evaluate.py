@@ -92,10 +92,10 @@ def main(args: list[str]) -> int:
 
     clip_model = local_model_path(ns.clip_model)
     check_output_apart(out, [*common_inputs(ns, adapters), ("--data", ns.data), ("--clip-model", clip_model)])
-    check_writable(out)
     if (out / "metrics.json").exists() and not ns.overwrite:
         raise SdtuneError(f"{out} already holds an evaluation; pass --overwrite or choose another --out")
     width, height = image_size(ns)
+    check_writable(out)  # last: it creates (and removes) an empty folder where --out goes
 
     from sdtune.finetune import DiffusionFineTune, Objective
     from sdtune.inference.grid import make_grid

@@ -110,7 +110,6 @@ def export(ns: argparse.Namespace) -> Path:
     out = _check_arguments(ns)
     if not Path(ns.source).expanduser().exists():
         raise SdtuneError(f"{ns.source} does not exist (pass a run directory, a checkpoint or an adapter)")
-    check_writable(out)
     import torch
 
     from sdtune.export.check import Probe, compare, count_lora_layers, reference, unet_output
@@ -120,6 +119,7 @@ def export(ns: argparse.Namespace) -> Path:
 
     _check_apart(ns)
     _check_replaceable(out, ns.force)
+    check_writable(out)  # last: it creates (and removes) an empty folder where --out goes
 
     dtype = getattr(torch, DTYPES[ns.dtype])
     kind = "merged" if ns.merge else ns.format or "diffusers"

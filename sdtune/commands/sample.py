@@ -131,7 +131,6 @@ def main(args: list[str]) -> int:
                              ("--init-image", ns.init_image), ("--mask", ns.mask)])  # fmt: skip
     if out.exists() and not out.is_dir():
         raise SdtuneError(f"--out {out} is a file, not a folder")
-    check_writable(out)
     jobs = [(p, seed) for p in range(len(prompts)) for seed in seeds]
     width = max(4, len(str(len(jobs) - 1)))
     names = [f"{i:0{width}d}_{slug(prompts[p].prompt)}_s{seed}.png" for i, (p, seed) in enumerate(jobs)]
@@ -140,6 +139,7 @@ def main(args: list[str]) -> int:
         more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
         raise SdtuneError(f"{out / existing[0]}{more} already exist; pass --overwrite to replace them, or choose another --out")
     image_width, image_height = image_size(ns)
+    check_writable(out)  # last: it creates (and removes) an empty folder where --out goes
 
     import torch
 
