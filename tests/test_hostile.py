@@ -154,8 +154,8 @@ CASES = {
         [*FIT, "--trainer.default_root_dir", "{root}/r6", "--ckpt_path", "{empty_ckpt}"], "{empty_ckpt}"),
     "fit resuming from a zip that is no checkpoint": (
         [*FIT, "--trainer.default_root_dir", "{root}/r7", "--ckpt_path", "{plain_zip}"], "{plain_zip}"),
-    "fit with a resolution that is no multiple of 8": (
-        [*FIT, "--trainer.default_root_dir", "{root}/r8", "--data.resolution", 30], "data.resolution"),
+    "fit with a resolution the VAE cannot divide": (
+        [*FIT, "--trainer.default_root_dir", "{root}/r8", "--data.resolution", 31], "data.resolution"),
     "fit with an unknown setting": (
         [*FIT, "--trainer.default_root_dir", "{root}/r9", "--model.lora.rnak", 4], "rnak"),
     # --- sample and evaluate

@@ -159,8 +159,9 @@ def test_only_rank_zero_samples_and_every_rank_waits(tmp_path):
     for rank in (0, 1):
         sampler = Counting(**FAST)
         barriers = []
+        strategy = SimpleNamespace(barrier=barriers.append, reduce_boolean_decision=lambda decision, all: decision)
         trainer = SimpleNamespace(global_step=0, global_rank=rank, is_global_zero=rank == 0, default_root_dir=str(tmp_path),
-                                  strategy=SimpleNamespace(barrier=barriers.append))  # fmt: skip
+                                  received_sigterm=False, strategy=strategy)  # fmt: skip
         sampler.on_train_start(trainer, None)
         sampler._sample_once(trainer, None)  # the same step again (e.g. last.ckpt after the top-k file): no-op
         trainer.global_step = 5

@@ -249,6 +249,7 @@ def test_sigterm_resume_and_the_nan_guard_hold_for_flux(tiny_flux_dir, shapes_di
                    "--nonfinite.max_in_a_row", 2, check=False)  # fmt: skip
     errors = [line for line in diverged.stderr.splitlines() if line.startswith("sdtune: error")]
     assert diverged.returncode == 2 and "Traceback" not in diverged.stderr, diverged.stderr[-2000:]
-    assert len(errors) == 1 and "2 optimizer steps in a row had NaN or infinite gradients" in errors[0]
+    assert len(errors) == 1 and "after step 4 trained weights are NaN or infinite" in errors[0]
+    assert f"the newest checkpoint is {tmp_path / 'nan' / 'checkpoints' / 'last.ckpt'} (step 3)" in errors[0]
     saved = torch.load(tmp_path / "nan" / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 3 and all(torch.isfinite(t).all() for t in saved["state_dict"].values())
