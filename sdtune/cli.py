@@ -48,7 +48,7 @@ NOISE = {
 
 
 # Commands that load no model run whatever is installed; `env` reports what is wrong instead of refusing.
-NO_VERSION_CHECK = ("ls", "cp", "env")
+NO_VERSION_CHECK = ("ls", "cp", "env", "inspect")
 
 
 def _drop_noise() -> None:
