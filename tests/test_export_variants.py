@@ -109,3 +109,39 @@ def test_training_starts_from_an_exported_kohya_file(adapters, tiny_model_dir, t
         expected, got = lora_state_dict(getattr(source, part)), lora_state_dict(getattr(resumed, part))
         assert expected.keys() == got.keys() and any(v.abs().max() > 0 for k, v in got.items() if "lora_B" in k)
         assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+class Transformers4Layout(torch.nn.Module):
+    """A CLIPTextModel as transformers 4 nests it (`text_model.encoder.layers.0…`; transformers 5 flattened it),
+    built from the installed one's modules: what a transformers-4 user loads the peft export into."""
+
+    def __init__(self, clip) -> None:
+        super().__init__()
+        self.text_model = clip
+
+    def forward(self, input_ids):
+        return self.text_model(input_ids)
+
+
+def test_peft_text_encoder_loads_into_the_transformers_4_and_5_layouts(adapters, tiny_model_dir, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+    from peft import PeftModel
+    from transformers import CLIPTextModel
+
+    out = tmp_path / "peft"
+    assert main(["export", str(adapters["text_encoder"]), "--model", str(tiny_model_dir), "--format", "peft", "--out", str(out)]) == 0
+    assert "transformers 4 (≥ 4.45) or 5" in capsys.readouterr().out  # the versions that read it, printed
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None)
+    ids = pipe.tokenizer(["a red circle"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        base = pipe.text_encoder(ids)[0]
+        pipe.load_lora_weights(str(adapters["text_encoder"]))
+        expected = pipe.text_encoder(ids)[0]
+    assert (expected - base).abs().max() > 1e-3  # the adapter changes the text encoder
+    for layout in (lambda clip: clip, Transformers4Layout):
+        model = PeftModel.from_pretrained(layout(CLIPTextModel.from_pretrained(str(tiny_model_dir / "text_encoder"))), str(out / "text_encoder"))
+        b = [p for name, p in model.named_parameters() if "lora_B" in name]
+        assert len(b) == sum(".lora_B." in k for k in load_file(adapters["text_encoder"] / "pytorch_lora_weights.safetensors") if k.startswith("text_encoder."))
+        assert all(p.abs().max() > 0 for p in b)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids)[0], expected, rtol=1e-5, atol=1e-6)

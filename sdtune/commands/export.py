@@ -113,7 +113,7 @@ def export(ns: argparse.Namespace) -> Path:
     import torch
 
     from sdtune.export.check import Probe, compare, count_lora_layers, reference, unet_output
-    from sdtune.export.formats import WRITERS, load_back, write_merged
+    from sdtune.export.formats import READ_BY, WRITERS, load_back, write_merged
     from sdtune.export.source import load_source
     from sdtune.models.pretrained import local_model_path
 
@@ -159,6 +159,8 @@ def export(ns: argparse.Namespace) -> Path:
     _remove(out)
     staging.rename(out)
     print(f"wrote {out} ({kind}, {ns.dtype}) in {time.perf_counter() - started:.0f} s; checked: {verdict.describe()}")
+    if kind in READ_BY:
+        print(f"read by {READ_BY[kind]}")
     return out
 
 

@@ -3,7 +3,8 @@
 | format    | written                                              | consumer that re-reads it                      |
 | diffusers | pytorch_lora_weights.safetensors                     | diffusers `load_lora_weights`                  |
 | peft      | adapter_config.json + adapter_model.safetensors      | peft `PeftModel.from_pretrained`               |
-|           | (text encoders in text_encoder/, text_encoder_2/)    |                                                |
+|           | (text encoders in text_encoder/, text_encoder_2/;    |                                                |
+|           | transformers 4 and 5 module names both)              |                                                |
 | kohya     | one .safetensors, lora_unet_/lora_te(1,2)_ keys      | diffusers' kohya converter (as A1111 reads it) |
 | merged    | a complete diffusers pipeline folder                 | `StableDiffusionPipeline.from_pretrained`      |
 """
@@ -31,14 +32,26 @@ def write_diffusers(adapted: Adapted, out: Path, dtype: torch.dtype) -> None:
 
 
 def _write_peft_model(model: torch.nn.Module, out: Path, dtype: torch.dtype, base: str) -> None:
-    """peft's own layout. Keys follow the module names of the installed libraries (peft maps nothing), so the
-    text encoder's read back only into the same major transformers version."""
+    """peft's own layout: keys follow the module names of the installed libraries (peft maps nothing)."""
     config = model.peft_config[ADAPTER]
     config.base_model_name_or_path = base
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))
-    tensors = {f"base_model.model.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in lora_state_dict(model).items()}
-    save_file(tensors, str(out / PEFT_WEIGHTS), metadata={"format": "pt"})
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in lora_state_dict(model).items()}
+    if type(model).__name__ == "CLIPTextModel":
+        tensors = both_clip_layouts(tensors)
+    save_file({f"base_model.model.{k}": v for k, v in tensors.items()}, str(out / PEFT_WEIGHTS), metadata={"format": "pt"})
+
+
+def both_clip_layouts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIPTextModel adapter under both module layouts: transformers 5 flattened the model (`encoder.layers.0…`),
+    transformers 4 has `text_model.encoder.layers.0…`. peft loads with strict=False, so each version takes its own
+    keys and ignores the others (with only its own, the other version leaves every lora_B at zero)."""
+    out = {}
+    for key, value in tensors.items():
+        flat = key.removeprefix("text_model.")
+        out[flat], out[f"text_model.{flat}"] = value, value.clone()  # safetensors stores no shared tensors
+    return out
 
 
 def write_peft(adapted: Adapted, out: Path, dtype: torch.dtype) -> None:
@@ -68,6 +81,12 @@ def write_merged(adapted: Adapted, out: Path, dtype: torch.dtype, scale: float) 
 
 
 WRITERS = {"diffusers": write_diffusers, "peft": write_peft, "kohya": write_kohya}
+# Printed after an export: the library versions that read the file as written.
+READ_BY = {
+    "diffusers": "diffusers ≥ 0.34 `load_lora_weights` (earlier versions ignore the stored alpha: alpha ≠ rank loads at the wrong strength)",
+    "peft": "peft ≥ 0.20 `PeftModel.from_pretrained` (text encoders from their subfolders) with transformers 4 (≥ 4.45) or 5: "
+    "the CLIP text encoder's keys are written in both versions' module names",
+}
 
 
 # --- consumers ---------------------------------------------------------------------------------------------------

@@ -175,7 +175,7 @@ FORMAT_NAMES = {
 def _layers(header: Header, kind: str) -> list[Layer]:
     keys = header.tensors
     base = {"kohya_locon": "kohya", "kohya_flux": "kohya", "peft": "diffusers"}.get(kind, kind)
-    layers = []
+    layers, seen = [], set()
     for key, info in keys.items():
         down = DOWN[base]
         if kind == "lokr" and key.endswith(".lokr_w1"):  # a LoKr layer always has w1 (full or as w1_a·w1_b)
@@ -189,6 +189,11 @@ def _layers(header: Header, kind: str) -> list[Layer]:
         if kind == "lokr":
             rank = keys[f"{name}.lokr_w2_b"].shape[0] if f"{name}.lokr_w2_b" in keys else None
         component, module = _component(name, kind)
+        if kind == "peft":  # sdtune writes a CLIP text encoder's keys under transformers 4's and 5's names both
+            module = module.removeprefix("text_model.")
+            if module in seen:
+                continue
+            seen.add(module)
         conv = len(info.shape) == 4 and tuple(info.shape[2:]) != (1, 1)
         if kind in ("loha", "lokr"):  # LyCORIS flattens conv kernels into 2-D factors: the module name tells
             conv = f"{name}.hada_t1" in keys or bool(re.search(r"(conv\d?|conv_shortcut|conv_in|conv_out|samplers_0_conv)$", name))
@@ -367,7 +372,8 @@ def readers(kind: str, family: str, components: set[str]) -> dict[str, str]:
             out |= {"A1111 / Forge / ComfyUI": "not checked by sdtune; `sdtune export FILE --model BASE --format kohya` writes the file they read"}
         return out
     if kind == "peft":
-        return {"peft PeftModel.from_pretrained": "yes, on the model it was trained on (the folder's denoiser; text encoders in their subfolders)",
+        return {"peft PeftModel.from_pretrained": "yes, on the model it was trained on (the folder's denoiser; text encoders in "
+                "their subfolders, with transformers 4 or 5 when the keys are under both module names, as sdtune writes them)",
                 "diffusers load_lora_weights": "no (peft layout)", "A1111 / Forge / ComfyUI": "no"}  # fmt: skip
     if kind == "embedding":
         return {"A1111 / Forge": "yes (embeddings/; the file name is the prompt word)", "ComfyUI": "yes (embedding:NAME)",
