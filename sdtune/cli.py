@@ -25,6 +25,7 @@ examples:
   sdtune sample --model stable-diffusion-v1-5/stable-diffusion-v1-5 --adapter runs/my_lora/adapter:0.8 \\
                 --prompt "a photo of sks dog" --seed 0 --seed 1 --out samples/my_lora
   sdtune export runs/my_lora --format kohya --out loras/my_lora.safetensors
+  sdtune inspect loras/some_lora.safetensors                 # what a file is and which tools read it
 
 Run `sdtune <command> --help` for a command's options.
 """
