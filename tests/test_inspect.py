@@ -168,6 +168,15 @@ def test_sd1_single_file_checkpoint(suffix, tiny_model_dir, tmp_path, capsys):
     assert report["format"].startswith("single-file checkpoint")
     assert report["family"] == "SD1" and "cond_stage_model.transformer" in report["family_reason"]
     assert report["readers"]["diffusers from_single_file"] == "yes" and report["layers"] == []
+    assert report["metadata"]["parts"] == "UNet or transformer, VAE, text encoder(s)"
+
+
+def test_a_training_checkpoint_is_named_without_unpickling(tmp_path, capsys):
+    path = tmp_path / "last.ckpt"
+    torch.save({"hyper_parameters": {"_class_path": "sdtune.finetune.LoRAFineTune"}, "state_dict": {}, "global_step": 3}, path)
+    report = inspected(path, capsys)
+    assert report["format"] == "sdtune training checkpoint (LoRAFineTune)"
+    assert report["readers"]["sdtune export CKPT"].startswith("yes")
 
 
 def test_embeddings(tmp_path, capsys):
@@ -210,3 +219,14 @@ def test_inspect_reads_headers_without_torch(files):
     code = f"import sys; from sdtune.cli import main; main(['inspect', {str(files['kohya'])!r}]); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "False" and "kohya LoCon" in result.stdout
+
+
+def test_the_family_comes_from_a_local_base_model_when_the_file_does_not_tell(tiny_sdxl_dir, tmp_path, capsys):
+    key = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    (tmp_path / "adapter").mkdir()
+    save_file({f"{key}.lora_A.weight": torch.zeros(4, 80), f"{key}.lora_B.weight": torch.zeros(64, 4)},
+              str(tmp_path / "adapter" / "pytorch_lora_weights.safetensors"))  # fmt: skip
+    (tmp_path / "config.yaml").write_text(json.dumps({"model": {"init_args": {"pretrained": str(tiny_sdxl_dir)}}}))
+    assert inspected(tmp_path / "adapter", capsys)["family"] == "unknown"  # width 80 alone says nothing
+    report = inspected(tmp_path, capsys)
+    assert report["family"] == "SDXL" and "StableDiffusionXLPipeline" in report["family_reason"]

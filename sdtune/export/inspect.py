@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import pickletools
 import re
 import zipfile
 from collections import Counter
@@ -36,6 +37,12 @@ BLOCKS = (("down", ("down_blocks", "input_blocks")), ("mid", ("mid_block", "midd
           ("single", ("single_blocks", "single_transformer_blocks")), ("layers", ("encoder_layers", "encoder.layers")))  # fmt: skip
 # The key of each layer's down (A) matrix, by format; the layer's name is what comes before it.
 DOWN = {"kohya": ".lora_down.weight", "diffusers": ".lora_A.weight", "loha": ".hada_w1_b", "lokr": ".lokr_w2_b"}
+# Key prefixes of the original (single-file) layout, by part; Flux transformers are shared without a prefix.
+SINGLE_FILE_PARTS = {
+    "UNet or transformer": ("model.diffusion_model.", "double_blocks.", "single_blocks."),
+    "VAE": ("first_stage_model.", "vae."),
+    "text encoder(s)": ("cond_stage_model.", "conditioner.embedders.", "text_encoders."),
+}
 LORA_MODEL_FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"RIFF": "a RIFF (WebP/WAV) file",
          b"%PDF": "a PDF document", b"PK\x03\x04": "a zip archive"}  # fmt: skip
@@ -132,6 +139,8 @@ def _inspect_safetensors(header: Header) -> Report:
         report.layers = _layers(header, kind)
     report.family, report.family_reason = _family(keys, header.metadata, kind)
     report.metadata = _metadata(header.metadata)
+    if kind == "single_file":
+        report.metadata["parts"] = _parts(keys)
     report.readers = readers(kind, report.family, {layer.component for layer in report.layers})
     return report
 
@@ -151,8 +160,7 @@ def _format_of(keys: dict) -> str | None:
         return "peft"
     if any(".lora_A.weight" in k or ".lora.down.weight" in k for k in names):
         return "diffusers"
-    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders."))
-           for k in names):  # fmt: skip
+    if any(k.startswith(tuple(p for prefixes in SINGLE_FILE_PARTS.values() for p in prefixes)) for k in names):
         return "single_file"
     if set(names) <= {"emb_params", "clip_l", "clip_g"} or all(k.startswith("string_to_param.") for k in names) or (len(names) == 1 and len(keys[names[0]].shape) <= 2):
         return "embedding"
@@ -250,11 +258,12 @@ def apply_peft_config(layers: list[Layer], config: dict) -> None:
 # --- family --------------------------------------------------------------------------------------------------------
 
 
-def _context_width(keys: dict, kind: str) -> int | None:
-    """The text width the UNet's cross-attention reads: the input side of attn2.to_k (or to_v)."""
+def _context_width(keys: dict) -> int | None:
+    """The text width the UNet's cross-attention reads: the input side of attn2.to_k (or to_v); None when unknown
+    (no such layer, or key names without shapes, as in a pickle)."""
     for key, info in keys.items():
         flat = key.replace(".", "_")
-        if re.search(r"attn2_to_[kv](_lora_down_weight|_lora_A_weight|_weight|_hada_w1_b)$", flat) and len(info.shape) == 2:
+        if re.search(r"attn2_to_[kv](_lora_down_weight|_lora_A_weight|_weight|_hada_w1_b)$", flat) and info is not None and len(info.shape) == 2:
             return info.shape[1]
     return None
 
@@ -277,7 +286,7 @@ def _family(keys: dict, metadata: dict[str, str], kind: str) -> tuple[str, str]:
     if any(k.startswith(("transformer.", "lora_transformer_")) for k in names):
         return stated or ("SD3 or Flux", "transformer blocks without Flux's single blocks, and no base model in the metadata")
     two = any(k.startswith(("lora_te2_", "text_encoder_2.", "conditioner.embedders.1.")) for k in names)
-    width = _context_width(keys, kind)
+    width = _context_width(keys)
     if two:
         return "SDXL", "two text encoders" + (f", cross-attention width {width}" if width else "")
     if width in CONTEXT_WIDTHS:
@@ -409,7 +418,16 @@ def _peft_folder(path: Path) -> Report:
         report.layers += part.layers
         report.dtypes = dict(Counter(report.dtypes) + Counter(part.dtypes))
     report.size_bytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    _family_from_base(report, Path(base).parent)
     return report
+
+
+def _family_from_base(report: Report, base: Path) -> None:
+    """When the file does not tell, the family of its base model, if that is a diffusers folder on this machine."""
+    if report.family == "unknown" and (base / "model_index.json").is_file():
+        found = _pipeline_folder(base)
+        if found.family != "unknown":
+            report.family, report.family_reason = found.family, f"its base model {base}: {found.family_reason}"
 
 
 def _read_json(path: Path) -> dict:
@@ -439,62 +457,71 @@ def _pipeline_folder(path: Path) -> Report:
 
 
 def _run_directory(path: Path) -> Report:
+    """An sdtune run: its final adapter (or full model) inspected, with the training settings of its config.yaml."""
     import yaml
 
-    config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
-    if not isinstance(config, dict) or "model" not in config:
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (UnicodeDecodeError, yaml.YAMLError) as err:
+        raise SdtuneError(f"{path}: config.yaml is not YAML ({type(err).__name__})") from err
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise SdtuneError(f"{path}: config.yaml is not an sdtune run config (no model section)")
-    for found in (path / "adapter" / LORA_MODEL_FILES[0], path / "model"):
-        if found.exists():
-            report = inspect(found)
-            break
+    written = next((p for p in (path / "adapter" / LORA_MODEL_FILES[0], path / "model") if p.exists()), None)
+    if written is not None:
+        report = inspect(written)
+        report.format = f"sdtune run directory; {written.relative_to(path)}: {report.format}"
     else:
-        report = Report(str(path), "", "unknown", "no adapter/ or model/ written yet")
-    report.path, report.format = str(path), f"sdtune run directory; its {found.parent.name if found.is_file() else found.name}/: {report.format}"
-    model = (config.get("model") or {}).get("init_args") or {}
+        embeddings = sorted(p.name for p in (path / "adapter" / "embeddings").glob("*.safetensors"))
+        what = f"new-token embeddings only ({', '.join(embeddings)} in adapter/embeddings/)" if embeddings else "no adapter/ or model/ written yet"
+        report = Report(str(path), f"sdtune run directory: {what}", "unknown", "the family is the base model's")
+    report.path = str(path)
+    model = config["model"].get("init_args") or {}
     data = (config.get("data") or {}).get("init_args") or {}
     trainer = config.get("trainer") or {}
     prefixes = [s.get("prefix") for s in data.get("subsets") or [] if isinstance(s, dict) and s.get("prefix")]
-    run = {"method": (config["model"] or {}).get("class_path"), "base model": model.get("pretrained"),
+    run = {"method": config["model"].get("class_path"), "base model": model.get("pretrained"),
            "steps": trainer.get("max_steps"), "resolution": data.get("resolution"),
            "learning rate": ((model.get("optimizer") or {}).get("init_args") or {}).get("lr"),
            "trigger words": ", ".join(prefixes) or None,
            "checkpoint": "checkpoints/last.ckpt" if (path / "checkpoints" / "last.ckpt").is_file() else None}  # fmt: skip
     report.metadata |= {key: str(value) for key, value in run.items() if value not in (None, "")}
+    if isinstance(model.get("pretrained"), str):
+        _family_from_base(report, Path(model["pretrained"]).expanduser())
     return report
 
 
 def _inspect_pickle(path: Path) -> Report:
-    """A .ckpt/.pt is a pickle: it is not unpickled here, only its zip's pickle bytes are searched for key names."""
+    """A .ckpt/.pt is a pickle: it is never unpickled here; the strings of its opcodes (key names, class paths) are
+    read with `pickletools`, which only parses."""
     if path.stat().st_size == 0:
         raise SdtuneError(f"{path}: an empty file")
     if not zipfile.is_zipfile(path):
-        raise SdtuneError(f"{path}: not a zip-format PyTorch checkpoint (a legacy pickle, damaged, or not a checkpoint); sdtune reads it only by loading it")
+        raise SdtuneError(f"{path}: not a zip-format PyTorch checkpoint (a legacy pickle, damaged, or not a checkpoint)")
     try:
         with zipfile.ZipFile(path) as archive:
-            pickle_name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
-            data = archive.read(pickle_name)
-    except (StopIteration, zipfile.BadZipFile, OSError) as err:
+            data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+        strings = {arg for _, arg, _ in pickletools.genops(data) if isinstance(arg, str)}
+    except (StopIteration, zipfile.BadZipFile, OSError, ValueError) as err:
         raise SdtuneError(f"{path}: a damaged or non-PyTorch zip archive ({type(err).__name__})") from err
-    if b"_class_path" in data and b"sdtune.finetune." in data:
-        method = re.search(rb"sdtune\.finetune\.(\w+)", data)
-        report = Report(str(path), f"sdtune training checkpoint ({method[1].decode() if method else 'LoRA'})", "unknown",
+    method = next((s.removeprefix("sdtune.finetune.") for s in sorted(strings) if s.startswith("sdtune.finetune.")), None)
+    if "_class_path" in strings and method:
+        report = Report(str(path), f"sdtune training checkpoint ({method})", "unknown",
                         "a checkpoint holds the trained weights only; the base model is in its run's config.yaml")  # fmt: skip
         report.readers = {"sdtune export CKPT": "yes (--model BASE outside its run)", "sdtune fit --ckpt_path": "yes (resume)",
                           "A1111 / ComfyUI / diffusers": "no: `sdtune export` writes their files"}  # fmt: skip
-    elif b"model.diffusion_model." in data:
-        report = Report(str(path), FORMAT_NAMES["single_file"] + " (.ckpt pickle)", "unknown", "")
-        if b"conditioner.embedders." in data:
-            report.family, report.family_reason = "SDXL", "conditioner.embedders (two text encoders)"
-        elif b"cond_stage_model.model." in data:
-            report.family, report.family_reason = "SD2", "an OpenCLIP text encoder (cond_stage_model.model.)"
-        elif b"cond_stage_model.transformer." in data:
-            report.family, report.family_reason = "SD1", "a CLIP text encoder (cond_stage_model.transformer.)"
+    elif any(s.startswith("model.diffusion_model.") for s in strings):
+        keys = {s: None for s in strings}
+        report = Report(str(path), FORMAT_NAMES["single_file"] + " (.ckpt pickle)", *_family(keys, {}, "single_file"))
+        report.metadata["parts"] = _parts(keys)
         report.readers = readers("single_file", report.family, set())
     else:
         raise SdtuneError(f"{path}: a PyTorch file that is neither an sdtune training checkpoint nor a Stable Diffusion checkpoint")
     report.size_bytes = path.stat().st_size
     return report
+
+
+def _parts(keys) -> str:
+    return ", ".join(part for part, prefixes in SINGLE_FILE_PARTS.items() if any(k.startswith(prefixes) for k in keys)) or "none"
 
 
 # --- text ----------------------------------------------------------------------------------------------------------

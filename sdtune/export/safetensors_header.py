@@ -36,6 +36,8 @@ class Header:
     def scalar(self, key: str) -> float:
         """The value of a one-element tensor, read from its own bytes."""
         info = self.tensors[key]
+        if info.dtype not in SCALAR_FORMATS and info.dtype != "BF16":
+            raise SdtuneError(f"{self.path}: {key} is a {info.dtype} tensor, not a number")
         with self.path.open("rb") as file:
             file.seek(self.data_start + info.begin)
             raw = file.read(info.end - info.begin)
