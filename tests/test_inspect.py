@@ -96,6 +96,15 @@ def test_peft_folder(files, capsys):
     assert rank_alpha(parts["UNet"]) == UNET_PAIRS
     assert rank_alpha(parts["text encoder"]) == TEXT_PAIRS
     assert report["readers"]["peft PeftModel.from_pretrained"].startswith("yes")
+    assert report["readers"]["diffusers load_lora_weights"].startswith("no: it takes the file without an error and attaches nothing")
+
+
+def test_diffusers_attaches_nothing_from_a_peft_file_as_inspect_says(files, tiny_model_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None)
+    pipe.load_lora_weights(str(files["peft"]), weight_name="adapter_model.safetensors")
+    assert not any("lora_" in name for name, _ in [*pipe.unet.named_parameters(), *pipe.text_encoder.named_parameters()])
 
 
 def test_a_run_directory_reports_its_adapter_and_training(files, tmp_path, capsys):
@@ -110,15 +119,16 @@ def test_a_run_directory_reports_its_adapter_and_training(files, tmp_path, capsy
     assert report["metadata"]["base model"] == "some/model" and report["metadata"]["resolution"] == "48"
 
 
-def lycoris(kind: str, rank: int, alpha: float, width: int = 64) -> dict[str, torch.Tensor]:
-    """A LyCORIS file with its key names: an attention layer of the UNet and one of the text encoder."""
+def lycoris(kind: str, rank: int, alpha: float, width: int = 64, out: int = 320) -> dict[str, torch.Tensor]:
+    """A LyCORIS file with its key names: an attention layer of the UNet (`width` → `out`) and one of the text
+    encoder (the same shapes)."""
     tensors = {}
-    for name in ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", "lora_te_text_model_encoder_layers_0_self_attn_q_proj"):
+    for name in ("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k", "lora_te_text_model_encoder_layers_0_self_attn_q_proj"):
         if kind == "loha":
-            tensors |= {f"{name}.hada_w1_a": torch.randn(320, rank), f"{name}.hada_w1_b": torch.randn(rank, width),
-                        f"{name}.hada_w2_a": torch.randn(320, rank), f"{name}.hada_w2_b": torch.randn(rank, width)}  # fmt: skip
+            tensors |= {f"{name}.hada_w1_a": torch.randn(out, rank), f"{name}.hada_w1_b": torch.randn(rank, width),
+                        f"{name}.hada_w2_a": torch.randn(out, rank), f"{name}.hada_w2_b": torch.randn(rank, width)}  # fmt: skip
         else:
-            tensors |= {f"{name}.lokr_w1": torch.randn(4, 4), f"{name}.lokr_w2_a": torch.randn(80, rank),
+            tensors |= {f"{name}.lokr_w1": torch.randn(4, 4), f"{name}.lokr_w2_a": torch.randn(out // 4, rank),
                         f"{name}.lokr_w2_b": torch.randn(rank, width // 4)}  # fmt: skip
         tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.bfloat16)
     return tensors
@@ -135,6 +145,17 @@ def test_lycoris_files(kind, width, family, tmp_path, capsys):
     parts = by_component(report)
     assert set(parts) == {"UNet", "text encoder"} and rank_alpha(parts["UNet"]) == {(8, 3.0, 3.0 / 8)}
     assert report["readers"]["diffusers load_lora_weights"].startswith("no")
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_diffusers_refuses_lycoris_files_as_inspect_says(kind, tiny_model_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None)
+    to_k = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k
+    save_file(lycoris(kind, rank=2, alpha=2.0, width=to_k.in_features, out=to_k.out_features), str(tmp_path / "l.safetensors"))
+    with pytest.raises(ValueError, match="not been correctly renamed"):  # its kohya converter knows LoRA keys only
+        pipe.load_lora_weights(str(tmp_path), weight_name="l.safetensors")
 
 
 @pytest.mark.parametrize("width, family", [(768, "SD1"), (1024, "SD2"), (2048, "SDXL")])

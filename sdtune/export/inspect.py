@@ -370,7 +370,7 @@ def readers(kind: str, family: str, components: set[str]) -> dict[str, str]:
                 "A1111": "no (no Flux support)"}  # fmt: skip
     if kind in ("loha", "lokr"):
         return {"A1111 / Forge": "yes (built-in Lora extension)", "ComfyUI": "yes", "LyCORIS / kohya sd-scripts": "yes",
-                "diffusers load_lora_weights": "no (LoRA keys only)", "sdtune sample / export": "no (LoRA only)"}  # fmt: skip
+                "diffusers load_lora_weights": "no (refuses LoHa/LoKr keys for Stable Diffusion UNets)", "sdtune sample / export": "no (LoRA only)"}  # fmt: skip
     if kind == "diffusers":
         out = {"diffusers load_lora_weights": "yes (alpha ≠ rank needs diffusers ≥ 0.34)", "sdtune sample / export": "yes"}
         if "UNet" in components and family in ("SD1", "SD2", "unknown"):
@@ -383,7 +383,9 @@ def readers(kind: str, family: str, components: set[str]) -> dict[str, str]:
     if kind == "peft":
         return {"peft PeftModel.from_pretrained": "yes, on the model it was trained on (the folder's denoiser; text encoders in "
                 "their subfolders, with transformers 4 or 5 when the keys are under both module names, as sdtune writes them)",
-                "diffusers load_lora_weights": "no (peft layout)", "A1111 / Forge / ComfyUI": "no"}  # fmt: skip
+                "diffusers load_lora_weights": "no: it takes the file without an error and attaches nothing (peft's "
+                "base_model.model. keys); load it with peft, or export the run with --format diffusers",
+                "A1111 / Forge / ComfyUI": "no"}  # fmt: skip
     if kind == "embedding":
         return {"A1111 / Forge": "yes (embeddings/; the file name is the prompt word)", "ComfyUI": "yes (embedding:NAME)",
                 "diffusers load_textual_inversion": "yes" + (" (once per text encoder)" if family == "SDXL" else ""),
