@@ -77,7 +77,8 @@ def test_diffusers_adapter_says_a1111_and_comfyui_do_not_read_its_unet(files, ca
     report = inspected(files["diffusers"], capsys)
     assert report["format"].startswith("diffusers LoRA") and report["dtypes"] == {"F32": sum(n for n, _ in expected_layers(files["diffusers"]).values()) * 2}
     assert report["family"] == "unknown" and "width 32" in report["family_reason"]  # tiny: not 768, 1024 or 2048
-    parts = by_component(report)
+    parts, layers = by_component(report), expected_layers(files["diffusers"])
+    assert parts["UNet"]["layers"] == layers["unet"][0] and parts["text encoder"]["layers"] == layers["text_encoder"][0]
     assert rank_alpha(parts["UNet"]) == UNET_PAIRS
     assert rank_alpha(parts["text encoder"]) == TEXT_PAIRS
     assert report["readers"]["A1111 / Forge"].startswith("no")
@@ -144,6 +145,7 @@ def test_lycoris_files(kind, width, family, tmp_path, capsys):
         assert report["family"] == family and str(width) in report["family_reason"]
     parts = by_component(report)
     assert set(parts) == {"UNet", "text encoder"} and rank_alpha(parts["UNet"]) == {(8, 3.0, 3.0 / 8)}
+    assert parts["UNet"]["layers"] == parts["text encoder"]["layers"] == 1
     assert report["readers"]["diffusers load_lora_weights"].startswith("no")
 
 
@@ -251,3 +253,20 @@ def test_the_family_comes_from_a_local_base_model_when_the_file_does_not_tell(ti
     assert inspected(tmp_path / "adapter", capsys)["family"] == "unknown"  # width 80 alone says nothing
     report = inspected(tmp_path, capsys)
     assert report["family"] == "SDXL" and "StableDiffusionXLPipeline" in report["family_reason"]
+
+
+def test_a_kohya_flux_file(tmp_path, capsys):
+    """kohya's Flux names (sdtune.export.kohya_flux writes them for Flux.1-sized transformers)."""
+    from sdtune.export.kohya_flux import kohya_name
+
+    tensors = {}
+    for module in ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.3.proj_out"):
+        name = f"lora_unet_{kohya_name(module)[0]}"
+        tensors |= {f"{name}.lora_down.weight": torch.zeros(16, 3072), f"{name}.lora_up.weight": torch.zeros(3072, 16),
+                    f"{name}.alpha": torch.tensor(8.0)}  # fmt: skip
+    save_file(tensors, str(tmp_path / "flux.safetensors"))
+    report = inspected(tmp_path / "flux.safetensors", capsys)
+    assert report["format"].startswith("kohya Flux LoRA") and report["family"] == "Flux"
+    (part,) = report["adapted"]
+    assert part["component"] == "transformer" and part["blocks"] == {"double/joint": 1, "single": 1}
+    assert rank_alpha(part) == {(16, 8.0, 0.5)} and report["readers"]["A1111"].startswith("no")

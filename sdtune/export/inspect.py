@@ -33,10 +33,11 @@ KOHYA_COMPONENTS = {"lora_unet_": "UNet", "lora_te_": "text encoder", "lora_te1_
 DIFFUSERS_COMPONENTS = {"unet": "UNet", "transformer": "transformer", "text_encoder": "text encoder",
                         "text_encoder_2": "text encoder 2", "text_encoder_3": "text encoder 3"}  # fmt: skip
 BLOCKS = (("down", ("down_blocks", "input_blocks")), ("mid", ("mid_block", "middle_block")),
-          ("up", ("up_blocks", "output_blocks")), ("double", ("double_blocks", "transformer_blocks")),
+          ("up", ("up_blocks", "output_blocks")), ("double/joint", ("double_blocks", "transformer_blocks", "joint_blocks")),
           ("single", ("single_blocks", "single_transformer_blocks")), ("layers", ("encoder_layers", "encoder.layers")))  # fmt: skip
-# The key of each layer's down (A) matrix, by format; the layer's name is what comes before it.
-DOWN = {"kohya": ".lora_down.weight", "diffusers": ".lora_A.weight", "loha": ".hada_w1_b", "lokr": ".lokr_w2_b"}
+# The key each layer has once, by format (its down/A matrix); the layer's name is what comes before it.
+ANCHORS = {"kohya": (".lora_down.weight",), "diffusers": (".lora_A.weight", ".lora.down.weight"),
+           "loha": (".hada_w1_b",), "lokr": (".lokr_w1", ".lokr_w1_a")}  # fmt: skip
 # Key prefixes of the original (single-file) layout, by part; Flux transformers are shared without a prefix.
 SINGLE_FILE_PARTS = {
     "UNet or transformer": ("model.diffusion_model.", "double_blocks.", "single_blocks."),
@@ -56,7 +57,7 @@ NOT_A1111 = "no: A1111 does not read diffusers-format LoRAs; convert with `sdtun
 class Layer:
     component: str  # "UNet", "text encoder 2", "transformer"
     module: str  # its name inside the component, as the file spells it
-    block: str  # down / mid / up, double / single, layers, other
+    block: str  # down / mid / up (UNet), double/joint / single (transformer), layers (text encoder), other
     rank: int | None  # None: a full (not low-rank) factor
     alpha: float | None  # None: not stored (readers take alpha = rank)
     conv: bool  # a convolution wider than 1×1 (LoCon)
@@ -185,17 +186,14 @@ def _layers(header: Header, kind: str) -> list[Layer]:
     base = {"kohya_locon": "kohya", "kohya_flux": "kohya", "peft": "diffusers"}.get(kind, kind)
     layers, seen = [], set()
     for key, info in keys.items():
-        down = DOWN[base]
-        if kind == "lokr" and key.endswith(".lokr_w1"):  # a LoKr layer always has w1 (full or as w1_a·w1_b)
-            down = ".lokr_w1"
-        if not key.endswith(down):
+        anchor = next((suffix for suffix in ANCHORS[base] if key.endswith(suffix)), None)
+        if anchor is None:
             continue
-        name = key[: -len(down)]
-        alpha_key = f"{name}.alpha"
-        alpha = header.scalar(alpha_key) if alpha_key in keys else None
+        name = key[: -len(anchor)]
+        alpha = header.scalar(f"{name}.alpha") if f"{name}.alpha" in keys else None
         rank = info.shape[0]
-        if kind == "lokr":
-            rank = keys[f"{name}.lokr_w2_b"].shape[0] if f"{name}.lokr_w2_b" in keys else None
+        if kind == "lokr":  # the rank is that of w2's (or else w1's) low-rank factors; None: both full
+            rank = next((keys[f"{name}.{k}"].shape[0] for k in ("lokr_w2_b", "lokr_w1_b") if f"{name}.{k}" in keys), None)
         component, module = _component(name, kind)
         if kind == "peft":  # sdtune writes a CLIP text encoder's keys under transformers 4's and 5's names both
             module = module.removeprefix("text_model.")
