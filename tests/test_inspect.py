@@ -138,8 +138,14 @@ def lycoris(kind: str, rank: int, alpha: float, width: int = 64, out: int = 320)
 @pytest.mark.parametrize("kind, width, family", [("loha", 768, "SD1"), ("lokr", 1024, "SD2")])
 def test_lycoris_files(kind, width, family, tmp_path, capsys):
     path = tmp_path / f"{kind}.safetensors"
-    save_file(lycoris(kind, rank=8, alpha=3.0, width=width), str(path))
+    tags = {"10_sks dog": {"sks dog": 20, "outdoors": 3, "grass": 5}}
+    meta = {"ss_tag_frequency": json.dumps(tags), "ss_num_epochs": "10", "ss_sd_model_name": "v1-5-pruned.safetensors",
+            "ss_training_started_at": "1700000000.5", "ss_learning_rate": "0.0001"}  # fmt: skip
+    save_file(lycoris(kind, rank=8, alpha=3.0, width=width), str(path), metadata=meta)
     report = inspected(path, capsys)
+    assert report["metadata"]["trigger words"] == "sks dog, grass, outdoors"  # by frequency
+    assert report["metadata"]["training started"] == "2023-11-14T22:13:20+00:00" and report["metadata"]["epochs"] == "10"
+    assert report["metadata"]["base model"] == "v1-5-pruned.safetensors" and report["metadata"]["learning rate"] == "0.0001"
     assert report["format"].startswith({"loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr"}[kind])
     if kind == "loha":
         assert report["family"] == family and str(width) in report["family_reason"]
