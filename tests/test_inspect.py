@@ -216,6 +216,8 @@ def test_embeddings(tmp_path, capsys):
         assert report["metadata"]["token"] == "<sks>"
     save_file({"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}, str(tmp_path / "xl.safetensors"))
     assert inspected(tmp_path / "xl.safetensors", capsys)["family"] == "SDXL"
+    torch.save({"string_to_param": {"*": torch.randn(1, 768)}, "name": "sks"}, tmp_path / "sks.pt")  # A1111's own
+    assert inspected(tmp_path / "sks.pt", capsys)["format"].startswith("textual-inversion embedding (A1111 .pt")
 
 
 def test_a_diffusers_pipeline_folder(tiny_sdxl_dir, capsys):

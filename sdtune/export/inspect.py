@@ -514,8 +514,12 @@ def _inspect_pickle(path: Path) -> Report:
         report = Report(str(path), FORMAT_NAMES["single_file"] + " (.ckpt pickle)", *_family(keys, {}, "single_file"))
         report.metadata["parts"] = _parts(keys)
         report.readers = readers("single_file", report.family, set())
+    elif "string_to_param" in strings:
+        report = Report(str(path), f"{FORMAT_NAMES['embedding']} (A1111 .pt: string_to_param)", "unknown",
+                        "its width is in the tensor data, which a .pt keeps inside the pickle")  # fmt: skip
+        report.readers = readers("embedding", report.family, set())
     else:
-        raise SdtuneError(f"{path}: a PyTorch file that is neither an sdtune training checkpoint nor a Stable Diffusion checkpoint")
+        raise SdtuneError(f"{path}: a PyTorch file that is neither an sdtune training checkpoint, a Stable Diffusion checkpoint nor an embedding")
     report.size_bytes = path.stat().st_size
     return report
 
