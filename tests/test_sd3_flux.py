@@ -118,7 +118,7 @@ def test_kohya_flux_files_read_back_through_diffusers_as_the_same_updates():
     kohya-Flux reader, as load_lora_weights runs it); every module's update B·A·alpha/rank comes back the same."""
     from diffusers import FluxTransformer2DModel
 
-    from sdtune.export.kohya_flux import fuse
+    from sdtune.adapters.kohya_flux import fuse
 
     with torch.device("meta"):
         transformer = FluxTransformer2DModel(**FLUX1_DEV)
@@ -146,7 +146,7 @@ def test_kohya_flux_files_read_back_through_diffusers_as_the_same_updates():
 
 
 def test_kohya_export_of_a_flux_of_other_widths_is_one_line(tiny_flux_dir):
-    from sdtune.export.kohya import TrainingInfo, save_kohya
+    from sdtune.adapters.kohya import TrainingInfo, save_kohya
 
     module = LoRAFineTune(str(tiny_flux_dir), lora={"rank": 2, "alpha": 2})
     with pytest.raises(SdtuneError, match=r"assumes Flux.1's widths .* this transformer has 32, 128, 1 \+ 2: export --format diffusers"):

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from sdtune.adapters import kohya
 from sdtune.adapters.lora import adapter_file, lora_state_dict, save_diffusers_adapter
 from sdtune.errors import SdtuneError, first_line
-from sdtune.export import kohya
 from sdtune.export.source import ADAPTER, Adapted
 from sdtune.inference.sampling import denoiser_of
 from sdtune.models.families import family_of_pipeline
