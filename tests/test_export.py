@@ -4,10 +4,12 @@ carry alpha ≠ rank and the training metadata; a file that fails its check is r
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from a1111_names import a1111_name, check_a1111_layers, original_module_names
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
@@ -99,6 +101,22 @@ def test_each_format_loads_in_its_consumer_and_gives_sdtunes_image(fmt, run_dir,
     image = consumer_image(consumer(tiny_model_dir, out))
     assert np.abs(image - images["adapted"]).mean() <= 1.0  # ≤ 1/255 of the range
     assert not list(out.parent.glob(".*partial*"))
+
+
+def test_a_diffusers_export_has_a_model_card_naming_the_base_model_trigger_and_last_samples(run_dir, tiny_model_dir, tmp_path):
+    out = tmp_path / "card"
+    assert export(run_dir, "--out", out) == 0
+    text = (out / "README.md").read_text(encoding="utf-8")
+    front, body = re.fullmatch(r"---\n(.*?)\n---\n(.*)", text, re.S).groups()
+    card = yaml.safe_load(front)
+    assert card["base_model"] == tiny_model_dir.name and card["instance_prompt"] == "sks"
+    assert {"lora", "diffusers", "text-to-image", "sd1"} <= set(card["tags"]) and card["library_name"] == "diffusers"
+    assert "`sks`" in body and "| LoRA rank / alpha | 8 / 4 |" in body and "| steps | 3 |" in body
+    assert "load_lora_weights" in body and "StableDiffusionPipeline" in body
+    images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", body)
+    last_grid = max((run_dir / "samples").glob("step_*/grid.png"))
+    assert images == ["samples.png"] and (out / images[0]).read_bytes() == last_grid.read_bytes()
+    assert card["widget"][0]["output"]["url"] == "samples.png"
 
 
 def test_merged_pipeline_is_base_plus_adapter_at_the_scale(run_dir, tiny_model_dir, tmp_path):

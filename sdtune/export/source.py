@@ -33,6 +33,7 @@ class Adapted:
     pretrained_config: str | None  # configs of a single-file `pretrained`
     described: str  # "runs/x/checkpoints/last.ckpt (step 300)", for messages
     info: TrainingInfo
+    run_dir: Path | None = None  # the run the source belongs to, when known (its samples go into model cards)
 
     @property
     def family(self) -> ModelFamily:
@@ -67,6 +68,10 @@ class RunRecord:
                     last = folder / "checkpoints" / "last.ckpt"
                     return cls(loaded, config, last if last.is_file() else None)
         return cls({}, None, None)
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self.config_path.parent if self.config_path else None
 
     def get(self, *keys, default=None):
         value = self.config
@@ -162,7 +167,8 @@ def load_source(source: str | Path, model: str | None = None, model_config: str 
         step = checkpoint.get("global_step")
         pipe = _pipeline_of(module)
         info = training_info(run.config, run.config_path, module.pretrained, title, step, module.prediction_type)
-        return Adapted(pipe, module.pretrained, module.revision, module.pretrained_config, f"{path} (step {step})", info)
+        described = f"{path} (step {step})"
+        return Adapted(pipe, module.pretrained, module.revision, module.pretrained_config, described, info, run.run_dir)
     return _from_adapter_file(path, run, model, model_config, title)
 
 
@@ -196,4 +202,4 @@ def _from_adapter_file(path: Path, run: RunRecord, model: str | None, model_conf
     # A flow-matching model's scheduler has no prediction type: it learns the velocity ("flow").
     prediction_type = prediction_type or pipe.scheduler.config.get("prediction_type", "flow")
     info = training_info(run.config, run.config_path, pretrained, title, _steps_of(path, run), prediction_type)
-    return Adapted(pipe, pretrained, revision, config, str(path), info)
+    return Adapted(pipe, pretrained, revision, config, str(path), info, run.run_dir)
