@@ -69,7 +69,9 @@ def original_module_names(model_dir, family: str) -> set[str]:
         return {(name + key.rsplit(".", 1)[0][len(prefix):]).replace(".", "_") for key in state if key.startswith(prefix)}
 
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
-    names = modules(unet_to_ldm(unet.state_dict(), unet.config.layers_per_block), "model.diffusion_model.", "diffusion_model.")
+    # (SDXL's size/pooled-text embedding, `label_emb` there, has no LDM name in tests/ldm_checkpoint.py; no LoRA targets it)
+    state = {key: value for key, value in unet.state_dict().items() if not key.startswith("add_embedding.")}
+    names = modules(unet_to_ldm(state, unet.config.layers_per_block), "model.diffusion_model.", "diffusion_model.")
     encoders = ["text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
     for (a1111_prefix, openclip), folder in zip(TEXT_ENCODERS[family].values(), encoders):
         if openclip:
