@@ -5,6 +5,7 @@ carry alpha ≠ rank and the training metadata; a file that fails its check is r
 import hashlib
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -117,6 +118,14 @@ def test_a_diffusers_export_has_a_model_card_naming_the_base_model_trigger_and_l
     last_grid = max((run_dir / "samples").glob("step_*/grid.png"))
     assert images == ["samples.png"] and (out / images[0]).read_bytes() == last_grid.read_bytes()
     assert card["widget"][0]["output"]["url"] == "samples.png"
+
+    orphan = tmp_path / "my_style"  # an adapter folder outside any run: named after it, no trigger, no samples
+    orphan.mkdir()
+    shutil.copy(run_dir / "adapter" / "pytorch_lora_weights.safetensors", orphan)
+    assert export(orphan, "--model", tiny_model_dir, "--out", tmp_path / "orphan_card") == 0
+    text = (tmp_path / "orphan_card" / "README.md").read_text(encoding="utf-8")
+    assert "\n# my_style\n" in text and "instance_prompt" not in text and "![" not in text
+    assert sorted(p.name for p in (tmp_path / "orphan_card").iterdir()) == ["README.md", "pytorch_lora_weights.safetensors"]
 
 
 def test_merged_pipeline_is_base_plus_adapter_at_the_scale(run_dir, tiny_model_dir, tmp_path):

@@ -160,7 +160,8 @@ def load_source(source: str | Path, model: str | None = None, model_config: str 
         if not (path / ADAPTER_WEIGHTS).is_file():
             raise SdtuneError(f"{source} has no {ADAPTER_WEIGHTS} (pass a run directory, a checkpoint or an adapter)")
         path = path / ADAPTER_WEIGHTS
-    title = (run.config_path.parent.name if run.config_path else path.stem)
+    # Named after the run, else the adapter (a diffusers file after its folder: they all have one name).
+    title = run.config_path.parent.name if run.config_path else path.parent.name if path.name == ADAPTER_WEIGHTS else path.stem
     if path.suffix == ".ckpt":
         checkpoint = _read_checkpoint(path)
         module = _module_from_checkpoint(checkpoint, path, model, model_config)
