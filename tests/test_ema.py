@@ -88,3 +88,7 @@ def test_ema_through_the_cli_samples_saves_and_exports_the_average(tiny_model_di
     assert trained.keys() == average.keys()
     assert max((trained[k] - average[k]).abs().max().item() for k in trained) > 1e-3  # the average is not the weights
     sdtune_here("export", run / "adapter_ema", "--format", "kohya", "--out", tmp_path / "ema.safetensors")  # checked on write
+    # the run wrote the same average for A1111/ComfyUI itself, under a name of its own beside adapter/run.safetensors
+    own, exported = load_file(str(run / "adapter_ema" / "run-ema.safetensors")), load_file(str(tmp_path / "ema.safetensors"))
+    assert own.keys() == exported.keys() and all(torch.equal(own[k], exported[k]) for k in own)
+    assert (run / "adapter" / "run.safetensors").is_file()

@@ -5,10 +5,13 @@ carry alpha ≠ rank and the training metadata; a file that fails its check is r
 import hashlib
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
+import yaml
+from a1111_names import a1111_name, check_a1111_layers, original_module_names
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -23,15 +26,16 @@ PROMPT, SEED, STEPS, SIZE = "sks a red circle", 3, 3, 32
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, shapes_dir, tmp_path_factory):
-    """A real (short) LoRA run: UNet rank 8 / alpha 4 (the recipe's), text-encoder rank 4 / alpha 8, trigger "sks".
-    A large lr makes the adapter change images visibly after 3 steps."""
+    """A real (short) LoRA run: UNet rank 8 / alpha 4 (the recipe's), text-encoder rank 4 / alpha 8, trigger "sks",
+    one small sample grid. A large lr makes the adapter change images visibly after 3 steps."""
     run = tmp_path_factory.mktemp("export") / "run"
     sdtune("fit", "--config", "tiny/lora", "--model.pretrained", tiny_model_dir,
            "--data.subsets", json.dumps([{"root": str(shapes_dir), "prefix": "sks"}]),
            "--data.resolution", SIZE, "--data.batch_size", 2, "--trainer.max_steps", 3,
            "--model.optimizer.init_args.lr", 0.05, "--model.lr_schedule.warmup_steps", 0,
            "--model.text_encoder_lora", json.dumps({"rank": 4, "alpha": 8.0}),
-           "--samples.enabled", "false", "--trainer.default_root_dir", run)  # fmt: skip
+           "--samples.prompts", f"[{PROMPT}]", "--samples.seeds", "[0]", "--samples.steps", 2,
+           "--samples.width", SIZE, "--samples.height", SIZE, "--trainer.default_root_dir", run)  # fmt: skip
     return run
 
 
@@ -100,6 +104,30 @@ def test_each_format_loads_in_its_consumer_and_gives_sdtunes_image(fmt, run_dir,
     assert not list(out.parent.glob(".*partial*"))
 
 
+def test_a_diffusers_export_has_a_model_card_naming_the_base_model_trigger_and_last_samples(run_dir, tiny_model_dir, tmp_path):
+    out = tmp_path / "card"
+    assert export(run_dir, "--out", out) == 0
+    text = (out / "README.md").read_text(encoding="utf-8")
+    front, body = re.fullmatch(r"---\n(.*?)\n---\n(.*)", text, re.S).groups()
+    card = yaml.safe_load(front)
+    assert card["base_model"] == tiny_model_dir.name and card["instance_prompt"] == "sks"
+    assert {"lora", "diffusers", "text-to-image", "sd1"} <= set(card["tags"]) and card["library_name"] == "diffusers"
+    assert "`sks`" in body and "| LoRA rank / alpha | 8 / 4 |" in body and "| steps | 3 |" in body
+    assert "load_lora_weights" in body and "StableDiffusionPipeline" in body
+    images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", body)
+    last_grid = max((run_dir / "samples").glob("step_*/grid.png"))
+    assert images == ["samples.png"] and (out / images[0]).read_bytes() == last_grid.read_bytes()
+    assert card["widget"][0]["output"]["url"] == "samples.png"
+
+    orphan = tmp_path / "my_style"  # an adapter folder outside any run: named after it, no trigger, no samples
+    orphan.mkdir()
+    shutil.copy(run_dir / "adapter" / "pytorch_lora_weights.safetensors", orphan)
+    assert export(orphan, "--model", tiny_model_dir, "--out", tmp_path / "orphan_card") == 0
+    text = (tmp_path / "orphan_card" / "README.md").read_text(encoding="utf-8")
+    assert "\n# my_style\n" in text and "instance_prompt" not in text and "![" not in text
+    assert sorted(p.name for p in (tmp_path / "orphan_card").iterdir()) == ["README.md", "pytorch_lora_weights.safetensors"]
+
+
 def test_merged_pipeline_is_base_plus_adapter_at_the_scale(run_dir, tiny_model_dir, tmp_path):
     out = tmp_path / "merged"
     assert export(run_dir, "--merge", "--scale", 0.5, "--out", out) == 0
@@ -112,56 +140,12 @@ def test_merged_pipeline_is_base_plus_adapter_at_the_scale(run_dir, tiny_model_d
 
 # --- kohya: names, alpha, metadata ---------------------------------------------------------------------------------
 
-# AUTOMATIC1111's rules (extensions-builtin/Lora) from kohya's diffusers-style names to its LDM module names.
-A1111_UNET = [
-    (r"lora_unet_conv_in(.*)", lambda m: f"input_blocks_0_0{m[0]}"),
-    (r"lora_unet_conv_out(.*)", lambda m: f"out_2{m[0]}"),
-    (r"lora_unet_time_embedding_linear_(\d+)(.*)", lambda m: f"time_embed_{int(m[0]) * 2 - 2}{m[1]}"),
-    (r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
-     lambda m: f"input_blocks_{1 + int(m[0]) * 3 + int(m[2])}_{1 if m[1] == 'attentions' else 0}_{RESNET.get(m[3], m[3]) if m[1] == 'resnets' else m[3]}"),
-    (r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)",
-     lambda m: f"middle_block_{1 if m[0] == 'attentions' else int(m[1]) * 2}_{RESNET.get(m[2], m[2]) if m[0] == 'resnets' else m[2]}"),
-    (r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
-     lambda m: f"output_blocks_{int(m[0]) * 3 + int(m[2])}_{1 if m[1] == 'attentions' else 0}_{RESNET.get(m[3], m[3]) if m[1] == 'resnets' else m[3]}"),
-    (r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", lambda m: f"input_blocks_{3 + int(m[0]) * 3}_0_op"),
-    # (SD1.5 layout: up block 0 has no attention, so its upsampler is the second module of its last output block)
-    (r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv", lambda m: f"output_blocks_{2 + int(m[0]) * 3}_{2 if int(m[0]) > 0 else 1}_conv"),
-]  # fmt: skip
-RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
-
-
-def a1111_name(key: str) -> str | None:
-    for pattern, convert in A1111_UNET:
-        match = re.fullmatch(pattern, key)
-        if match:
-            return "diffusion_model_" + convert(match.groups())
-    match = re.fullmatch(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", key)
-    return f"transformer_text_model_encoder_layers_{match[1]}_{match[2]}" if match else None
-
-
-def ldm_module_names(model_dir) -> set[str]:
-    """Module names of the same model in the original layout, as A1111 names its layers (dots → underscores)."""
-    from ldm_checkpoint import ldm_state_dict
-
-    names = set()
-    for key in ldm_state_dict(model_dir):
-        module = key.rsplit(".", 1)[0]
-        for prefix, name in (("model.diffusion_model.", "diffusion_model."), ("cond_stage_model.", "")):
-            if module.startswith(prefix):
-                names.add((name + module[len(prefix):]).replace(".", "_"))
-    return names
-
-
 def test_kohya_file_has_a1111_names_alpha_and_training_metadata(run_dir, tiny_model_dir, tmp_path):
     out = tmp_path / "my_lora.safetensors"
     assert export(run_dir, "--format", "kohya", "--dtype", "fp16", "--out", out) == 0
     tensors = load_file(out)
-    ldm = ldm_module_names(tiny_model_dir)
-    modules = {key.split(".")[0] for key in tensors}
-    for module in modules:
-        assert {f"{module}.lora_down.weight", f"{module}.lora_up.weight", f"{module}.alpha"} <= tensors.keys()
-        assert tensors[f"{module}.lora_down.weight"].dtype == torch.float16
-        assert a1111_name(module) in ldm, module  # the layer A1111 patches exists in the checkpoint it loads
+    modules = check_a1111_layers(tensors, original_module_names(tiny_model_dir, "sd1"))  # layers A1111 patches
+    assert all(tensors[f"{module}.lora_down.weight"].dtype == torch.float16 for module in modules)
     unet = [m for m in modules if m.startswith("lora_unet_")]
     te = [m for m in modules if m.startswith("lora_te_text_model_encoder_layers_")]
     assert len(unet) + len(te) == len(modules) and te
@@ -183,6 +167,40 @@ def test_kohya_file_has_a1111_names_alpha_and_training_metadata(run_dir, tiny_mo
     blob = out.read_bytes()
     header = int.from_bytes(blob[:8], "little")
     assert meta["sshs_model_hash"] == hashlib.sha256(blob[8 + header :]).hexdigest()  # what A1111 shows
+
+
+def test_the_runs_own_kohya_file_is_what_a1111_patches_and_diffusers_reads_as_the_adapter(run_dir, tiny_model_dir, tmp_path):
+    """adapter/run.safetensors, written by the training run itself: A1111's names for every layer, the metadata of
+    `export --format kohya` (and its tensors), and diffusers' kohya reader gives the UNet output of adapter/."""
+    from diffusers import StableDiffusionPipeline
+
+    own = run_dir / "adapter" / "run.safetensors"
+    tensors = load_file(own)
+    modules = check_a1111_layers(tensors, original_module_names(tiny_model_dir, "sd1"))
+    assert any(m.startswith("lora_unet_") for m in modules) and any(m.startswith("lora_te_") for m in modules)
+    meta = safe_open(str(own), "pt").metadata()
+    assert (meta["ss_output_name"], meta["ss_steps"], meta["modelspec.trigger_phrase"]) == ("run", "3", "sks")
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_base_model_version"]) == ("8", "4.0", "sd_v1")
+    assert meta["ss_resolution"] == f"({SIZE}, {SIZE})" and meta["ss_learning_rate"] == "0.05"
+    assert export(run_dir, "--format", "kohya", "--out", tmp_path / "exported.safetensors") == 0
+    exported = load_file(tmp_path / "exported.safetensors")
+    assert exported.keys() == tensors.keys() and all(torch.equal(exported[k], tensors[k]) for k in tensors)
+
+    def unet_output(lora):
+        pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None)
+        if lora is not None:
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+        layers = sum(".lora_A." in name for name, _ in pipe.unet.named_parameters())
+        latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            text = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
+            return pipe.unet(latents, 500, encoder_hidden_states=text).sample, layers
+
+    (base, _), (adapter, layers), (kohya, kohya_layers) = (unet_output(lora) for lora in (
+        None, run_dir / "adapter" / "pytorch_lora_weights.safetensors", own))  # fmt: skip
+    assert kohya_layers == layers == sum(m.startswith("lora_unet_") for m in modules)
+    effect = (adapter - base).abs().max()
+    assert effect > 1e-3 and (kohya - adapter).abs().max() <= 1e-4 * effect
 
 
 def test_checkpoint_source_exports_the_same_weights_as_the_adapter(run_dir, tmp_path):

@@ -264,8 +264,8 @@ def test_the_family_comes_from_a_local_base_model_when_the_file_does_not_tell(ti
 
 
 def test_a_kohya_flux_file(tmp_path, capsys):
-    """kohya's Flux names (sdtune.export.kohya_flux writes them for Flux.1-sized transformers)."""
-    from sdtune.export.kohya_flux import kohya_name
+    """kohya's Flux names (sdtune.adapters.kohya_flux writes them for Flux.1-sized transformers)."""
+    from sdtune.adapters.kohya_flux import kohya_name
 
     tensors = {}
     for module in ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.3.proj_out"):

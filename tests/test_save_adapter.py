@@ -1,9 +1,11 @@
 """SaveAdapter as a Trainer callback: periodic step folders, the final folder, accumulation, full fine-tunes."""
 
 import json
+import logging
 from functools import partial
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from training import fit, make_data
 
@@ -52,6 +54,28 @@ def test_saves_every_n_steps_and_at_the_end(tiny_model_dir, shapes_dir, tmp_path
     # the final file is the trained adapter, not a stale copy
     lora_b = {k: v for k, v in final.items() if "lora_B" in k}
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b.values())  # B starts at zero
+    # beside each, the A1111/ComfyUI file, named after the run and the step so they can share one loras folder
+    run = tmp_path.resolve().name
+    kohya = {p.relative_to(adapter).as_posix(): p for p in adapter.rglob("*.safetensors") if p.name != ADAPTER_WEIGHTS}
+    assert set(kohya) == {f"{run}.safetensors", f"step_000002/{run}-step000002.safetensors",
+                          f"step_000004/{run}-step000004.safetensors"}  # fmt: skip
+    for name, steps in ((f"{run}-step000002", "2"), (run, "4")):
+        with safe_open(str(next(p for p in kohya.values() if p.stem == name)), "pt") as file:
+            assert (file.metadata()["ss_output_name"], file.metadata()["ss_steps"]) == (name, steps)
+    step2_kohya = load_file(kohya[f"step_000002/{run}-step000002.safetensors"])
+    for key, value in step2.items():  # the step's own weights, in kohya's names
+        module, part = key.removeprefix("unet.").rsplit(".lora_", 1)
+        assert torch.equal(step2_kohya[f"lora_unet_{module.replace('.', '_')}.lora_{'down' if part == 'A.weight' else 'up'}.weight"], value)
+
+
+def test_an_adapter_kohya_cannot_hold_is_saved_for_diffusers_with_one_line_why(tiny_model_dir, shapes_dir, tmp_path, caplog):
+    model = LoRAFineTune(str(tiny_model_dir), lora=LoraSettings(rank=4, use_dora=True),
+                         optimizer=partial(torch.optim.AdamW, lr=1e-3), lr_schedule=LRSchedule(name="constant"))  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        fit(model, make_data(shapes_dir, tiny_model_dir), 1, tmp_path, callbacks=[SaveAdapter()])
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [ADAPTER_WEIGHTS]
+    why = [r.getMessage() for r in caplog.records if "no A1111/ComfyUI file" in r.getMessage()]
+    assert len(why) == 1 and "DoRA" in why[0] and "--format diffusers" in why[0], why
 
 
 def test_saves_once_per_optimizer_step_with_gradient_accumulation(tiny_model_dir, shapes_dir, tmp_path):

@@ -6,11 +6,16 @@ samples showed."""
 import numpy as np
 import pytest
 import torch
+from a1111_names import check_a1111_layers, original_module_names
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
 from test_cli import sdtune, sdtune_here
+from training import perturbed
 
-from sdtune.adapters.lora import LoraSettings
+from sdtune.adapters.kohya import TrainingInfo, save_kohya
+from sdtune.adapters.lora import LoraSettings, TextEncoderLora
 from sdtune.errors import SdtuneError
 from sdtune.finetune import LoRAFineTune, losses
 from sdtune.finetune.objective import Objective
@@ -86,6 +91,22 @@ def test_samplers_and_saved_schedulers_follow_the_rescaled_schedule(tiny_sd2_dir
     assert Objective().inference_scheduler(euler) is euler
 
 
+def test_kohya_layers_are_the_ones_a1111_patches_in_an_sd2_checkpoint(tiny_sd2_dir, tmp_path):
+    """SD2's original text encoder is OpenCLIP: A1111 takes kohya's `lora_te_…_self_attn_q_proj` as the q rows of
+    `model.transformer.resblocks.N.attn` (one MultiheadAttention, patched only with all of q, k, v, out) and
+    `mlp_fc1` as `mlp.c_fc`; the UNet's names are those of the original layout computed from its config."""
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+    module = perturbed(LoRAFineTune(str(tiny_sd2_dir), lora=LoraSettings(rank=4, target_modules=targets),
+                                    text_encoder_lora=TextEncoderLora(rank=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])))  # fmt: skip
+    out = tmp_path / "sd2.safetensors"
+    save_kohya(out, module.family, module.unet, [module.text_encoder], TrainingInfo("tiny-sd2", "sd2"))
+    layers = check_a1111_layers(load_file(out), original_module_names(tiny_sd2_dir, "sd2"), "sd2")
+    assert any("_mlp_fc1" in layer for layer in layers) and any("_ff_net_0_proj" in layer for layer in layers)
+    assert {layer.split("_")[1] for layer in layers} == {"unet", "te"}
+    with safe_open(str(out), "pt") as file:
+        assert (file.metadata()["ss_v2"], file.metadata()["ss_base_model_version"]) == ("True", "sd_v2")
+
+
 def _png(path):
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
 
@@ -125,8 +146,9 @@ def test_sd2_recipe_trains_through_the_cli_and_its_files_load_in_diffusers(tiny_
     pipe = StableDiffusionPipeline.from_pretrained(str(merged), safety_checker=None)
     config = pipe.scheduler.config
     assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == ("v_prediction", True, "trailing")
-    from safetensors import safe_open
-
-    with safe_open(str(kohya), "pt") as file:
-        meta = file.metadata()
-    assert (meta["ss_v_parameterization"], meta["ss_zero_terminal_snr"], meta["modelspec.prediction_type"]) == ("True", "True", "v")
+    own = run / "adapter" / "run.safetensors"  # the run's own kohya file: A1111's SD2 names, export's metadata
+    check_a1111_layers(load_file(own), original_module_names(tiny_sd2_dir, "sd2"), "sd2")
+    for file in (kohya, own):
+        with safe_open(str(file), "pt") as opened:
+            meta = opened.metadata()
+        assert (meta["ss_v_parameterization"], meta["ss_zero_terminal_snr"], meta["modelspec.prediction_type"]) == ("True", "True", "v")

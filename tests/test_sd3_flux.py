@@ -57,7 +57,7 @@ def test_prompt_encoding_is_the_pipelines(flow_model):
 def test_lora_fit_through_the_recipe_and_the_files_load_in_diffusers(flow_model, shapes_dir, tmp_path):
     family_name, path = flow_model
     run = tmp_path / "run"
-    sdtune("fit", "--config", RECIPES[family_name], "--model.pretrained", path, "--data.root", shapes_dir,
+    fit = sdtune("fit", "--config", RECIPES[family_name], "--model.pretrained", path, "--data.root", shapes_dir,
            "--data.resolution", 64, "--data.buckets", "false", "--data.num_workers", 0, "--trainer.max_steps", 4,
            "--trainer.precision", "32-true", "--model.weight_dtype", "float32", "--trainer.accelerator", "cpu",
            "--model.gradient_checkpointing", "false", "--model.optimizer.init_args.lr", 2e-2,
@@ -65,6 +65,11 @@ def test_lora_fit_through_the_recipe_and_the_files_load_in_diffusers(flow_model,
            "--checkpoint.every_n_train_steps", 4, "--samples.steps", 3, "--samples.width", 64, "--samples.height", 64,
            "--model.text_encoder_lora", "{rank: 2, alpha: 2}")  # fmt: skip
     assert (run / "samples" / "step_000004" / "grid.png").is_file()
+    # No kohya file beside the adapter: SD3.5 LoRAs are shared in the diffusers format; kohya's Flux naming is read
+    # (by diffusers' reader) only at Flux.1's widths, which the run says in one line.
+    assert sorted(p.name for p in (run / "adapter").iterdir()) == ["pytorch_lora_weights.safetensors"]
+    why = [line for line in (fit.stdout + fit.stderr).splitlines() if "no A1111/ComfyUI file" in line]
+    assert len(why) == (family_name == "flux") and all("Flux.1's widths" in line for line in why), why
     tensors = load_file(run / "adapter" / "pytorch_lora_weights.safetensors")
     assert any(k.startswith("transformer.single_transformer_blocks") for k in tensors) == (family_name == "flux")
     assert any(".add_q_proj." in k for k in tensors)  # the text stream of the joint blocks
@@ -118,7 +123,7 @@ def test_kohya_flux_files_read_back_through_diffusers_as_the_same_updates():
     kohya-Flux reader, as load_lora_weights runs it); every module's update B·A·alpha/rank comes back the same."""
     from diffusers import FluxTransformer2DModel
 
-    from sdtune.export.kohya_flux import fuse
+    from sdtune.adapters.kohya_flux import fuse
 
     with torch.device("meta"):
         transformer = FluxTransformer2DModel(**FLUX1_DEV)
@@ -146,7 +151,7 @@ def test_kohya_flux_files_read_back_through_diffusers_as_the_same_updates():
 
 
 def test_kohya_export_of_a_flux_of_other_widths_is_one_line(tiny_flux_dir):
-    from sdtune.export.kohya import TrainingInfo, save_kohya
+    from sdtune.adapters.kohya import TrainingInfo, save_kohya
 
     module = LoRAFineTune(str(tiny_flux_dir), lora={"rank": 2, "alpha": 2})
     with pytest.raises(SdtuneError, match=r"assumes Flux.1's widths .* this transformer has 32, 128, 1 \+ 2: export --format diffusers"):

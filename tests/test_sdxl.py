@@ -7,10 +7,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from a1111_names import check_a1111_layers, original_module_names
 from PIL import Image
+from safetensors.torch import load_file
 from test_cli import sdtune, sdtune_here
 from training import perturbed
 
+from sdtune.adapters.kohya import TrainingInfo, save_kohya
 from sdtune.adapters.lora import LoraSettings, TextEncoderLora
 from sdtune.data import CaptionDataModule
 from sdtune.data.dataset import CaptionDataset
@@ -172,6 +175,18 @@ def test_text_encoder_lora_adapts_both_encoders_and_diffusers_loads_both(tiny_sd
     assert (pooled - base[2]).abs().max() > 1e-3  # the second encoder's adapter changed it
 
 
+def test_kohya_layers_are_the_ones_a1111_patches_in_an_sdxl_checkpoint(tiny_sdxl_dir, tmp_path):
+    """A1111 names SDXL's embedders 0 (OpenAI CLIP, `lora_te1_`) and 1 (OpenCLIP, `lora_te2_`: q, k, v in one
+    MultiheadAttention); the UNet's are the original layout's, two transformer layers deep in the second block."""
+    module = perturbed(LoRAFineTune(str(tiny_sdxl_dir), lora=LoraSettings(rank=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"]),
+                                    text_encoder_lora=TextEncoderLora(rank=2, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1"])))  # fmt: skip
+    out = tmp_path / "sdxl.safetensors"
+    save_kohya(out, module.family, module.unet, [module.text_encoder, module.text_encoder_2], TrainingInfo("tiny-sdxl", "sdxl"))
+    layers = check_a1111_layers(load_file(out), original_module_names(tiny_sdxl_dir, "sdxl"), "sdxl")
+    assert {layer.split("_")[1] for layer in layers} == {"unet", "te1", "te2"}
+    assert any("transformer_blocks_1_attn2" in layer for layer in layers)
+
+
 def _ids(module):
     return [caption_ids(tokenizer, 75, PROMPT) for tokenizer in (module.tokenizer, module.tokenizer_2)]
 
@@ -229,7 +244,10 @@ def test_sdxl_recipe_trains_through_the_cli_and_every_file_loads_in_diffusers(ti
         prefixes = {key.split("_")[1] for key in file.keys()}
         assert file.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
     assert prefixes == {"unet", "te1", "te2"}
-    for exported in (kohya, folder / "pytorch_lora_weights.safetensors"):
+    own = run / "adapter" / "run.safetensors"  # the run's own kohya file, beside one per saved step
+    assert (run / "adapter" / "step_000004" / "run-step000004.safetensors").is_file()
+    check_a1111_layers(load_file(own), original_module_names(tiny_sdxl_dir, "sdxl"), "sdxl")
+    for exported in (kohya, folder / "pytorch_lora_weights.safetensors", own):
         image = _diffusers_image(tiny_sdxl_dir, exported)
         assert np.abs(image - ours).max() <= 1, exported
     assert np.abs(ours - base).mean() > 3

@@ -22,7 +22,8 @@ from sdtune.errors import SdtuneError
 
 class EMA(L.Callback):
     """Keep an EMA of the trainable weights; sample with it and save it as `<run dir>/adapter_ema/` (`model_ema/` for
-    a full fine-tune), which `sdtune sample`, `evaluate` and `export` read like `adapter/`.
+    a full fine-tune), which `sdtune sample`, `evaluate` and `export` read like `adapter/`. Beside its diffusers file
+    the adapter is also written for A1111, Forge and ComfyUI as `adapter_ema/<run>-ema.safetensors`.
 
     Args:
         decay: Highest decay per optimizer step (0.9999 averages over about 10,000 steps; 0.999 suits runs of a few
@@ -100,7 +101,10 @@ class EMA(L.Callback):
         folder = Path(trainer.default_root_dir) / f"{getattr(pl_module, 'output_dirname', 'adapter')}_ema"
         with self.applied(pl_module):
             path = pl_module.save_weights(folder)
-        rank_zero_info(f"saved {path} (EMA of {self.updates} updates, step {trainer.global_step})")
+            kohya = None
+            if hasattr(pl_module, "save_kohya_weights"):
+                kohya = pl_module.save_kohya_weights(folder, f"{Path(trainer.default_root_dir).resolve().name}-ema")
+        rank_zero_info(f"saved {path}{f' and {kohya.name}' if kohya else ''} (EMA of {self.updates} updates, step {trainer.global_step})")
 
     def state_dict(self) -> dict[str, Any]:
         shadow = {name: tensor.detach().cpu().clone() for name, tensor in self.shadow.items()}

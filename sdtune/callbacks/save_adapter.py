@@ -16,6 +16,10 @@ class SaveAdapter(L.Callback):
     """Save `<run dir>/adapter/` when `fit` ends and, every N optimizer steps, `<run dir>/adapter/step_000500/`,
     so the best step can be picked by eye. Full fine-tunes write `model/` the same way.
 
+    Each adapter folder holds the diffusers file (`pytorch_lora_weights.safetensors`) and the kohya file A1111, Forge
+    and ComfyUI load, named after the run so that files of several steps can share one loras folder:
+    `adapter/<run>.safetensors`, `adapter/step_000500/<run>-step000500.safetensors`.
+
     Args:
         dirname: Folder inside the run directory; null takes the method's own ("adapter", or "model" for full).
         every_n_train_steps: Also save a copy named by step every N optimizer steps; 0 only saves at the end.
@@ -33,7 +37,7 @@ class SaveAdapter(L.Callback):
     def _folder(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
         return Path(trainer.default_root_dir) / (self.dirname or getattr(pl_module, "output_dirname", "adapter"))
 
-    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path) -> None:
+    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path, suffix: str = "") -> None:
         if not self.enabled or not trainer.is_global_zero or not hasattr(pl_module, "save_weights"):
             return
         trained = {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
@@ -42,13 +46,17 @@ class SaveAdapter(L.Callback):
             raise SdtuneError(f"not saving {folder}: trained weights hold NaN or infinity ({', '.join(bad[:3])})")
         path = pl_module.save_weights(folder)
         rank_zero_info(f"saved {path} (step {trainer.global_step})")
+        if hasattr(pl_module, "save_kohya_weights"):
+            kohya = pl_module.save_kohya_weights(folder, Path(trainer.default_root_dir).resolve().name + suffix)
+            if kohya is not None:
+                rank_zero_info(f"saved {kohya} (AUTOMATIC1111, Forge, ComfyUI)")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         # With gradient accumulation several batches end at the same optimizer step; save once.
         if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0 and step != self._last_saved_step:
             self._last_saved_step = step
-            self._save(trainer, pl_module, self._folder(trainer, pl_module) / f"step_{step:06d}")
+            self._save(trainer, pl_module, self._folder(trainer, pl_module) / f"step_{step:06d}", f"-step{step:06d}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer, pl_module, self._folder(trainer, pl_module))

@@ -18,11 +18,11 @@ FORMATS = ("diffusers", "peft", "kohya")
 # What an export folder holds (adapter or pipeline); --force replaces a folder only if it holds nothing else.
 EXPORT_NAMES = {"pytorch_lora_weights.safetensors", "adapter_config.json", "adapter_model.safetensors", "README.md",
                 "model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2",
-                "tokenizer_2"}  # fmt: skip
+                "tokenizer_2", "samples.png"}  # fmt: skip
 
 EPILOG = """examples:
   sdtune export runs/my_lora --format kohya --out loras/my_lora.safetensors          # A1111, ComfyUI, Forge
-  sdtune export runs/my_lora --format diffusers --out export/my_lora --dtype fp16     # load_lora_weights
+  sdtune export runs/my_lora --format diffusers --out export/my_lora --dtype fp16     # load_lora_weights + README.md
   sdtune export runs/my_lora --format peft --out export/my_lora_peft                  # PeftModel.from_pretrained
   sdtune export runs/my_lora --merge --scale 0.8 --out models/my_model                # a full diffusers pipeline
   sdtune export runs/my_lora/checkpoints/last.ckpt --format kohya --out last.safetensors

@@ -1,7 +1,7 @@
 """The export formats: how each is written, and how its consumer loads it back for the check.
 
 | format    | written                                              | consumer that re-reads it                      |
-| diffusers | pytorch_lora_weights.safetensors                     | diffusers `load_lora_weights`                  |
+| diffusers | pytorch_lora_weights.safetensors (+ README.md card)  | diffusers `load_lora_weights`                  |
 | peft      | adapter_config.json + adapter_model.safetensors      | peft `PeftModel.from_pretrained`               |
 |           | (text encoders in text_encoder/, text_encoder_2/;    |                                                |
 |           | transformers 4 and 5 module names both)              |                                                |
@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from sdtune.adapters import kohya
 from sdtune.adapters.lora import adapter_file, lora_state_dict, save_diffusers_adapter
 from sdtune.errors import SdtuneError, first_line
-from sdtune.export import kohya
+from sdtune.export.model_card import write_model_card
 from sdtune.export.source import ADAPTER, Adapted
 from sdtune.inference.sampling import denoiser_of
 from sdtune.models.families import family_of_pipeline
@@ -29,6 +30,7 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 
 def write_diffusers(adapted: Adapted, out: Path, dtype: torch.dtype) -> None:
     save_diffusers_adapter(adapted.family, denoiser_of(adapted.pipe), out, adapted.text_encoders, dtype=dtype)
+    write_model_card(adapted, out)  # README.md, as diffusers' training scripts write for the Hub
 
 
 def _write_peft_model(model: torch.nn.Module, out: Path, dtype: torch.dtype, base: str) -> None:

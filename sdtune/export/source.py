@@ -4,8 +4,6 @@ plus what is known about the training for the file's metadata."""
 
 from __future__ import annotations
 
-import datetime
-import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +11,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from sdtune.adapters.kohya import TrainingInfo, lora_layers, training_info
 from sdtune.adapters.lora import ADAPTER_WEIGHTS
 from sdtune.errors import SdtuneError, first_line
-from sdtune.export.kohya import TrainingInfo, lora_layers
 from sdtune.models.families import ModelFamily, family_of_pipeline
-from sdtune.models.pretrained import HUB_ID
 
 ADAPTER = "default"
 EMBEDDINGS_ONLY = ("{} trained new-token embeddings alone (TextualInversion), so there is no LoRA to export; they are "
@@ -36,6 +33,7 @@ class Adapted:
     pretrained_config: str | None  # configs of a single-file `pretrained`
     described: str  # "runs/x/checkpoints/last.ckpt (step 300)", for messages
     info: TrainingInfo
+    run_dir: Path | None = None  # the run the source belongs to, when known (its samples go into model cards)
 
     @property
     def family(self) -> ModelFamily:
@@ -70,6 +68,10 @@ class RunRecord:
                     last = folder / "checkpoints" / "last.ckpt"
                     return cls(loaded, config, last if last.is_file() else None)
         return cls({}, None, None)
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self.config_path.parent if self.config_path else None
 
     def get(self, *keys, default=None):
         value = self.config
@@ -130,31 +132,6 @@ def _pipeline_of(module):
     return module.parts.pipeline(module.objective.inference_scheduler(scheduler))
 
 
-def _info(run: RunRecord, pipe, pretrained: str, title: str, steps: int | None, prediction_type: str) -> TrainingInfo:
-    resolution = run.get("data", "init_args", "resolution")
-    subsets = run.get("data", "init_args", "subsets") or []
-    triggers = [s["prefix"] for s in subsets if isinstance(s, dict) and s.get("prefix")]
-    te_lora = run.model_arg("text_encoder_lora") or {}
-    config_sha = hashlib.sha256(run.config_path.read_bytes()).hexdigest() if run.config_path else None
-    when = run.config_path.stat().st_mtime if run.config_path else None
-    optimizer = run.model_arg("optimizer") or {}
-    return TrainingInfo(
-        base_model=pretrained if HUB_ID.match(pretrained) and not Path(pretrained).exists() else Path(pretrained).name,
-        title=title,
-        zero_terminal_snr=bool((run.model_arg("objective") or {}).get("zero_terminal_snr")),
-        prediction_type=prediction_type,
-        resolution=(resolution, resolution) if isinstance(resolution, int) else None,
-        steps=steps,
-        trigger_words=triggers,
-        clip_skip=run.model_arg("clip_skip"),
-        learning_rate=optimizer.get("init_args", {}).get("lr") if isinstance(optimizer, dict) else None,
-        text_encoder_lr=te_lora.get("lr") if isinstance(te_lora, dict) else None,
-        optimizer=optimizer.get("class_path") if isinstance(optimizer, dict) else None,
-        config_sha256=config_sha,
-        date=datetime.datetime.fromtimestamp(when, datetime.timezone.utc).isoformat(timespec="seconds") if when else None,
-    )
-
-
 def _pick_in_run(run_dir: Path) -> Path:
     """A run's final adapter; its last checkpoint when there is no adapter or the checkpoint was written well after
     it (a resumed run that did not finish). Lightning writes last.ckpt just after the adapter at a normal end."""
@@ -183,14 +160,16 @@ def load_source(source: str | Path, model: str | None = None, model_config: str 
         if not (path / ADAPTER_WEIGHTS).is_file():
             raise SdtuneError(f"{source} has no {ADAPTER_WEIGHTS} (pass a run directory, a checkpoint or an adapter)")
         path = path / ADAPTER_WEIGHTS
-    title = (run.config_path.parent.name if run.config_path else path.stem)
+    # Named after the run, else the adapter (a diffusers file after its folder: they all have one name).
+    title = run.config_path.parent.name if run.config_path else path.parent.name if path.name == ADAPTER_WEIGHTS else path.stem
     if path.suffix == ".ckpt":
         checkpoint = _read_checkpoint(path)
         module = _module_from_checkpoint(checkpoint, path, model, model_config)
         step = checkpoint.get("global_step")
         pipe = _pipeline_of(module)
-        info = _info(run, pipe, module.pretrained, title, step, module.prediction_type)
-        return Adapted(pipe, module.pretrained, module.revision, module.pretrained_config, f"{path} (step {step})", info)
+        info = training_info(run.config, run.config_path, module.pretrained, title, step, module.prediction_type)
+        described = f"{path} (step {step})"
+        return Adapted(pipe, module.pretrained, module.revision, module.pretrained_config, described, info, run.run_dir)
     return _from_adapter_file(path, run, model, model_config, title)
 
 
@@ -223,5 +202,5 @@ def _from_adapter_file(path: Path, run: RunRecord, model: str | None, model_conf
     load_lora_file(pipe, path, ADAPTER, what="SOURCE", model=pretrained)
     # A flow-matching model's scheduler has no prediction type: it learns the velocity ("flow").
     prediction_type = prediction_type or pipe.scheduler.config.get("prediction_type", "flow")
-    info = _info(run, pipe, pretrained, title, _steps_of(path, run), prediction_type)
-    return Adapted(pipe, pretrained, revision, config, str(path), info)
+    info = training_info(run.config, run.config_path, pretrained, title, _steps_of(path, run), prediction_type)
+    return Adapted(pipe, pretrained, revision, config, str(path), info, run.run_dir)

@@ -6,8 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
+import yaml
+from lightning.pytorch.utilities import rank_zero_info
+
 from sdtune.adapters.init import load_init_adapter
-from sdtune.adapters.lora import LoraSettings, TextEncoderLora, add_lora, save_diffusers_adapter
+from sdtune.adapters.kohya import save_kohya, training_info
+from sdtune.adapters.lora import ADAPTER_WEIGHTS, LoraSettings, TextEncoderLora, add_lora, save_diffusers_adapter
 from sdtune.adapters.new_tokens import (
     NewTokens,
     TokenEmbedding,
@@ -24,7 +28,8 @@ from sdtune.finetune.diffusion import DiffusionFineTune
 
 class LoRAFineTune(DiffusionFineTune):
     """A peft LoRA adapter on the denoiser (and the text encoders if asked) as the only weights that train. Saves
-    `adapter/pytorch_lora_weights.safetensors`, which diffusers' `load_lora_weights` reads.
+    `adapter/pytorch_lora_weights.safetensors`, which diffusers' `load_lora_weights` reads, and beside it the kohya
+    file AUTOMATIC1111, Forge and ComfyUI read (`save_kohya_weights`).
 
     Args:
         pretrained: Diffusers model directory or Hugging Face Hub id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5.
@@ -120,3 +125,28 @@ class LoRAFineTune(DiffusionFineTune):
             save_new_tokens(out_dir, self.new_tokens, self.token_embedding)
         encoders = self.adapted_text_encoders if self.text_encoder_lora is not None else []
         return save_diffusers_adapter(self.family, self.denoiser, out_dir, encoders)
+
+    def save_kohya_weights(self, out_dir: str | Path, name: str) -> Path | None:
+        """Write the adapter(s) as `out_dir/<name>.safetensors` in the kohya format AUTOMATIC1111, Forge and ComfyUI
+        load, with the metadata `sdtune export --format kohya` writes (read from the run's config.yaml and step).
+        None, without a file, for a family shared in the diffusers format (SD3) or an adapter the format cannot hold
+        (DoRA: one info line says which export to use instead); the run goes on either way."""
+        if not self.family.kohya_prefixes:
+            return None
+        run_dir = Path(self.trainer.default_root_dir)
+        config_path = run_dir / "config.yaml"
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else None
+        if not isinstance(config, dict):
+            config, config_path = {}, None
+        info = training_info(config, config_path, self.pretrained, name, self.trainer.global_step, self.prediction_type)
+        adapted = self.family.trainable_text_encoders() if self.text_encoder_lora is not None else ()
+        encoders = [getattr(self, n) if n in adapted else None for n in self.family.text_encoders]
+        path = Path(out_dir) / f"{name}.safetensors"
+        if path.name == ADAPTER_WEIGHTS:  # a run named after the diffusers file keeps both
+            path = path.with_name(f"{name}-kohya.safetensors")
+        try:
+            save_kohya(path, self.family, self.denoiser, encoders, info)
+        except SdtuneError as err:
+            rank_zero_info(f"no A1111/ComfyUI file in {out_dir}: {err}")
+            return None
+        return path

@@ -70,7 +70,7 @@ class ModelFamily:
     kohya_prefixes: ClassVar[Mapping[str, str]] = {}
     kohya_base_version: ClassVar[str] = ""  # ss_base_model_version
     # How the denoiser's modules are named: "diffusers" (their paths, as diffusers' SDXL scripts write them) or
-    # "flux" (Black Forest Labs' original modules, some of them fused: sdtune.export.kohya_flux).
+    # "flux" (Black Forest Labs' original modules, some of them fused: sdtune.adapters.kohya_flux).
     kohya_layout: ClassVar[str] = "diffusers"
     modelspec_architecture: ClassVar[str] = ""  # modelspec.architecture, before "/lora"
 

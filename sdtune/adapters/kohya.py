@@ -1,4 +1,5 @@
-"""The kohya (sd-scripts) LoRA format that AUTOMATIC1111, Forge and ComfyUI read.
+"""The kohya (sd-scripts) LoRA format that AUTOMATIC1111, Forge and ComfyUI read: what every adapter save of a
+training run writes beside the diffusers file, and what `sdtune export --format kohya` writes.
 
 One entry per adapted layer, named after its diffusers module path with dots turned into underscores:
 `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight` (A),
@@ -10,10 +11,12 @@ describe the training.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -22,6 +25,7 @@ from safetensors.torch import save, save_file
 from sdtune.adapters.lora import text_encoder_module_prefix
 from sdtune.errors import SdtuneError
 from sdtune.models.families import ModelFamily
+from sdtune.models.pretrained import HUB_ID
 
 
 def lora_layers(model: torch.nn.Module, adapter: str = "default") -> dict[str, LoraLayer]:
@@ -38,12 +42,15 @@ def kohya_tensors(
     for name, layer in lora_layers(model, adapter).items():
         if adapter in layer.lora_magnitude_vector:
             raise SdtuneError(
-                "--format kohya cannot hold a DoRA adapter (A1111, ComfyUI and diffusers disagree on how to apply its "
+                "the kohya format cannot hold a DoRA adapter (A1111, ComfyUI and diffusers disagree on how to apply its "
                 "magnitudes); export it with --format diffusers or peft, or --merge it"
             )
         rank, alpha = layer.r[adapter], layer.lora_alpha[adapter]
         if abs(layer.scaling[adapter] - alpha / rank) > 1e-6 * max(1.0, alpha / rank):
-            raise SdtuneError(f"--format kohya needs scale alpha/rank; {name} uses another rule (rsLoRA?)")
+            raise SdtuneError(
+                f"the kohya format needs scale alpha/rank; {name} uses another rule (rsLoRA?): export it with "
+                "--format diffusers or peft, or --merge it"
+            )
         key = prefix + (module_prefix + name).replace(".", "_")
         out[f"{key}.lora_down.weight"] = layer.lora_A[adapter].weight.detach().to("cpu", dtype).contiguous()
         out[f"{key}.lora_up.weight"] = layer.lora_B[adapter].weight.detach().to("cpu", dtype).contiguous()
@@ -52,8 +59,8 @@ def kohya_tensors(
 
 
 def fused_flux_tensors(transformer: torch.nn.Module, prefix: str, dtype: torch.dtype, adapter: str = "default") -> dict[str, torch.Tensor]:
-    """A Flux transformer's adapter in kohya's Flux naming, split layers fused (`sdtune.export.kohya_flux`)."""
-    from sdtune.export.kohya_flux import check_widths, fuse
+    """A Flux transformer's adapter in kohya's Flux naming, split layers fused (`sdtune.adapters.kohya_flux`)."""
+    from sdtune.adapters.kohya_flux import check_widths, fuse
 
     check_widths(transformer.config)
     tensors = kohya_tensors(transformer, "", dtype, adapter)
@@ -111,6 +118,41 @@ class TrainingInfo:
     optimizer: str | None = None
     config_sha256: str | None = None
     date: str | None = None  # ISO 8601
+
+
+def training_info(
+    config: dict, config_path: Path | None, pretrained: str, title: str, steps: int | None, prediction_type: str
+) -> TrainingInfo:  # fmt: skip
+    """What a run's saved config (`config.yaml`, read as `config`; {} without one) says about its training."""
+
+    def get(*keys):
+        value = config
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+    resolution = get("data", "init_args", "resolution")
+    subsets = get("data", "init_args", "subsets") or []
+    triggers = [s["prefix"] for s in subsets if isinstance(s, dict) and s.get("prefix")]
+    te_lora = get("model", "init_args", "text_encoder_lora") or {}
+    optimizer = get("model", "init_args", "optimizer") or {}
+    config_sha = hashlib.sha256(config_path.read_bytes()).hexdigest() if config_path else None
+    when = config_path.stat().st_mtime if config_path else None
+    return TrainingInfo(
+        base_model=pretrained if HUB_ID.match(pretrained) and not Path(pretrained).exists() else Path(pretrained).name,
+        title=title,
+        zero_terminal_snr=bool((get("model", "init_args", "objective") or {}).get("zero_terminal_snr")),
+        prediction_type=prediction_type,
+        resolution=(resolution, resolution) if isinstance(resolution, int) else None,
+        steps=steps,
+        trigger_words=triggers,
+        clip_skip=get("model", "init_args", "clip_skip"),
+        learning_rate=optimizer.get("init_args", {}).get("lr") if isinstance(optimizer, dict) else None,
+        text_encoder_lr=te_lora.get("lr") if isinstance(te_lora, dict) else None,
+        optimizer=optimizer.get("class_path") if isinstance(optimizer, dict) else None,
+        config_sha256=config_sha,
+        date=datetime.datetime.fromtimestamp(when, datetime.timezone.utc).isoformat(timespec="seconds") if when else None,
+    )
 
 
 def metadata(
