@@ -1,0 +1,114 @@
+"""LoHa and LoKr adapters: the LyCORIS file sdtune writes is read by the `lycoris-lora` package (the reference
+implementation A1111's and ComfyUI's readers follow) onto a fresh UNet, which then gives sdtune's peft output; every
+key follows ComfyUI's naming; sdtune reads the file back itself; the refused combinations are one line."""
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from sdtune.adapters.lora import LoraSettings, TextEncoderLora
+from sdtune.adapters.lycoris import LYCORIS_WEIGHTS, load_lycoris
+from sdtune.errors import SdtuneError
+from sdtune.finetune import LoRAFineTune
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2"]
+SETTINGS = {
+    "loha": LoraSettings(type="loha", rank=4, alpha=2.0, target_modules=TARGETS),
+    "lokr": LoraSettings(type="lokr", rank=2, alpha=3.0, target_modules=TARGETS),  # w2 factored where it is large
+    "lokr_full": LoraSettings(type="lokr", rank=64, alpha=3.0, target_modules=TARGETS),  # w1, w2 full: scale 1 in LyCORIS
+    "lokr_factor": LoraSettings(type="lokr", rank=2, alpha=2.0, decompose_factor=4, target_modules=TARGETS),
+}
+# Each variant's keys besides `.alpha`, all among those ComfyUI reads (comfy/weight_adapter/loha.py, lokr.py).
+LAYOUTS = {
+    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},
+    "lokr": {"lokr_w1", "lokr_w2_a", "lokr_w2_b"},
+    "lokr_full": {"lokr_w1", "lokr_w2"},
+    "lokr_factor": {"lokr_w1", "lokr_w2_a", "lokr_w2_b"},
+}
+
+
+def randomized(module, std=0.2):
+    """As after training: every adapter matrix non-zero (peft starts one of them at zero)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return module.eval()
+
+
+def unet_output(unet):
+    generator = torch.Generator().manual_seed(1)
+    sample = torch.randn(2, 4, 32, 32, generator=generator)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        return unet(sample, torch.tensor([10, 700]), context).sample
+
+
+@pytest.fixture(scope="module", params=list(SETTINGS))
+def written(request, tiny_model_dir, tmp_path_factory):
+    """(variant, sdtune's adapted UNet output, the base output, the written file)."""
+    module = randomized(LoRAFineTune(str(tiny_model_dir), lora=SETTINGS[request.param]))
+    file = module.save_weights(tmp_path_factory.mktemp(request.param))
+    assert file.name == LYCORIS_WEIGHTS
+    ours = unet_output(module.denoiser)
+    module.denoiser.disable_adapters()
+    return request.param, ours, unet_output(module.denoiser), file
+
+
+def test_lycoris_package_reproduces_sdtunes_unet(written, tiny_model_dir):
+    from lycoris import create_lycoris_from_weights
+
+    variant, ours, base, file = written
+    unet = StableDiffusionPipeline.from_pretrained(tiny_model_dir).unet
+    # lycoris' module-level loader names layers `lycoris_<module path>`; the kohya wrapper, which reads `lora_unet_`
+    # itself, first builds its default network, which fails on diffusers' UNet (duplicated time_embedding names).
+    tensors = {key.replace("lora_unet_", "lycoris_", 1): value for key, value in load_file(file).items()}
+    network, _ = create_lycoris_from_weights(1.0, "", unet, weights_sd=tensors)
+    assert len(network.loras) == len({k.split(".")[0] for k in tensors})  # every layer read
+    network.apply_to()
+    theirs = unet_output(unet)
+    diff = (theirs - ours).abs().max().item()
+    print(f"{variant}: {len(network.loras)} layers, max |lycoris − sdtune| {diff:.2e}, effect {(ours - base).abs().max():.2e}")
+    assert (ours - base).abs().max() > 1e-2  # the adapter does something
+    assert diff < 1e-4
+
+
+def test_keys_follow_comfyui_naming(written, tiny_model_dir):
+    variant, _, _, file = written
+    unet = StableDiffusionPipeline.from_pretrained(tiny_model_dir).unet
+    # ComfyUI maps `lora_unet_<diffusers module path, . → _>` to each UNet weight (comfy/lora.py model_lora_keys_unet).
+    comfy_keys = {"lora_unet_" + name.removesuffix(".weight").replace(".", "_") for name, _ in unet.named_parameters()
+                  if name.endswith(".weight")}  # fmt: skip
+    tensors = load_file(file)
+    stems = {key.rsplit(".", 1)[0] for key in tensors}
+    assert stems <= comfy_keys
+    assert {key.rsplit(".", 1)[1] for key in tensors} == LAYOUTS[variant] | {"alpha"}
+    assert all(f"{stem}.alpha" in tensors for stem in stems)
+    if variant == "lokr_factor":  # decompose_factor 4: W1 is 4×4 wherever both sides divide by 4
+        assert all(tuple(v.shape) == (4, 4) for k, v in tensors.items() if k.endswith(".lokr_w1"))
+
+
+def test_sdtune_reads_its_lycoris_file_back(written, tiny_model_dir):
+    _, ours, _, file = written
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    load_lycoris(pipe, file, "check")
+    torch.testing.assert_close(unet_output(pipe.unet), ours, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(type="loha", use_dora=True), "use_dora is a LoRA option"),
+    (dict(type="lokr", conv_rank=4), "conv_rank adds LoRA"),
+    (dict(type="loha", decompose_factor=4), "decompose_factor is a LoKr option"),
+    (dict(type="loha", dropout=0.1), "rank_dropout and module_dropout"),
+    (dict(type="lycoris"), "must be one of lora, loha, lokr"),
+])  # fmt: skip
+def test_settings_that_make_no_sense_are_refused(settings, message):
+    with pytest.raises(SdtuneError, match=message):
+        LoraSettings(**settings)
+
+
+def test_text_encoder_adapters_stay_lora():
+    with pytest.raises(SdtuneError, match="text-encoder adapters are LoRA only"):
+        TextEncoderLora(type="loha")
