@@ -6,9 +6,11 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
+from test_cli import sdtune, sdtune_here
 
-from sdtune.adapters.lora import LoraSettings, TextEncoderLora
+from sdtune.adapters.lora import ADAPTER_WEIGHTS, LoraSettings, TextEncoderLora
 from sdtune.adapters.lycoris import LYCORIS_WEIGHTS, load_lycoris
+from sdtune.cli import main
 from sdtune.errors import SdtuneError
 from sdtune.finetune import LoRAFineTune
 
@@ -57,17 +59,23 @@ def written(request, tiny_model_dir, tmp_path_factory):
     return request.param, ours, unet_output(module.denoiser), file
 
 
-def test_lycoris_package_reproduces_sdtunes_unet(written, tiny_model_dir):
+def with_lycoris(unet, file):
+    """`unet` with the file applied by the lycoris-lora package; returns how many layers it read."""
     from lycoris import create_lycoris_from_weights
 
-    variant, ours, base, file = written
-    unet = StableDiffusionPipeline.from_pretrained(tiny_model_dir).unet
     # lycoris' module-level loader names layers `lycoris_<module path>`; the kohya wrapper, which reads `lora_unet_`
     # itself, first builds its default network, which fails on diffusers' UNet (duplicated time_embedding names).
     tensors = {key.replace("lora_unet_", "lycoris_", 1): value for key, value in load_file(file).items()}
     network, _ = create_lycoris_from_weights(1.0, "", unet, weights_sd=tensors)
     assert len(network.loras) == len({k.split(".")[0] for k in tensors})  # every layer read
     network.apply_to()
+    return network
+
+
+def test_lycoris_package_reproduces_sdtunes_unet(written, tiny_model_dir):
+    variant, ours, base, file = written
+    unet = StableDiffusionPipeline.from_pretrained(tiny_model_dir).unet
+    network = with_lycoris(unet, file)
     theirs = unet_output(unet)
     diff = (theirs - ours).abs().max().item()
     print(f"{variant}: {len(network.loras)} layers, max |lycoris − sdtune| {diff:.2e}, effect {(ours - base).abs().max():.2e}")
@@ -112,3 +120,30 @@ def test_settings_that_make_no_sense_are_refused(settings, message):
 def test_text_encoder_adapters_stay_lora():
     with pytest.raises(SdtuneError, match="text-encoder adapters are LoRA only"):
         TextEncoderLora(type="loha")
+
+
+@pytest.mark.slow
+def test_fit_trains_a_loha_that_lycoris_reads_and_sdtune_samples_and_exports(tiny_model_dir, shapes_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    sdtune("fit", "--config", "tiny/lora", "--model.pretrained", tiny_model_dir, "--data.root", shapes_dir,
+           "--trainer.max_steps", 2, "--trainer.default_root_dir", run, "--model.lora.type", "loha",
+           "--model.optimizer.init_args.lr", 1e-2)  # fmt: skip
+    file = run / "adapter" / LYCORIS_WEIGHTS
+    assert not (run / "adapter" / ADAPTER_WEIGHTS).exists()
+    unet = StableDiffusionPipeline.from_pretrained(tiny_model_dir).unet
+    base = unet_output(unet)
+    with_lycoris(unet, file)
+    assert (unet_output(unet) - base).abs().max() > 1e-5  # two steps moved the LoHa off its zero start
+
+    common = ["--model", tiny_model_dir, "--prompt", "a red circle", "--seed", 0, "--steps", 2, "--width", 64, "--height", 64]
+    sdtune_here("sample", *common, "--adapter", run / "adapter", "--out", tmp_path / "samples")
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 1
+    # Each export is checked on write: reloaded, its UNet output compared with the trained adapter's.
+    sdtune_here("export", run, "--format", "kohya", "--out", tmp_path / "loha.safetensors")
+    assert load_file(tmp_path / "loha.safetensors").keys() == load_file(file).keys()
+    sdtune_here("export", run, "--merge", "--out", tmp_path / "merged")
+    merged = StableDiffusionPipeline.from_pretrained(tmp_path / "merged").unet
+    torch.testing.assert_close(unet_output(merged), unet_output(unet), atol=1e-4, rtol=1e-3)
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "diffusers", "--out", str(tmp_path / "refused")]) != 0
+    assert "load_lora_weights reads LoRA only" in capsys.readouterr().err

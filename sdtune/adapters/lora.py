@@ -17,6 +17,7 @@ import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from sdtune.adapters.lycoris import LYCORIS_WEIGHTS
 from sdtune.errors import SdtuneError
 from sdtune.models.families.base import ModelFamily
 
@@ -184,8 +185,12 @@ class TextEncoderLora(LoraShape):
 
 
 def adapter_file(path: Path) -> Path:
-    """The weights file of an adapter given as its folder or as the file itself."""
-    return path / ADAPTER_WEIGHTS if path.is_dir() else path
+    """The weights file of an adapter given as its folder (its diffusers file, else a LoHa/LoKr run's LyCORIS file)
+    or as the file itself."""
+    if not path.is_dir():
+        return path
+    lycoris = path / LYCORIS_WEIGHTS
+    return lycoris if lycoris.is_file() and not (path / ADAPTER_WEIGHTS).is_file() else path / ADAPTER_WEIGHTS
 
 
 def check_targets(model: torch.nn.Module, settings: LoraShape, what: str | None = None) -> None:

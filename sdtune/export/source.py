@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from sdtune.adapters.lora import ADAPTER_WEIGHTS
+from sdtune.adapters.lora import ADAPTER_WEIGHTS, adapter_file
 from sdtune.errors import SdtuneError, first_line
 from sdtune.export.kohya import TrainingInfo, lora_layers
 from sdtune.models.families import ModelFamily, family_of_pipeline
@@ -158,7 +158,7 @@ def _info(run: RunRecord, pipe, pretrained: str, title: str, steps: int | None, 
 def _pick_in_run(run_dir: Path) -> Path:
     """A run's final adapter; its last checkpoint when there is no adapter or the checkpoint was written well after
     it (a resumed run that did not finish). Lightning writes last.ckpt just after the adapter at a normal end."""
-    adapter = run_dir / "adapter" / ADAPTER_WEIGHTS
+    adapter = adapter_file(run_dir / "adapter")
     last = run_dir / "checkpoints" / "last.ckpt"
     if (run_dir / "model" / "model_index.json").is_file() and not adapter.is_file():
         raise SdtuneError(f"{run_dir} is a full fine-tune: its model/ folder already is a diffusers pipeline")
@@ -180,9 +180,9 @@ def load_source(source: str | Path, model: str | None = None, model_config: str 
     if path.is_dir() and (path / "config.yaml").is_file():
         path = _pick_in_run(path)
     elif path.is_dir():
-        if not (path / ADAPTER_WEIGHTS).is_file():
+        if not adapter_file(path).is_file():
             raise SdtuneError(f"{source} has no {ADAPTER_WEIGHTS} (pass a run directory, a checkpoint or an adapter)")
-        path = path / ADAPTER_WEIGHTS
+        path = adapter_file(path)
     title = (run.config_path.parent.name if run.config_path else path.stem)
     if path.suffix == ".ckpt":
         checkpoint = _read_checkpoint(path)
