@@ -122,7 +122,6 @@ def test_text_encoder_adapters_stay_lora():
         TextEncoderLora(type="loha")
 
 
-@pytest.mark.slow
 def test_fit_trains_a_loha_that_lycoris_reads_and_sdtune_samples_and_exports(tiny_model_dir, shapes_dir, tmp_path, capsys):
     run = tmp_path / "run"
     sdtune("fit", "--config", "tiny/lora", "--model.pretrained", tiny_model_dir, "--data.root", shapes_dir,
@@ -141,6 +140,8 @@ def test_fit_trains_a_loha_that_lycoris_reads_and_sdtune_samples_and_exports(tin
     # Each export is checked on write: reloaded, its UNet output compared with the trained adapter's.
     sdtune_here("export", run, "--format", "kohya", "--out", tmp_path / "loha.safetensors")
     assert load_file(tmp_path / "loha.safetensors").keys() == load_file(file).keys()
+    sdtune_here("export", run, "--format", "peft", "--out", tmp_path / "peft")
+    assert '"peft_type": "LOHA"' in (tmp_path / "peft" / "adapter_config.json").read_text()
     sdtune_here("export", run, "--merge", "--out", tmp_path / "merged")
     merged = StableDiffusionPipeline.from_pretrained(tmp_path / "merged").unet
     torch.testing.assert_close(unet_output(merged), unet_output(unet), atol=1e-4, rtol=1e-3)
