@@ -9,10 +9,11 @@ from safetensors.torch import load_file
 from test_cli import sdtune, sdtune_here
 
 from sdtune.adapters.lora import ADAPTER_WEIGHTS, LoraSettings, TextEncoderLora
-from sdtune.adapters.lycoris import LYCORIS_WEIGHTS, load_lycoris
+from sdtune.adapters.lycoris import LYCORIS_WEIGHTS
 from sdtune.cli import main
 from sdtune.errors import SdtuneError
 from sdtune.finetune import LoRAFineTune
+from sdtune.inference.sampling import Adapter, load_adapters
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2"]
 SETTINGS = {
@@ -98,11 +99,17 @@ def test_keys_follow_comfyui_naming(written, tiny_model_dir):
         assert all(tuple(v.shape) == (4, 4) for k, v in tensors.items() if k.endswith(".lokr_w1"))
 
 
-def test_sdtune_reads_its_lycoris_file_back(written, tiny_model_dir):
-    _, ours, _, file = written
+def test_sample_and_evaluate_read_the_lycoris_file_at_any_scale(written, tiny_model_dir):
+    _, ours, base, file = written
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
-    load_lycoris(pipe, file, "check")
+    load_adapters(pipe, [Adapter(file.parent)])  # the run's adapter folder, as `sdtune sample --adapter` takes it
     torch.testing.assert_close(unet_output(pipe.unet), ours, atol=1e-5, rtol=1e-4)
+    pipe.set_adapters(["a0"], [0.0])
+    torch.testing.assert_close(unet_output(pipe.unet), base, atol=1e-5, rtol=1e-4)
+    pipe.unload_lora_weights()  # as evaluate does between adapters
+    load_adapters(pipe, [Adapter(file, 0.5)])
+    half = unet_output(pipe.unet)
+    assert (half - base).abs().max() > 1e-3 and (half - ours).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("settings, message", [
