@@ -8,8 +8,13 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 from test_cli import sdtune, sdtune_here
 
-from sdtune.adapters.lora import ADAPTER_WEIGHTS, LoraSettings, TextEncoderLora
-from sdtune.adapters.lycoris import LYCORIS_WEIGHTS
+from sdtune.adapters.lora import (
+    ADAPTER_WEIGHTS,
+    LYCORIS_WEIGHTS,
+    LoraSettings,
+    TextEncoderLora,
+    text_encoder_module_prefix,
+)
 from sdtune.cli import main
 from sdtune.errors import SdtuneError
 from sdtune.finetune import LoRAFineTune
@@ -60,14 +65,14 @@ def written(request, tiny_model_dir, tmp_path_factory):
     return request.param, ours, unet_output(module.denoiser), file
 
 
-def with_lycoris(unet, file):
-    """`unet` with the file applied by the lycoris-lora package; returns how many layers it read."""
+def with_lycoris(model, file, prefix="lora_unet_"):
+    """`model` with the file's layers under `prefix` applied by the lycoris-lora package."""
     from lycoris import create_lycoris_from_weights
 
     # lycoris' module-level loader names layers `lycoris_<module path>`; the kohya wrapper, which reads `lora_unet_`
     # itself, first builds its default network, which fails on diffusers' UNet (duplicated time_embedding names).
-    tensors = {key.replace("lora_unet_", "lycoris_", 1): value for key, value in load_file(file).items()}
-    network, _ = create_lycoris_from_weights(1.0, "", unet, weights_sd=tensors)
+    tensors = {key.replace(prefix, "lycoris_", 1): value for key, value in load_file(file).items() if key.startswith(prefix)}
+    network, _ = create_lycoris_from_weights(1.0, "", model, weights_sd=tensors)
     assert len(network.loras) == len({k.split(".")[0] for k in tensors})  # every layer read
     network.apply_to()
     return network
@@ -112,6 +117,38 @@ def test_sample_and_evaluate_read_the_lycoris_file_at_any_scale(written, tiny_mo
     assert (half - base).abs().max() > 1e-3 and (half - ours).abs().max() > 1e-3
 
 
+def text_output(text_encoder):
+    with torch.no_grad():
+        return text_encoder(torch.tensor([[0, 1, 2, 3, 4]]))[0]
+
+
+def test_text_encoder_lokr_goes_into_the_same_file(tiny_model_dir, tmp_path):
+    lora = LoraSettings(type="lokr", rank=2, alpha=2.0, target_modules=["to_q", "to_v"])
+    module = randomized(LoRAFineTune(str(tiny_model_dir), lora=lora, text_encoder_lora=TextEncoderLora(type="lokr", rank=2, alpha=4.0)))
+    file = module.save_weights(tmp_path / "adapter")
+    ours_text, ours = text_output(module.text_encoder), unet_output(module.denoiser)
+    # ComfyUI's and A1111's SD1 text-encoder names: lora_te_text_model_encoder_layers_N_…, transformers 4's module paths.
+    te_keys = {key.rsplit(".", 1)[0] for key in load_file(file) if key.startswith("lora_te_")}
+    assert te_keys and all(key.startswith("lora_te_text_model_encoder_layers_") for key in te_keys)
+
+    text_encoder = StableDiffusionPipeline.from_pretrained(tiny_model_dir).text_encoder
+    base_text = text_output(text_encoder)
+    with_lycoris(text_encoder, file, "lora_te_" + text_encoder_module_prefix(text_encoder).replace(".", "_"))
+    diff = (text_output(text_encoder) - ours_text).abs().max().item()
+    print(f"text encoder LoKr: {len(te_keys)} layers, max |lycoris − sdtune| {diff:.2e}, effect {(ours_text - base_text).abs().max():.2e}")
+    assert (ours_text - base_text).abs().max() > 1e-2 and diff < 1e-4
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    load_adapters(pipe, [Adapter(file.parent)])
+    torch.testing.assert_close(text_output(pipe.text_encoder), ours_text, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(unet_output(pipe.unet), ours, atol=1e-5, rtol=1e-4)
+
+
+def test_text_encoder_adapter_shares_the_type():
+    with pytest.raises(SdtuneError, match="they share a type"):
+        LoRAFineTune("unused", lora=LoraSettings(type="loha"), text_encoder_lora=TextEncoderLora(type="lora"))
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(type="loha", use_dora=True), "use_dora is a LoRA option"),
     (dict(type="lokr", conv_rank=4), "conv_rank adds LoRA"),
@@ -124,18 +161,14 @@ def test_settings_that_make_no_sense_are_refused(settings, message):
         LoraSettings(**settings)
 
 
-def test_text_encoder_adapters_stay_lora():
-    with pytest.raises(SdtuneError, match="text-encoder adapters are LoRA only"):
-        TextEncoderLora(type="loha")
-
-
 def test_fit_trains_a_loha_that_lycoris_reads_and_sdtune_samples_and_exports(tiny_model_dir, shapes_dir, tmp_path, capsys):
     run = tmp_path / "run"
     sdtune("fit", "--config", "tiny/lora", "--model.pretrained", tiny_model_dir, "--data.root", shapes_dir,
            "--trainer.max_steps", 2, "--trainer.default_root_dir", run, "--model.lora.type", "loha",
-           "--model.optimizer.init_args.lr", 1e-2)  # fmt: skip
+           "--model.text_encoder_lora.type", "loha", "--model.optimizer.init_args.lr", 1e-2)  # fmt: skip
     file = run / "adapter" / LYCORIS_WEIGHTS
     assert not (run / "adapter" / ADAPTER_WEIGHTS).exists()
+    assert any(key.startswith("lora_te_") for key in load_file(file))
     unet = StableDiffusionPipeline.from_pretrained(tiny_model_dir).unet
     base = unet_output(unet)
     with_lycoris(unet, file)
@@ -148,10 +181,28 @@ def test_fit_trains_a_loha_that_lycoris_reads_and_sdtune_samples_and_exports(tin
     sdtune_here("export", run, "--format", "kohya", "--out", tmp_path / "loha.safetensors")
     assert load_file(tmp_path / "loha.safetensors").keys() == load_file(file).keys()
     sdtune_here("export", run, "--format", "peft", "--out", tmp_path / "peft")
-    assert '"peft_type": "LOHA"' in (tmp_path / "peft" / "adapter_config.json").read_text()
+    assert '"peft_type": "LOHA"' in (tmp_path / "peft" / "text_encoder" / "adapter_config.json").read_text()
     sdtune_here("export", run, "--merge", "--out", tmp_path / "merged")
     merged = StableDiffusionPipeline.from_pretrained(tmp_path / "merged").unet
     torch.testing.assert_close(unet_output(merged), unet_output(unet), atol=1e-4, rtol=1e-3)
     capsys.readouterr()
     assert main(["export", str(run), "--format", "diffusers", "--out", str(tmp_path / "refused")]) != 0
     assert "load_lora_weights reads LoRA only" in capsys.readouterr().err
+
+
+def test_sdxl_loha_names_both_text_encoders_and_reads_back(tiny_sdxl_dir, tmp_path):
+    from sdtune.models.pretrained import load_pipeline
+
+    lora = LoraSettings(type="loha", rank=2, alpha=2.0, target_modules=["to_q", "to_v"])
+    module = randomized(LoRAFineTune(str(tiny_sdxl_dir), lora=lora, text_encoder_lora=TextEncoderLora(type="loha", rank=2)))
+    file = module.save_weights(tmp_path / "adapter")
+    ours = text_output(module.text_encoder_2)
+    assert {key.split("_")[1] for key in load_file(file)} == {"unet", "te1", "te2"}  # kohya's SDXL prefixes
+
+    text_encoder_2 = load_pipeline(str(tiny_sdxl_dir)).text_encoder_2
+    assert (text_output(text_encoder_2) - ours).abs().max() > 1e-2  # the adapter does something
+    with_lycoris(text_encoder_2, file, "lora_te2_" + text_encoder_module_prefix(text_encoder_2).replace(".", "_"))
+    assert (text_output(text_encoder_2) - ours).abs().max() < 1e-4
+    pipe = load_pipeline(str(tiny_sdxl_dir))
+    load_adapters(pipe, [Adapter(file)])
+    torch.testing.assert_close(text_output(pipe.text_encoder_2), ours, atol=1e-5, rtol=1e-4)

@@ -17,11 +17,11 @@ import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from sdtune.adapters.lycoris import LYCORIS_WEIGHTS
 from sdtune.errors import SdtuneError
 from sdtune.models.families.base import ModelFamily
 
 ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
+LYCORIS_WEIGHTS = "lycoris_weights.safetensors"  # a LoHa/LoKr run's adapter (sdtune.adapters.lycoris)
 # peft `init_lora_weights` schemes that start with B = 0 and leave the base weights untouched.
 INITS = {"gaussian": "gaussian", "kaiming": True}
 # Schemes that rewrite the base weights: an adapter trained that way is wrong on any other copy of the base model.
@@ -52,7 +52,8 @@ class LoraShape:
     type: str = "lora"
     """lora: B·A. loha: LoHa, (W1a·W1b) ⊙ (W2a·W2b), a Hadamard product of two rank-r pairs (rank r² at 2× LoRA's
     parameters). lokr: LoKr, W1 ⊗ (W2a·W2b), a Kronecker product. LoHa and LoKr are saved as a LyCORIS file
-    (A1111, ComfyUI, Forge), not in the diffusers format; dropout, use_dora and init are LoRA's only."""
+    (A1111, ComfyUI, Forge), not in the diffusers format; dropout, use_dora and init are LoRA's only. The
+    text-encoder adapter takes the denoiser's type."""
     decompose_factor: int = -1
     """LoKr: the size of W1's sides (W ≈ W1 ⊗ W2 splits each dimension as factor × rest); -1 picks the split nearest
     the square root. A larger factor moves parameters from W2 into the full W1."""
@@ -177,8 +178,6 @@ class TextEncoderLora(LoraShape):
                 f"{self.key}.use_dora: diffusers (with transformers 5) drops text-encoder DoRA magnitudes when it loads "
                 "an adapter, so it would be wrong wherever it is used; keep DoRA on the UNet (model.lora.use_dora)"
             )
-        if self.type != "lora":
-            raise SdtuneError(f"{self.key}.type: text-encoder adapters are LoRA only; {self.type} trains on the denoiser (model.lora.type)")
 
     def all_targets(self) -> list[str]:
         return list(self.target_modules)

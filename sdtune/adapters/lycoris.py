@@ -1,7 +1,8 @@
 """LoHa and LoKr adapters (peft's `LoHaConfig` / `LoKrConfig`) written and read in LyCORIS naming, the format
 AUTOMATIC1111, Forge and ComfyUI read (and the `lycoris-lora` package's `create_network_from_weights`).
 
-One entry group per adapted layer, named as kohya names LoRA layers (`lora_unet_<diffusers module path, dots → _>`):
+One entry group per adapted layer, named as kohya names LoRA layers (`lora_unet_<diffusers module path, dots → _>`;
+text encoders `lora_te_text_model_…`, SDXL's `lora_te1_…`/`lora_te2_…`):
 
 | type | keys                                               | update ΔW                                    |
 | LoHa | `.hada_w1_a` (out×r) `.hada_w1_b` (r×in)           | (w1_a·w1_b) ⊙ (w2_a·w2_b) · alpha / r        |
@@ -16,13 +17,14 @@ two scale rules differ: peft always scales by alpha / r, LyCORIS (and ComfyUI) i
 w1 and w2 are both full. Such a layer is written with peft's scale folded into lokr_w2 and alpha = r, and read back
 with alpha = r (scale 1). Reading sets each layer's rank and alpha from the file (peft's `rank_pattern` /
 `alpha_pattern`), so alphas that differ between layers survive. Tucker (`hada_t1`, `lokr_t2`), DoRA (`dora_scale`)
-and convolution layers are not written; a file holding them, or text-encoder layers, is refused on reading.
+and convolution layers are not written; a file holding Tucker or DoRA tensors is refused on reading.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -31,9 +33,9 @@ from peft.tuners.loha import LoHaLayer
 from peft.tuners.lokr import LoKrLayer
 from peft.tuners.lokr.layer import factorization
 
+from sdtune.adapters.lora import text_encoder_module_prefix
 from sdtune.errors import SdtuneError
 
-LYCORIS_WEIGHTS = "lycoris_weights.safetensors"
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 UNSUPPORTED_KEYS = ("hada_t1", "hada_t2", "lokr_t2", "dora_scale")
@@ -74,9 +76,13 @@ def lycoris_tensors(
     return out
 
 
-def save_lycoris(family, denoiser: torch.nn.Module, file: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write the denoiser's LoHa/LoKr adapter to `file` in LyCORIS naming, with kohya's metadata keys for the
-    network (`ss_network_module`, `ss_network_args`) so A1111's and ComfyUI's viewers name the algorithm."""
+def save_lycoris(
+    family, denoiser: torch.nn.Module, file: str | Path, text_encoders: Sequence[torch.nn.Module | None] = (),
+    dtype: torch.dtype = torch.float32,
+) -> Path:  # fmt: skip
+    """Write the LoHa/LoKr adapters of the denoiser and of the text encoders given (the family's, in order; None or
+    left out: not adapted) to `file` in LyCORIS naming, with kohya's metadata keys for the network
+    (`ss_network_module`, `ss_network_args`) so A1111's and ComfyUI's viewers name the algorithm."""
     import json
 
     from safetensors.torch import save_file
@@ -84,16 +90,17 @@ def save_lycoris(family, denoiser: torch.nn.Module, file: str | Path, dtype: tor
     layers = lycoris_layers(denoiser)
     if not layers:
         raise SdtuneError("the model carries no LoHa or LoKr adapter to write")
-    if family.kohya_layout != "diffusers" or family.denoiser not in family.kohya_prefixes:
-        raise SdtuneError(f"LoHa/LoKr files are written for UNet models (SD1, SD2, SDXL), not {family.label}")
-    tensors = lycoris_tensors(denoiser, family.kohya_prefixes[family.denoiser], dtype)
+    prefixes = _prefixes(family, "written")
+    tensors = lycoris_tensors(denoiser, prefixes[family.denoiser], dtype)
+    for name, encoder in zip(family.text_encoders, text_encoders):
+        if encoder is not None:
+            tensors |= lycoris_tensors(encoder, prefixes[name] + text_encoder_module_prefix(encoder).replace(".", "_"), dtype)
     first = next(iter(layers.values()))
-    algo = "loha" if isinstance(first, LoHaLayer) else "lokr"
     metadata = {
         "ss_network_module": "lycoris.kohya",
         "ss_network_dim": str(first.r["default"]),
         "ss_network_alpha": str(first.alpha["default"]),
-        "ss_network_args": json.dumps({"algo": algo}),
+        "ss_network_args": json.dumps({"algo": "loha" if isinstance(first, LoHaLayer) else "lokr"}),
     }
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
@@ -101,21 +108,14 @@ def save_lycoris(family, denoiser: torch.nn.Module, file: str | Path, dtype: tor
     return file
 
 
+def _prefixes(family, done: str) -> dict[str, str]:
+    """Component → key prefix (`unet` → `lora_unet_`, `text_encoder` → `lora_te_`); one line for other families."""
+    if family.kohya_layout != "diffusers" or family.denoiser not in family.kohya_prefixes:
+        raise SdtuneError(f"LoHa/LoKr files are {done} for UNet models (SD1, SD2, SDXL), not {family.label}")
+    return dict(family.kohya_prefixes)
+
+
 # --- reading ------------------------------------------------------------------------------------------------------
-
-
-def _group(raw: dict[str, torch.Tensor], prefix: str, modules: dict[str, str]) -> dict[str, dict[str, torch.Tensor]]:
-    """Module path → {suffix: tensor} for the file's layers under `prefix`; one line for a name no module has."""
-    layers: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in raw.items():
-        stem, _, suffix = key.rpartition(".")
-        if not stem.startswith(prefix):
-            continue
-        module = modules.get(stem[len(prefix):])
-        if module is None:
-            raise SdtuneError(f"{stem} names no module of this model (a LyCORIS file made for another architecture?)")
-        layers.setdefault(module, {})[suffix] = tensor
-    return layers
 
 
 def _rank_alpha(tensors: dict[str, torch.Tensor]) -> tuple[str, int, float]:
@@ -143,8 +143,8 @@ def _lokr_factor(tensors: dict[str, torch.Tensor], out_dim: int, in_dim: int) ->
 
 
 def load_lycoris(pipe, file: Path, adapter: str) -> None:
-    """Attach the LoHa/LoKr file's layers to the pipeline's denoiser as peft adapter `adapter`, with the file's
-    values; one line for what cannot be read."""
+    """Attach the LoHa/LoKr file's layers to the pipeline's denoiser and text encoders as peft adapter `adapter`,
+    with the file's values; one line for what cannot be read."""
     from safetensors.torch import load_file
 
     from sdtune.models.families import family_of_pipeline
@@ -154,15 +154,28 @@ def load_lycoris(pipe, file: Path, adapter: str) -> None:
     unsupported = sorted({k.rsplit(".", 1)[-1] for k in raw} & set(UNSUPPORTED_KEYS))
     if unsupported:
         raise SdtuneError(f"{file}: LyCORIS layers with {', '.join(unsupported)} (Tucker or DoRA) are not read here")
-    prefix = family.kohya_prefixes.get(family.denoiser) if family.kohya_layout == "diffusers" else None
-    if prefix is None:
-        raise SdtuneError(f"{file}: LoHa/LoKr files are read for UNet models (SD1, SD2, SDXL), not {family.label}")
-    stray = sorted({k.split(".")[0] for k in raw if not k.startswith(prefix)})
+    prefixes = _prefixes(family, "read")
+    parts = [(name, prefix, getattr(pipe, name)) for name, prefix in prefixes.items() if getattr(pipe, name, None) is not None]
+    stray = sorted({k.split(".")[0] for k in raw if not any(k.startswith(prefix) for _, prefix, _ in parts)})
     if stray:
-        raise SdtuneError(f"{file}: LoHa/LoKr layers outside the UNet (e.g. {stray[0]}) are not read here")
-    denoiser = getattr(pipe, family.denoiser)
-    modules = {name.replace(".", "_"): name for name, _ in denoiser.named_modules()}
-    layers = _group(raw, prefix, modules)
+        raise SdtuneError(f"{file}: {stray[0]} is no layer of this model's UNet or text encoders")
+    for name, prefix, model in parts:
+        module_prefix = "" if name == family.denoiser else text_encoder_module_prefix(model)
+        modules = {(module_prefix + path).replace(".", "_"): path for path, _ in model.named_modules()}
+        layers: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in raw.items():
+            stem, _, suffix = key.rpartition(".")
+            if stem.startswith(prefix):
+                module = modules.get(stem[len(prefix):])
+                if module is None:
+                    raise SdtuneError(f"{file}: {stem} names no module of this model (made for another architecture?)")
+                layers.setdefault(module, {})[suffix] = tensor
+        if layers:
+            _attach(model, layers, adapter, file)
+
+
+def _attach(model: torch.nn.Module, layers: dict[str, dict[str, torch.Tensor]], adapter: str, file: Path) -> None:
+    """Add adapter `adapter` to `model` with each layer's rank and alpha from the file, then its values."""
     shapes = {name: _rank_alpha(tensors) for name, tensors in layers.items()}
     kinds = {kind for kind, _, _ in shapes.values()}
     if len(kinds) != 1:
@@ -178,15 +191,11 @@ def load_lycoris(pipe, file: Path, adapter: str) -> None:
         config = LoHaConfig(**common)
     else:
         name, tensors = next(iter(layers.items()))
-        weight = denoiser.get_submodule(name).weight
+        weight = model.get_submodule(name).weight
         config = LoKrConfig(**common, decompose_factor=_lokr_factor(tensors, weight.shape[0], weight.shape[1]),
                             decompose_both=any("lokr_w1_a" in t for t in layers.values()))  # fmt: skip
-    denoiser.add_adapter(config, adapter_name=adapter)
-    _copy_into(lycoris_layers(denoiser, adapter), layers, adapter, file)
-
-
-def _copy_into(targets: dict, layers: dict[str, dict[str, torch.Tensor]], adapter: str, file: Path) -> None:
-    """Copy each file layer's matrices into the peft layer of the same module; one line when the layouts differ."""
+    model.add_adapter(config, adapter_name=adapter)
+    targets = lycoris_layers(model, adapter)
     for name, tensors in layers.items():
         layer = targets[name]
         wanted = {key for key in LOHA_KEYS + LOKR_KEYS if adapter in getattr(layer, key, {})}

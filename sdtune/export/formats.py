@@ -55,7 +55,7 @@ def write_peft(adapted: Adapted, out: Path, dtype: torch.dtype) -> None:
 
 def write_kohya(adapted: Adapted, out: Path, dtype: torch.dtype) -> None:
     if lycoris_layers(denoiser_of(adapted.pipe)):
-        save_lycoris(adapted.family, denoiser_of(adapted.pipe), out, dtype)
+        save_lycoris(adapted.family, denoiser_of(adapted.pipe), out, adapted.text_encoders, dtype)
         return
     kohya.save_kohya(out, adapted.family, denoiser_of(adapted.pipe), adapted.text_encoders, adapted.info, dtype)
 

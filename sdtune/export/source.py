@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from sdtune.adapters.lora import ADAPTER_WEIGHTS, adapter_file
+from sdtune.adapters.lycoris import lycoris_layers
 from sdtune.errors import SdtuneError, first_line
 from sdtune.export.kohya import TrainingInfo, lora_layers
 from sdtune.models.families import ModelFamily, family_of_pipeline
@@ -45,7 +46,7 @@ class Adapted:
     def text_encoders(self) -> list:
         """Each of the model's text encoders (SDXL: two), None where it carries no adapter."""
         encoders = [getattr(self.pipe, name) for name in self.family.text_encoders]
-        return [encoder if lora_layers(encoder, ADAPTER) else None for encoder in encoders]
+        return [encoder if lora_layers(encoder, ADAPTER) or lycoris_layers(encoder, ADAPTER) else None for encoder in encoders]
 
 
 @dataclass

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from sdtune.adapters.init import load_init_adapter
-from sdtune.adapters.lora import LoraSettings, TextEncoderLora, add_lora, save_diffusers_adapter
-from sdtune.adapters.lycoris import LYCORIS_WEIGHTS, save_lycoris
+from sdtune.adapters.lora import LYCORIS_WEIGHTS, LoraSettings, TextEncoderLora, add_lora, save_diffusers_adapter
+from sdtune.adapters.lycoris import save_lycoris
 from sdtune.adapters.new_tokens import (
     NewTokens,
     TokenEmbedding,
@@ -32,7 +32,7 @@ class LoRAFineTune(DiffusionFineTune):
         pretrained: Diffusers model directory or Hugging Face Hub id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5.
         lora: Denoiser adapter: type (lora, loha, lokr), rank, alpha, dropout, targets, DoRA, conv rank/alpha (LoCon).
         text_encoder_lora: Text-encoder adapter with its own learning rate; null keeps the text encoder frozen. For
-            SDXL it adapts both text encoders, with the same settings.
+            SDXL it adapts both text encoders, with the same settings; its type is model.lora's.
         new_tokens: Tokens to add to the text encoder, each with a trainable embedding row initialised from a word
             (pivotal tuning). Written beside the adapter for diffusers' load_textual_inversion (`embeddings/`) and
             AUTOMATIC1111 (`embeddings_a1111/`). `TextualInversion` trains them without a LoRA.
@@ -69,6 +69,9 @@ class LoRAFineTune(DiffusionFineTune):
             raise SdtuneError("model.lora is null: nothing would train (new tokens alone are sdtune.finetune.TextualInversion)")
         if quantize is not None and quantize not in QUANTIZE:
             raise SdtuneError(f"model.quantize must be one of {', '.join(QUANTIZE)} or null, got '{quantize}'")
+        if text_encoder_lora is not None and text_encoder_lora.type != lora.type:
+            raise SdtuneError(f"model.text_encoder_lora.type is {text_encoder_lora.type}, model.lora.type {lora.type}: "
+                              "one file holds both adapters, so they share a type")  # fmt: skip
         super().__init__(pretrained=pretrained, **kwargs)
         lora = lora.for_family(self.family)
         self.lora, self.text_encoder_lora, self.new_tokens = lora, text_encoder_lora, new_tokens
@@ -97,8 +100,6 @@ class LoRAFineTune(DiffusionFineTune):
             raise SdtuneError(f"model.lora.type {kind}: LoHa/LoKr train on UNet models (SD1, SD2, SDXL), not {self.family.label}")
         if self.init_adapter is not None:
             raise SdtuneError(f"model.init_adapter starts a LoRA from a file; a {kind} starts fresh (drop init_adapter)")
-        if self.text_encoder_lora is not None:
-            raise SdtuneError(f"model.text_encoder_lora: a {kind} run adapts the UNet only (its LyCORIS file has no text-encoder layers); set it to null")
 
     @property
     def adapted_text_encoders(self) -> list:
@@ -131,7 +132,7 @@ class LoRAFineTune(DiffusionFineTune):
         `lycoris_weights.safetensors`) and the new tokens' embeddings beside them."""
         if self.token_embedding is not None:
             save_new_tokens(out_dir, self.new_tokens, self.token_embedding)
-        if self.lora.type != "lora":
-            return save_lycoris(self.family, self.denoiser, Path(out_dir) / LYCORIS_WEIGHTS)
         encoders = self.adapted_text_encoders if self.text_encoder_lora is not None else []
+        if self.lora.type != "lora":
+            return save_lycoris(self.family, self.denoiser, Path(out_dir) / LYCORIS_WEIGHTS, encoders)
         return save_diffusers_adapter(self.family, self.denoiser, out_dir, encoders)
