@@ -144,6 +144,11 @@ def test_text_encoder_lokr_goes_into_the_same_file(tiny_model_dir, tmp_path):
     torch.testing.assert_close(unet_output(pipe.unet), ours, atol=1e-5, rtol=1e-4)
 
 
+def test_transformer_families_are_refused(tiny_sd3_dir):
+    with pytest.raises(SdtuneError, match="LoHa/LoKr train on UNet models"):
+        LoRAFineTune(str(tiny_sd3_dir), lora=LoraSettings(type="lokr"))
+
+
 def test_text_encoder_adapter_shares_the_type():
     with pytest.raises(SdtuneError, match="they share a type"):
         LoRAFineTune("unused", lora=LoraSettings(type="loha"), text_encoder_lora=TextEncoderLora(type="lora"))
