@@ -105,11 +105,12 @@ def set_hparam(key: str, value):
     "key, value, message",
     [
         ("lora.alpha", 999.0, "model.lora.alpha: {ckpt} was trained with 999.0, the config has 4.0;"),
+        ("lora.type", "loha", "model.lora.type: {ckpt} was trained with loha, the config has lora;"),
         ("lora.target_modules", ["to_q"], 'model.lora.target_modules: {ckpt} was trained with ["to_q"], the config has ["to_q", "to_k", "to_v", "to_out.0"];'),
         ("text_encoder_lora", {"rank": 4, "alpha": 4.0, "target_modules": ["q_proj"]}, "model.text_encoder_lora: {ckpt} was trained with {{"),
         ("_class_path", "sdtune.finetune.full.FullFineTune", "model.class_path: {ckpt} was written by a FullFineTune run, the config trains LoRAFineTune;"),
     ],
-    ids=["alpha", "targets", "text-encoder-adapter", "method"],
+    ids=["alpha", "adapter-type", "targets", "text-encoder-adapter", "method"],
 )
 def test_a_setting_that_fixes_the_weights_must_match(key, value, message, trained, tiny_model_dir, shapes_dir, tmp_path, capsys, no_weights):
     path = edited(trained / "checkpoints" / "last.ckpt", tmp_path / "edited.ckpt", set_hparam(key, value))

@@ -93,3 +93,13 @@ def test_flow_recipes_values(name, pretrained):
     assert config["samples"]["scheduler"] == "flow_euler" and config["trainer"]["precision"] == "bf16-mixed"
     header = next(r for r in RECIPES if r.name == name).path.read_text().split("seed_everything")[0]
     assert "GB" in header and "--model.quantize nf4" in header
+
+
+def test_sd15_loha_values():
+    from sdtune.adapters.lora import LoraSettings
+
+    config = yaml.safe_load(next(r for r in RECIPES if r.name == "sd15/loha").path.read_text())
+    lora = config["model"]["init_args"]["lora"]
+    assert (lora["type"], lora["rank"], lora["alpha"]) == ("loha", 8, 4)
+    assert LoraSettings(**lora).peft_config().peft_type.value == "LOHA"  # values a LoHa accepts
+    assert config["model"]["init_args"]["text_encoder_lora"] is None

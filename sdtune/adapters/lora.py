@@ -14,17 +14,20 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from peft import LoraConfig
+from peft import LoHaConfig, LoKrConfig, LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from sdtune.errors import SdtuneError
 from sdtune.models.families.base import ModelFamily
 
 ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
+LYCORIS_WEIGHTS = "lycoris_weights.safetensors"  # a LoHa/LoKr run's adapter (sdtune.adapters.lycoris)
 # peft `init_lora_weights` schemes that start with B = 0 and leave the base weights untouched.
 INITS = {"gaussian": "gaussian", "kaiming": True}
 # Schemes that rewrite the base weights: an adapter trained that way is wrong on any other copy of the base model.
 BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "eva", "corda")
+# Adapter types: LoRA (B·A), and the LyCORIS ones peft implements, saved in LyCORIS naming (sdtune.adapters.lycoris).
+TYPES = ("lora", "loha", "lokr")
 
 
 @dataclass
@@ -46,8 +49,24 @@ class LoraShape:
     """Initialisation of A (B starts at zero either way): gaussian or kaiming (peft's default)."""
     target_modules: list[str] = field(default_factory=list)
     """Module names (or name suffixes) that get an adapter."""
+    type: str = "lora"
+    """lora: B·A. loha: LoHa, (W1a·W1b) ⊙ (W2a·W2b), a Hadamard product of two rank-r pairs (rank r² at 2× LoRA's
+    parameters). lokr: LoKr, W1 ⊗ (W2a·W2b), a Kronecker product. LoHa and LoKr are saved as a LyCORIS file
+    (A1111, ComfyUI, Forge), not in the diffusers format; dropout, use_dora and init are LoRA's only. The
+    text-encoder adapter takes the denoiser's type."""
+    decompose_factor: int = -1
+    """LoKr: the size of W1's sides (W ≈ W1 ⊗ W2 splits each dimension as factor × rest); -1 picks the split nearest
+    the square root. A larger factor moves parameters from W2 into the full W1."""
+    rank_dropout: float = 0.0
+    """LoHa/LoKr: drop this fraction of the update's output rows during training."""
+    module_dropout: float = 0.0
+    """LoHa/LoKr: skip a layer's whole update with this probability during training."""
 
     def __post_init__(self) -> None:
+        if self.type not in TYPES:
+            raise SdtuneError(f"{self.key}.type must be one of {', '.join(TYPES)}, got '{self.type}'")
+        if self.type != "lora":
+            self._check_lycoris()
         if self.rank < 1:
             raise SdtuneError(f"{self.key}.rank must be ≥ 1, got {self.rank}")
         if self.alpha <= 0:
@@ -64,7 +83,27 @@ class LoraShape:
         if self.target_modules is not None and not self.target_modules:
             raise SdtuneError(f"{self.key}.target_modules is empty; name at least one module (e.g. {self.example})")
 
-    def peft_config(self) -> LoraConfig:
+    def _check_lycoris(self) -> None:
+        """LoRA-only options set on a LoHa/LoKr, and options out of range: one line each."""
+        if self.use_dora:
+            raise SdtuneError(f"{self.key}.use_dora is a LoRA option; a {self.type} has no DoRA magnitudes (use type: lora)")
+        if self.dropout:
+            raise SdtuneError(f"{self.key}.dropout is LoRA's input dropout; a {self.type} uses rank_dropout and module_dropout")
+        for name in ("rank_dropout", "module_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise SdtuneError(f"{self.key}.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.decompose_factor == 0 or self.decompose_factor < -1:
+            raise SdtuneError(f"{self.key}.decompose_factor must be -1 (square root) or > 0, got {self.decompose_factor}")
+        if self.decompose_factor != -1 and self.type != "lokr":
+            raise SdtuneError(f"{self.key}.decompose_factor is a LoKr option; type is {self.type}")
+
+    def peft_config(self) -> LoraConfig | LoHaConfig | LoKrConfig:
+        if self.type == "loha":
+            return LoHaConfig(r=self.rank, alpha=self.alpha, rank_dropout=self.rank_dropout,
+                              module_dropout=self.module_dropout, target_modules=list(self.target_modules))  # fmt: skip
+        if self.type == "lokr":
+            return LoKrConfig(r=self.rank, alpha=self.alpha, rank_dropout=self.rank_dropout, module_dropout=self.module_dropout,
+                              decompose_factor=self.decompose_factor, target_modules=list(self.target_modules))  # fmt: skip
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,
@@ -96,6 +135,8 @@ class LoraSettings(LoraShape):
             raise SdtuneError(f"{self.key}.conv_rank must be ≥ 0, got {self.conv_rank}")
         if self.conv_alpha is not None and self.conv_alpha <= 0:
             raise SdtuneError(f"{self.key}.conv_alpha must be > 0 or null, got {self.conv_alpha}")
+        if self.conv_rank and self.type != "lora":
+            raise SdtuneError(f"{self.key}.conv_rank adds LoRA (LoCon) convolutions; a {self.type} here adapts linear layers only (set conv_rank: 0)")
 
     def peft_config(self) -> LoraConfig:
         config = super().peft_config()
@@ -143,8 +184,12 @@ class TextEncoderLora(LoraShape):
 
 
 def adapter_file(path: Path) -> Path:
-    """The weights file of an adapter given as its folder or as the file itself."""
-    return path / ADAPTER_WEIGHTS if path.is_dir() else path
+    """The weights file of an adapter given as its folder (its diffusers file, else a LoHa/LoKr run's LyCORIS file)
+    or as the file itself."""
+    if not path.is_dir():
+        return path
+    lycoris = path / LYCORIS_WEIGHTS
+    return lycoris if lycoris.is_file() and not (path / ADAPTER_WEIGHTS).is_file() else path / ADAPTER_WEIGHTS
 
 
 def check_targets(model: torch.nn.Module, settings: LoraShape, what: str | None = None) -> None:

@@ -27,9 +27,11 @@ EPILOG = """examples:
   sdtune export runs/my_lora --merge --scale 0.8 --out models/my_model                # a full diffusers pipeline
   sdtune export runs/my_lora/checkpoints/last.ckpt --format kohya --out last.safetensors
   sdtune export some_lora.safetensors --model ./sd15 --format diffusers --out export/converted
+  sdtune export runs/my_loha --format kohya --out loras/my_loha.safetensors          # LoHa/LoKr: LyCORIS naming
 
 SOURCE is a run directory (its adapter/, or checkpoints/last.ckpt when training did not finish), a checkpoint, or
-an adapter folder or file (diffusers or kohya). The base model is the run's, unless --model is given.
+an adapter folder or file (diffusers, kohya, or a LoHa/LoKr in LyCORIS naming). The base model is the run's, unless
+--model is given. A LoHa/LoKr exports as kohya (its LyCORIS file), peft or --merge; diffusers reads LoRA only.
 Every file is loaded back by its consumer and its UNet output compared with the adapter's; a file that does not
 match is renamed *.invalid and the command fails.
 """

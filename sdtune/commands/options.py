@@ -146,7 +146,7 @@ def check_clip_skip(pipe, ns: argparse.Namespace) -> None:
 
 def parse_adapter(text: str):
     """PATH[:SCALE] → Adapter; a path that exists as written is taken whole (it may contain a colon)."""
-    from sdtune.adapters.lora import ADAPTER_WEIGHTS
+    from sdtune.adapters.lora import ADAPTER_WEIGHTS, adapter_file
     from sdtune.inference.sampling import Adapter
 
     path, scale = text, 1.0
@@ -161,7 +161,7 @@ def parse_adapter(text: str):
     where = Path(path).expanduser()
     if not where.exists():
         raise SdtuneError(f"--adapter '{text}': {path} does not exist")
-    if where.is_dir() and not (where / ADAPTER_WEIGHTS).is_file():
+    if where.is_dir() and not adapter_file(where).is_file():
         raise SdtuneError(f"--adapter '{text}': the folder has no {ADAPTER_WEIGHTS}")
     return Adapter(where, scale)
 

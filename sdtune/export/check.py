@@ -82,7 +82,7 @@ def adapter_rounded_to(pipe, dtype: torch.dtype):
     saved = []
     for layer in _tuner_layers(pipe):
         for name, param in layer.named_parameters():
-            if name.startswith(("lora_", "lora_magnitude_vector")):
+            if name.startswith(("lora_", "lora_magnitude_vector", "hada_", "lokr_")):
                 saved.append((param, param.data))
                 param.data = param.data.to(dtype).to(param.dtype)
     try:
@@ -115,8 +115,8 @@ def reference(pipe, probe: Probe, dtype: torch.dtype, rounded: bool) -> Referenc
 
 
 def count_lora_layers(pipe) -> int:
-    """Layers of the UNet and text encoder that carry a LoRA."""
-    return sum(1 for layer in _tuner_layers(pipe) if getattr(layer, "lora_A", None))
+    """Layers of the UNet and text encoder that carry a LoRA (or LoHa/LoKr)."""
+    return sum(1 for layer in _tuner_layers(pipe) if any(getattr(layer, name, None) for name in layer.adapter_layer_names))
 
 
 @dataclass

@@ -6,6 +6,7 @@
 |           | (text encoders in text_encoder/, text_encoder_2/;    |                                                |
 |           | transformers 4 and 5 module names both)              |                                                |
 | kohya     | one .safetensors, lora_unet_/lora_te(1,2)_ keys      | diffusers' kohya converter (as A1111 reads it) |
+|           | (LoHa/LoKr: LyCORIS keys, `sdtune.adapters.lycoris`) | (LoHa/LoKr: sdtune's LyCORIS reader)           |
 | merged    | a complete diffusers pipeline folder                 | `StableDiffusionPipeline.from_pretrained`      |
 """
 
@@ -18,6 +19,7 @@ from safetensors.torch import save_file
 
 from sdtune.adapters import kohya
 from sdtune.adapters.lora import adapter_file, lora_state_dict, save_diffusers_adapter
+from sdtune.adapters.lycoris import is_lycoris, load_lycoris, lycoris_layers, save_lycoris
 from sdtune.errors import SdtuneError, first_line
 from sdtune.export.model_card import write_model_card
 from sdtune.export.source import ADAPTER, Adapted
@@ -29,6 +31,8 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
 def write_diffusers(adapted: Adapted, out: Path, dtype: torch.dtype) -> None:
+    if lycoris_layers(denoiser_of(adapted.pipe)):
+        raise SdtuneError("--format diffusers: diffusers' load_lora_weights reads LoRA only, not LoHa/LoKr; use --format kohya (a LyCORIS file) or --merge")
     save_diffusers_adapter(adapted.family, denoiser_of(adapted.pipe), out, adapted.text_encoders, dtype=dtype)
     write_model_card(adapted, out)  # README.md, as diffusers' training scripts write for the Hub
 
@@ -65,6 +69,9 @@ def write_peft(adapted: Adapted, out: Path, dtype: torch.dtype) -> None:
 
 
 def write_kohya(adapted: Adapted, out: Path, dtype: torch.dtype) -> None:
+    if lycoris_layers(denoiser_of(adapted.pipe)):
+        save_lycoris(adapted.family, denoiser_of(adapted.pipe), out, adapted.text_encoders, dtype)
+        return
     kohya.save_kohya(out, adapted.family, denoiser_of(adapted.pipe), adapted.text_encoders, adapted.info, dtype)
 
 
@@ -95,8 +102,14 @@ READ_BY = {
 
 
 def load_with_diffusers(base, path: Path):
+    from safetensors import safe_open
+
     pipe = base()
     weights = adapter_file(path)
+    with safe_open(str(weights), "pt") as file:
+        if is_lycoris(file.keys()):
+            load_lycoris(pipe, weights, "check")
+            return pipe
     pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name="check")
     return pipe
 

@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from sdtune.adapters.kohya import TrainingInfo, lora_layers, training_info
-from sdtune.adapters.lora import ADAPTER_WEIGHTS
+from sdtune.adapters.lora import ADAPTER_WEIGHTS, LYCORIS_WEIGHTS, adapter_file
+from sdtune.adapters.lycoris import lycoris_layers
 from sdtune.errors import SdtuneError, first_line
 from sdtune.models.families import ModelFamily, family_of_pipeline
 
@@ -43,7 +44,7 @@ class Adapted:
     def text_encoders(self) -> list:
         """Each of the model's text encoders (SDXL: two), None where it carries no adapter."""
         encoders = [getattr(self.pipe, name) for name in self.family.text_encoders]
-        return [encoder if lora_layers(encoder, ADAPTER) else None for encoder in encoders]
+        return [encoder if lora_layers(encoder, ADAPTER) or lycoris_layers(encoder, ADAPTER) else None for encoder in encoders]
 
 
 @dataclass
@@ -135,7 +136,7 @@ def _pipeline_of(module):
 def _pick_in_run(run_dir: Path) -> Path:
     """A run's final adapter; its last checkpoint when there is no adapter or the checkpoint was written well after
     it (a resumed run that did not finish). Lightning writes last.ckpt just after the adapter at a normal end."""
-    adapter = run_dir / "adapter" / ADAPTER_WEIGHTS
+    adapter = adapter_file(run_dir / "adapter")
     last = run_dir / "checkpoints" / "last.ckpt"
     if (run_dir / "model" / "model_index.json").is_file() and not adapter.is_file():
         raise SdtuneError(f"{run_dir} is a full fine-tune: its model/ folder already is a diffusers pipeline")
@@ -157,11 +158,11 @@ def load_source(source: str | Path, model: str | None = None, model_config: str 
     if path.is_dir() and (path / "config.yaml").is_file():
         path = _pick_in_run(path)
     elif path.is_dir():
-        if not (path / ADAPTER_WEIGHTS).is_file():
+        if not adapter_file(path).is_file():
             raise SdtuneError(f"{source} has no {ADAPTER_WEIGHTS} (pass a run directory, a checkpoint or an adapter)")
-        path = path / ADAPTER_WEIGHTS
-    # Named after the run, else the adapter (a diffusers file after its folder: they all have one name).
-    title = run.config_path.parent.name if run.config_path else path.parent.name if path.name == ADAPTER_WEIGHTS else path.stem
+        path = adapter_file(path)
+    # Named after the run, else the adapter (a file sdtune names after its folder: they all have one name).
+    title = run.config_path.parent.name if run.config_path else path.parent.name if path.name in (ADAPTER_WEIGHTS, LYCORIS_WEIGHTS) else path.stem
     if path.suffix == ".ckpt":
         checkpoint = _read_checkpoint(path)
         module = _module_from_checkpoint(checkpoint, path, model, model_config)

@@ -11,7 +11,15 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from sdtune.adapters.init import load_init_adapter
 from sdtune.adapters.kohya import save_kohya, training_info
-from sdtune.adapters.lora import ADAPTER_WEIGHTS, LoraSettings, TextEncoderLora, add_lora, save_diffusers_adapter
+from sdtune.adapters.lora import (
+    ADAPTER_WEIGHTS,
+    LYCORIS_WEIGHTS,
+    LoraSettings,
+    TextEncoderLora,
+    add_lora,
+    save_diffusers_adapter,
+)
+from sdtune.adapters.lycoris import save_lycoris
 from sdtune.adapters.new_tokens import (
     NewTokens,
     TokenEmbedding,
@@ -29,13 +37,14 @@ from sdtune.finetune.diffusion import DiffusionFineTune
 class LoRAFineTune(DiffusionFineTune):
     """A peft LoRA adapter on the denoiser (and the text encoders if asked) as the only weights that train. Saves
     `adapter/pytorch_lora_weights.safetensors`, which diffusers' `load_lora_weights` reads, and beside it the kohya
-    file AUTOMATIC1111, Forge and ComfyUI read (`save_kohya_weights`).
+    file AUTOMATIC1111, Forge and ComfyUI read (`save_kohya_weights`); a LoHa or LoKr (`lora.type`) saves
+    `adapter/lycoris_weights.safetensors` in LyCORIS naming instead, and the same file named after the run.
 
     Args:
         pretrained: Diffusers model directory or Hugging Face Hub id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5.
-        lora: Denoiser adapter: rank, alpha, dropout, targets, DoRA, conv rank/alpha (LoCon).
+        lora: Denoiser adapter: type (lora, loha, lokr), rank, alpha, dropout, targets, DoRA, conv rank/alpha (LoCon).
         text_encoder_lora: Text-encoder adapter with its own learning rate; null keeps the text encoder frozen. For
-            SDXL it adapts both text encoders, with the same settings.
+            SDXL it adapts both text encoders, with the same settings; its type is model.lora's.
         new_tokens: Tokens to add to the text encoder, each with a trainable embedding row initialised from a word
             (pivotal tuning). Written beside the adapter for diffusers' load_textual_inversion (`embeddings/`) and
             AUTOMATIC1111 (`embeddings_a1111/`). `TextualInversion` trains them without a LoRA.
@@ -52,7 +61,7 @@ class LoRAFineTune(DiffusionFineTune):
     mismatch_hint: ClassVar[str] = "model.lora.rank or target modules differ from the run that wrote it"
     fixed_on_resume: ClassVar[tuple[str, ...]] = (
         *(f"{key}.{name}" for key in ("lora", "text_encoder_lora") for name in ("rank", "alpha", "use_dora", "target_modules")),
-        "lora.conv_rank", "lora.conv_alpha", "lora.conv_target_modules", "new_tokens.tokens",
+        "lora.type", "lora.decompose_factor", "lora.conv_rank", "lora.conv_alpha", "lora.conv_target_modules", "new_tokens.tokens",
     )  # fmt: skip
 
     def __init__(
@@ -72,6 +81,9 @@ class LoRAFineTune(DiffusionFineTune):
             raise SdtuneError("model.lora is null: nothing would train (new tokens alone are sdtune.finetune.TextualInversion)")
         if quantize is not None and quantize not in QUANTIZE:
             raise SdtuneError(f"model.quantize must be one of {', '.join(QUANTIZE)} or null, got '{quantize}'")
+        if text_encoder_lora is not None and text_encoder_lora.type != lora.type:
+            raise SdtuneError(f"model.text_encoder_lora.type is {text_encoder_lora.type}, model.lora.type {lora.type}: "
+                              "one file holds both adapters, so they share a type")  # fmt: skip
         super().__init__(pretrained=pretrained, **kwargs)
         lora = lora.for_family(self.family)
         self.lora, self.text_encoder_lora, self.new_tokens = lora, text_encoder_lora, new_tokens
@@ -80,6 +92,8 @@ class LoRAFineTune(DiffusionFineTune):
             raise SdtuneError(f"model.new_tokens is not supported for {self.family.label} models yet")
         if self.init_adapter is not None and not self.family.init_adapter:
             raise SdtuneError(f"model.init_adapter is not supported for {self.family.label} models yet; train from a fresh adapter")
+        if lora.type != "lora":
+            self._check_lycoris(lora.type)
         self.quantize = quantize
         if quantize is not None:
             quantize_linears(self.denoiser, quantize, self.weight_dtype)
@@ -91,6 +105,13 @@ class LoRAFineTune(DiffusionFineTune):
             load_init_adapter(self.init_adapter, self.denoiser, self.text_encoder, lora, text_encoder_lora)
         if new_tokens is not None:  # after the adapters, which freeze everything else in the text encoder
             add_tokens(self.tokenizer, self.text_encoder, new_tokens)
+
+    def _check_lycoris(self, kind: str) -> None:
+        """The cases a LoHa/LoKr run cannot cover, in one line each."""
+        if self.family.kohya_layout != "diffusers" or self.family.denoiser not in self.family.kohya_prefixes:
+            raise SdtuneError(f"model.lora.type {kind}: LoHa/LoKr train on UNet models (SD1, SD2, SDXL), not {self.family.label}")
+        if self.init_adapter is not None:
+            raise SdtuneError(f"model.init_adapter starts a LoRA from a file; a {kind} starts fresh (drop init_adapter)")
 
     @property
     def adapted_text_encoders(self) -> list:
@@ -119,11 +140,13 @@ class LoRAFineTune(DiffusionFineTune):
         return groups
 
     def save_weights(self, out_dir: str | Path) -> Path:
-        """Write the adapter(s) in the diffusers format (`pytorch_lora_weights.safetensors`) and the new tokens'
-        embeddings beside them, each read back by diffusers' reader."""
+        """Write the adapter(s) in the diffusers format (`pytorch_lora_weights.safetensors`; a LoHa/LoKr as
+        `lycoris_weights.safetensors`) and the new tokens' embeddings beside them."""
         if self.token_embedding is not None:
             save_new_tokens(out_dir, self.new_tokens, self.token_embedding)
         encoders = self.adapted_text_encoders if self.text_encoder_lora is not None else []
+        if self.lora.type != "lora":
+            return save_lycoris(self.family, self.denoiser, Path(out_dir) / LYCORIS_WEIGHTS, encoders)
         return save_diffusers_adapter(self.family, self.denoiser, out_dir, encoders)
 
     def save_kohya_weights(self, out_dir: str | Path, name: str) -> Path | None:
@@ -142,8 +165,10 @@ class LoRAFineTune(DiffusionFineTune):
         adapted = self.family.trainable_text_encoders() if self.text_encoder_lora is not None else ()
         encoders = [getattr(self, n) if n in adapted else None for n in self.family.text_encoders]
         path = Path(out_dir) / f"{name}.safetensors"
-        if path.name == ADAPTER_WEIGHTS:  # a run named after the diffusers file keeps both
+        if path.name in (ADAPTER_WEIGHTS, LYCORIS_WEIGHTS):  # a run named after sdtune's own file keeps both
             path = path.with_name(f"{name}-kohya.safetensors")
+        if self.lora.type != "lora":  # LyCORIS naming is what these tools read for a LoHa/LoKr
+            return save_lycoris(self.family, self.denoiser, path, encoders)
         try:
             save_kohya(path, self.family, self.denoiser, encoders, info)
         except SdtuneError as err:

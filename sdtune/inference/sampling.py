@@ -37,6 +37,7 @@ from diffusers import (
 from PIL import Image, ImageFilter
 
 from sdtune.adapters.lora import ADAPTER_WEIGHTS, adapter_file
+from sdtune.adapters.lycoris import is_lycoris, load_lycoris
 from sdtune.errors import SdtuneError, first_line
 from sdtune.models.families import ModelFamily, TextConditioning, family_of_pipeline
 from sdtune.models.families import vae_scale_factor as vae_factor
@@ -407,7 +408,8 @@ def load_failure(err: BaseException, model: str) -> str:
 
 
 def load_lora_file(pipe, path: Path, name: str, what: str = "--adapter", model: str | None = None) -> None:
-    """Load one LoRA file — diffusers or kohya/A1111 format, which diffusers converts — as adapter `name`, with
+    """Load one LoRA file — diffusers or kohya/A1111 format, which diffusers converts; a LoHa/LoKr in LyCORIS naming,
+    which `sdtune.adapters.lycoris` reads onto peft layers — as adapter `name`, with
     one-line errors for a missing, truncated or foreign file (one made for another architecture included: what
     diffusers and peft print about each mismatched tensor is dropped). `model` names the model in those errors."""
     from safetensors import SafetensorError, safe_open
@@ -423,6 +425,12 @@ def load_lora_file(pipe, path: Path, name: str, what: str = "--adapter", model: 
         raise SdtuneError(f"{what} {path}: not a readable .safetensors file (truncated or corrupt?): {first_line(err)}") from err
     if any(k.startswith("text_encoder") and "lora_magnitude_vector" in k for k in keys):
         raise SdtuneError(f"{what} {path}: a text-encoder DoRA adapter; diffusers (with transformers 5) drops its magnitudes when loading it")
+    if is_lycoris(keys):  # LoHa/LoKr: diffusers reads LoRA only; peft holds them, sdtune converts the names
+        try:
+            load_lycoris(pipe, weights, name)
+        except SdtuneError as err:
+            raise SdtuneError(f"{what} {path}: {err}") from err
+        return
     try:
         with held_logs(*LORA_LOADERS):
             pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=name)
