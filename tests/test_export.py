@@ -16,7 +16,7 @@ from test_cli import sdtune
 
 from sdtune.cli import main
 from sdtune.inference.sampling import Adapter, generate, load_adapters
-from sdtune.models.pretrained import load_pipeline
+from sdtune.models.pretrained import load_model, load_pipeline
 
 PROMPT, SEED, STEPS, SIZE = "sks a red circle", 3, 3, 32
 
@@ -141,10 +141,11 @@ def a1111_name(key: str) -> str | None:
 
 def ldm_module_names(model_dir) -> set[str]:
     """Module names of the same model in the original layout, as A1111 names its layers (dots → underscores)."""
-    from ldm_checkpoint import ldm_state_dict
+    from sdtune.export.single_file import ldm_state_dict
 
+    parts = load_model(str(model_dir))
     names = set()
-    for key in ldm_state_dict(model_dir):
+    for key in ldm_state_dict(parts.family, parts.components, parts.noise_scheduler.config):
         module = key.rsplit(".", 1)[0]
         for prefix, name in (("model.diffusion_model.", "diffusion_model."), ("cond_stage_model.", "")):
             if module.startswith(prefix):
@@ -235,6 +236,8 @@ def test_existing_output_is_kept_unless_forced(run_dir, tmp_path, capsys):
         (["{run}", "--format", "kohya", "--out", "{tmp}/folder"], "must end in .safetensors"),
         (["{run}", "--format", "diffusers", "--out", "{tmp}/x.safetensors"], "writes a folder"),
         (["{run}", "--merge", "--format", "kohya", "--out", "{tmp}/x"], "drop --format"),
+        (["{run}", "--format", "single-file", "--out", "{tmp}/x.safetensors"], "add --merge"),
+        (["{run}", "--merge", "--format", "single-file", "--out", "{tmp}/x"], "must end in .safetensors"),
         (["{run}", "--scale", "0.5", "--out", "{tmp}/x"], "only applies with --merge"),
         (["{truncated}", "--model", "{model}", "--out", "{tmp}/x"], "truncated or corrupt"),
         (["{notckpt}", "--out", "{tmp}/x"], "not an sdtune training checkpoint"),

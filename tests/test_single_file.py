@@ -10,25 +10,36 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from ldm_checkpoint import write_ldm_checkpoint
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from test_cli import sdtune
 from training import trained_adapter
 
 from sdtune.adapters.lora import LoraSettings
 from sdtune.cli import main
 from sdtune.errors import SdtuneError
+from sdtune.export.single_file import save_single_file
 from sdtune.models.pretrained import load_model, load_tokenizer
 
 FAST = ["--steps", "2", "--width", "32", "--height", "32"]
 
 
+def write_single_file(model_dir, out):
+    """The model in `model_dir` as one LDM-layout .safetensors, as `sdtune export --merge --format single-file`
+    writes it."""
+    parts = load_model(str(model_dir))
+    save_single_file(parts, parts.family, out, torch.float32)
+    return out
+
+
 @pytest.fixture(scope="module")
 def ldm_files(tiny_model_dir, tmp_path_factory):
-    """The tiny model as one LDM-layout .safetensors and one .ckpt (a {"state_dict": ...} pickle)."""
+    """The tiny model as one LDM-layout .safetensors and one .ckpt (a {"state_dict": ...} pickle, as CompVis and
+    A1111 wrote them)."""
     folder = tmp_path_factory.mktemp("single-file")
-    return {suffix: write_ldm_checkpoint(tiny_model_dir, folder / f"tiny{suffix}") for suffix in (".safetensors", ".ckpt")}
+    safetensors = write_single_file(tiny_model_dir, folder / "tiny.safetensors")
+    torch.save({"state_dict": load_file(safetensors), "global_step": 0}, folder / "tiny.ckpt")
+    return {".safetensors": safetensors, ".ckpt": folder / "tiny.ckpt"}
 
 
 @pytest.fixture(scope="module")

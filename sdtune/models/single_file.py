@@ -112,3 +112,12 @@ def part_from_single_file(cls, state: dict[str, torch.Tensor], source, subfolder
             f"is {source.where()} the same architecture as the file?"
         )
     return model
+
+
+def pipeline_from_single_file(family, path: Path, configs: str):
+    """The family's text-to-image pipeline as diffusers' own `from_single_file` builds it from a whole-model file, with
+    the configs, tokenizers and scheduler of `configs` (a diffusers folder or Hub id), in float32."""
+    import diffusers
+
+    pipeline = getattr(diffusers, family.pipelines["text2image"])
+    return pipeline.from_single_file(str(path), config=configs, torch_dtype=torch.float32)
