@@ -40,12 +40,13 @@ match is renamed *.invalid and the command fails.
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="sdtune export",
-        description="Export a trained LoRA as a diffusers, peft or kohya (A1111/ComfyUI) file, or merge it into the model.",
+        description="Export a trained LoRA as a diffusers, peft or kohya (A1111/ComfyUI) file, or merge it into the model "
+        "(a diffusers pipeline, or with --format single-file one A1111/ComfyUI checkpoint).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", help="run directory, checkpoint (.ckpt), or adapter folder / .safetensors file")
-    parser.add_argument("--out", required=True, help="output folder (diffusers, peft, --merge) or .safetensors file (kohya)")
+    parser.add_argument("--out", required=True, help="output folder (diffusers, peft, --merge) or .safetensors file (kohya, single-file)")
     parser.add_argument("--format", choices=FORMATS, default=None,
                         help="adapter format (default diffusers); with --merge, single-file: one checkpoint in the original layout")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the written weights (default fp32, the trained dtype)")

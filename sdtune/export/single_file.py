@@ -15,7 +15,7 @@ names, however deep, are the same in both layouts.
 SD2's text encoder: OpenCLIP ViT-H has 24 layers and SD2 conditions on the penultimate one, so diffusers ships only
 the first 23 (the 24th's output is never used). The file therefore has no `resblocks.23` and no `text_projection`;
 A1111 (ldm's FrozenOpenCLIPEmbedder, layer "penultimate", weights loaded non-strictly) and ComfyUI (SD2ClipModel, layer
-"penultimate") report those keys missing and never use their output, and diffusers ignores them when present.
+"penultimate", its hidden state 23 of 24) never use that layer's output, and diffusers ignores those keys when present.
 """
 
 from __future__ import annotations
