@@ -1,6 +1,7 @@
 """AUTOMATIC1111's rules (extensions-builtin/Lora) from kohya LoRA key names to the modules it patches, and the module
 names of the same model in the original layout A1111 loads (dots → underscores), computed from the diffusers model's
-own configs and weights (tests/ldm_checkpoint.py), not from sdtune's naming.
+own configs and weights by the single-file writer (`sdtune.export.single_file`, which diffusers' `from_single_file`
+reads back exactly), not from sdtune's kohya naming.
 
 Original text encoders: SD1 and SDXL's first are OpenAI CLIP in transformers' layout (`transformer.text_model.…`);
 SD2 and SDXL's second are OpenCLIP (`model.transformer.resblocks.N.attn` is one `nn.MultiheadAttention` holding q, k
@@ -9,7 +10,7 @@ and v as `in_proj_weight`, with `attn.out_proj`, `mlp.c_fc`, `mlp.c_proj`). A111
 
 import re
 
-from ldm_checkpoint import clip_to_ldm, unet_to_ldm
+from sdtune.export.single_file import clip_to_ldm, unet_to_ldm
 
 UNET_RULES = [
     (r"lora_unet_conv_in(.*)", lambda m: f"input_blocks_0_0{m[0]}"),
@@ -69,16 +70,15 @@ def original_module_names(model_dir, family: str) -> set[str]:
         return {(name + key.rsplit(".", 1)[0][len(prefix):]).replace(".", "_") for key in state if key.startswith(prefix)}
 
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
-    # (SDXL's size/pooled-text embedding, `label_emb` there, has no LDM name in tests/ldm_checkpoint.py; no LoRA targets it)
-    state = {key: value for key, value in unet.state_dict().items() if not key.startswith("add_embedding.")}
-    names = modules(unet_to_ldm(state, unet.config.layers_per_block), "model.diffusion_model.", "diffusion_model.")
+    names = modules(unet_to_ldm(unet.state_dict(), unet.config), "model.diffusion_model.", "diffusion_model.")
     encoders = ["text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
     for (a1111_prefix, openclip), folder in zip(TEXT_ENCODERS[family].values(), encoders):
         if openclip:
             names |= openclip_names(CLIPTextConfig.from_pretrained(model_dir, subfolder=folder).num_hidden_layers, a1111_prefix)
         else:
             state = CLIPTextModel.from_pretrained(model_dir, subfolder=folder).state_dict()
-            names |= modules(clip_to_ldm(state), "cond_stage_model.", a1111_prefix.removesuffix("transformer_"))
+            names |= modules(clip_to_ldm(state, "cond_stage_model.transformer.text_model."), "cond_stage_model.",
+                             a1111_prefix.removesuffix("transformer_"))
     return names
 
 

@@ -36,6 +36,13 @@ def tiny_sdxl_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd2_dir(tmp_path_factory):
+    from sdtune.models.tiny_sd2 import build_tiny_sd2
+
+    return build_tiny_sd2(tmp_path_factory.mktemp("models") / "tiny-sd2")
+
+
+@pytest.fixture(scope="session")
 def tiny_sd3_dir(tmp_path_factory):
     from sdtune.models.tiny_sd3 import build_tiny_sd3
 

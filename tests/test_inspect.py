@@ -8,9 +8,8 @@ import sys
 
 import pytest
 import torch
-from ldm_checkpoint import write_ldm_checkpoint
 from safetensors.torch import load_file, save_file
-from training import perturbed, trained_adapter
+from training import perturbed, trained_adapter, write_single_file
 
 from sdtune.adapters.lora import LoraSettings, TextEncoderLora
 from sdtune.adapters.new_tokens import save_embeddings
@@ -192,7 +191,7 @@ def test_sdxl_kohya_export(tiny_sdxl_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
 def test_sd1_single_file_checkpoint(suffix, tiny_model_dir, tmp_path, capsys):
-    path = write_ldm_checkpoint(tiny_model_dir, tmp_path / f"model{suffix}")
+    path = write_single_file(tiny_model_dir, tmp_path / f"model{suffix}")
     report = inspected(path, capsys)
     assert report["format"].startswith("single-file checkpoint")
     assert report["family"] == "SD1" and "cond_stage_model.transformer" in report["family_reason"]

@@ -24,13 +24,6 @@ from sdtune.inference.sampling import make_scheduler
 PROMPT = "a red circle"
 
 
-@pytest.fixture(scope="module")
-def tiny_sd2_dir(tmp_path_factory):
-    from sdtune.models.tiny_sd2 import build_tiny_sd2
-
-    return build_tiny_sd2(tmp_path_factory.mktemp("models") / "tiny-sd2")
-
-
 def _batch(seed=0):
     generator = torch.Generator().manual_seed(seed)
     return {"pixel_values": torch.rand(2, 3, 64, 64, generator=generator) * 2 - 1,

@@ -50,10 +50,6 @@ def test_tiny_sdxl_loads_with_both_text_encoders_and_tokenizers(tiny_sdxl_dir, t
     shutil.rmtree(broken / "tokenizer_2")
     with pytest.raises(SdtuneError, match=r"missing tokenizer_2/"):
         load_model(str(broken))
-    single = tmp_path / "sdxl.safetensors"
-    single.write_bytes(b"not read")
-    with pytest.raises(SdtuneError, match=r"single-file SDXL checkpoints are not supported; pass the diffusers"):
-        load_model(str(single), pretrained_config=str(tiny_sdxl_dir))
 
 
 @pytest.mark.parametrize("clip_skip", [1, 2])

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from ldm_checkpoint import write_ldm_checkpoint
 from PIL import Image
 from safetensors.torch import save_file
 from test_cli import sdtune
-from training import trained_adapter
+from training import trained_adapter, write_single_file
 
 from sdtune.adapters.lora import LoraSettings
 from sdtune.cli import main
@@ -26,9 +25,10 @@ FAST = ["--steps", "2", "--width", "32", "--height", "32"]
 
 @pytest.fixture(scope="module")
 def ldm_files(tiny_model_dir, tmp_path_factory):
-    """The tiny model as one LDM-layout .safetensors and one .ckpt (a {"state_dict": ...} pickle)."""
+    """The tiny model as one LDM-layout .safetensors and one .ckpt (a {"state_dict": ...} pickle, as CompVis and
+    A1111 wrote them)."""
     folder = tmp_path_factory.mktemp("single-file")
-    return {suffix: write_ldm_checkpoint(tiny_model_dir, folder / f"tiny{suffix}") for suffix in (".safetensors", ".ckpt")}
+    return {suffix: write_single_file(tiny_model_dir, folder / f"tiny{suffix}") for suffix in (".safetensors", ".ckpt")}
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,43 @@ def test_evaluate_records_the_config(ldm_files, tiny_model_dir, tmp_path, capsys
                  str(adapter), "--prompt", "a red circle", *FAST, "--out", str(out)]) == 0  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model"]["pretrained_config"] == str(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def sdxl_file(tiny_sdxl_dir, tmp_path_factory):
+    return write_single_file(tiny_sdxl_dir, tmp_path_factory.mktemp("sdxl-file") / "tiny-sdxl.safetensors")
+
+
+def test_an_sdxl_file_loads_the_weights_of_its_folder(sdxl_file, tiny_sdxl_dir):
+    parts = load_model(str(sdxl_file), pretrained_config=str(tiny_sdxl_dir))
+    expected = load_model(str(tiny_sdxl_dir))
+    assert parts.family.name == "sdxl" and type(parts.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        got, want = getattr(parts, name).state_dict(), getattr(expected, name).state_dict()
+        assert got.keys() == want.keys(), name
+        assert all(torch.equal(got[key], want[key]) for key in want), name
+
+
+def test_sample_from_an_sdxl_file_draws_the_folders_images(sdxl_file, tiny_sdxl_dir, tmp_path):
+    args = ["--prompt", "a red circle", "--seed", "3", *FAST]
+    assert main(["sample", "--model", str(tiny_sdxl_dir), *args, "--out", str(tmp_path / "dir")]) == 0
+    assert main(["sample", "--model", str(sdxl_file), "--model-config", str(tiny_sdxl_dir), *args,
+                 "--out", str(tmp_path / "file")]) == 0  # fmt: skip
+    name = "0000_a-red-circle_s3.png"
+    got, expected = (np.asarray(Image.open(tmp_path / folder / name), dtype=np.float32) for folder in ("file", "dir"))
+    # Same weights; the pooled projection's output differs by one float32 rounding (1e-7) between the two loaders.
+    assert np.abs(got - expected).max() <= 1
+
+
+@pytest.mark.parametrize("sdxl_with_sd1_configs", [True, False])
+def test_a_file_with_configs_of_the_other_architecture_is_one_line(sdxl_with_sd1_configs, sdxl_file, ldm_files,
+                                                                    tiny_model_dir, tiny_sdxl_dir, tmp_path, capsys):  # fmt: skip
+    model, config = (sdxl_file, tiny_model_dir) if sdxl_with_sd1_configs else (ldm_files[".safetensors"], tiny_sdxl_dir)
+    code = main(["sample", "--model", str(model), "--model-config", str(config), "--prompt", "x", *FAST, "--out", str(tmp_path / "out")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sdtune: error:")]
+    kind, label = ("an SDXL", "SD1.x") if sdxl_with_sd1_configs else ("an SD1.x/2.x", "SDXL")
+    assert code == 2 and len(errors) == 1
+    assert f"is {kind} checkpoint but model.pretrained_config is {label}: pass the configs of its architecture" in errors[0]
 
 
 def copy_configs(model_dir, out):

@@ -1,6 +1,8 @@
 """Helpers the training tests share: a small data module on the generated shapes and a quiet CPU Trainer."""
 
 import lightning as L
+import torch
+from safetensors.torch import load_file
 
 from sdtune.data import CaptionDataModule
 
@@ -43,4 +45,19 @@ def trained_adapter(tiny_model_dir, out, std=0.1, **settings):
     from sdtune.finetune import LoRAFineTune
 
     perturbed(LoRAFineTune(str(tiny_model_dir), **settings), std).save_weights(out)
+    return out
+
+
+def write_single_file(model_dir, out):
+    """The model in `model_dir` as one original-layout checkpoint, as `sdtune export --merge --format single-file`
+    writes it; a `.ckpt` `out` is the {"state_dict": ...} pickle CompVis and A1111 wrote."""
+    from sdtune.export.single_file import save_single_file
+    from sdtune.models.pretrained import load_model
+
+    parts = load_model(str(model_dir))
+    file = out.with_suffix(".safetensors")
+    save_single_file(parts, parts.family, file, torch.float32)
+    if out.suffix == ".ckpt":
+        torch.save({"state_dict": load_file(file), "global_step": 0}, out)
+        file.unlink()
     return out

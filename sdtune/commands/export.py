@@ -14,7 +14,8 @@ from sdtune.paths import check_output_apart, check_writable
 
 # Arguments are checked before torch, diffusers and peft are imported (seconds), so a typo fails at once.
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-FORMATS = ("diffusers", "peft", "kohya")
+FORMATS = ("diffusers", "peft", "kohya", "single-file")
+ONE_FILE = ("kohya", "single-file")  # formats written as one .safetensors
 # What an export folder holds (adapter or pipeline); --force replaces a folder only if it holds nothing else.
 EXPORT_NAMES = {"pytorch_lora_weights.safetensors", "adapter_config.json", "adapter_model.safetensors", "README.md",
                 "model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2",
@@ -25,6 +26,7 @@ EPILOG = """examples:
   sdtune export runs/my_lora --format diffusers --out export/my_lora --dtype fp16     # load_lora_weights + README.md
   sdtune export runs/my_lora --format peft --out export/my_lora_peft                  # PeftModel.from_pretrained
   sdtune export runs/my_lora --merge --scale 0.8 --out models/my_model                # a full diffusers pipeline
+  sdtune export runs/my_lora --merge --format single-file --dtype fp16 --out my_model.safetensors  # A1111 checkpoint
   sdtune export runs/my_lora/checkpoints/last.ckpt --format kohya --out last.safetensors
   sdtune export some_lora.safetensors --model ./sd15 --format diffusers --out export/converted
   sdtune export runs/my_loha --format kohya --out loras/my_loha.safetensors          # LoHa/LoKr: LyCORIS naming
@@ -40,13 +42,15 @@ match is renamed *.invalid and the command fails.
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="sdtune export",
-        description="Export a trained LoRA as a diffusers, peft or kohya (A1111/ComfyUI) file, or merge it into the model.",
+        description="Export a trained LoRA as a diffusers, peft or kohya (A1111/ComfyUI) file, or merge it into the model "
+        "(a diffusers pipeline, or with --format single-file one A1111/ComfyUI checkpoint).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", help="run directory, checkpoint (.ckpt), or adapter folder / .safetensors file")
-    parser.add_argument("--out", required=True, help="output folder (diffusers, peft, --merge) or .safetensors file (kohya)")
-    parser.add_argument("--format", choices=FORMATS, default=None, help="adapter format (default diffusers)")
+    parser.add_argument("--out", required=True, help="output folder (diffusers, peft, --merge) or .safetensors file (kohya, single-file)")
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="adapter format (default diffusers); with --merge, single-file: one checkpoint in the original layout")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the written weights (default fp32, the trained dtype)")
     parser.add_argument("--merge", action="store_true", help="fold the adapter into the UNet/text encoder and write a full pipeline")
     parser.add_argument("--scale", type=float, default=None, help="with --merge: strength of the folded adapter (default 1)")
@@ -58,13 +62,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_arguments(ns: argparse.Namespace) -> Path:
     out = Path(ns.out).expanduser()
-    if ns.merge and ns.format is not None:
-        raise SdtuneError("--merge writes a full diffusers pipeline; drop --format")
+    if ns.merge and ns.format not in (None, "single-file"):
+        raise SdtuneError("--merge writes a full diffusers pipeline (or with --format single-file one checkpoint); drop --format")
+    if ns.format == "single-file" and not ns.merge:
+        raise SdtuneError("--format single-file writes the whole model with the adapter folded in: add --merge")
     if ns.scale is not None and not ns.merge:
         raise SdtuneError("--scale only applies with --merge (adapter files are scaled when they are loaded)")
-    if ns.format == "kohya" and out.suffix != ".safetensors":
-        raise SdtuneError(f"--format kohya writes one file: --out must end in .safetensors, got {out}")
-    if ns.format != "kohya" and out.suffix == ".safetensors":
+    if ns.format in ONE_FILE and out.suffix != ".safetensors":
+        raise SdtuneError(f"--format {ns.format} writes one file: --out must end in .safetensors, got {out}")
+    if ns.format not in ONE_FILE and out.suffix == ".safetensors":
         raise SdtuneError(f"--format {ns.format or 'diffusers'}{' --merge' if ns.merge else ''} writes a folder: --out {out} names a .safetensors file")
     if ns.model_config and not ns.model:
         raise SdtuneError("--model-config goes with --model (a run's own base model comes with its config)")
@@ -116,6 +122,7 @@ def export(ns: argparse.Namespace) -> Path:
 
     from sdtune.export.check import Probe, compare, count_lora_layers, reference, unet_output
     from sdtune.export.formats import READ_BY, WRITERS, load_back, write_merged
+    from sdtune.export.single_file import check_family
     from sdtune.export.source import load_source
     from sdtune.models.pretrained import local_model_path
 
@@ -124,13 +131,15 @@ def export(ns: argparse.Namespace) -> Path:
     check_writable(out)  # last: it creates (and removes) an empty folder where --out goes
 
     dtype = getattr(torch, DTYPES[ns.dtype])
-    kind = "merged" if ns.merge else ns.format or "diffusers"
+    kind = ns.format if ns.format == "single-file" else "merged" if ns.merge else ns.format or "diffusers"
     scale = 1.0 if ns.scale is None else ns.scale
     started = time.perf_counter()
     adapted = load_source(ns.source, ns.model, ns.model_config)
     # A checkpoint outside its run names its base model only inside: checked again now that it is known.
     check_output_apart(ns.out, {"the base model": local_model_path(adapted.pretrained),
                                 "the base model's configs": local_model_path(adapted.pretrained_config)})  # fmt: skip
+    if kind == "single-file":
+        check_family(adapted.family)
     print(f"exporting {adapted.described} on {adapted.pretrained} as {kind}")
 
     probe = Probe.for_pipeline(adapted.pipe)
@@ -142,7 +151,7 @@ def export(ns: argparse.Namespace) -> Path:
     staging = _staging(out)
     try:
         if ns.merge:
-            write_merged(adapted, staging, dtype, scale)
+            write_merged(adapted, staging, dtype, scale, single_file=kind == "single-file")
         else:
             WRITERS[kind](adapted, staging, dtype)
         base_model = adapted.pretrained, adapted.revision, adapted.pretrained_config

@@ -8,6 +8,8 @@
 | kohya     | one .safetensors, lora_unet_/lora_te(1,2)_ keys      | diffusers' kohya converter (as A1111 reads it) |
 |           | (LoHa/LoKr: LyCORIS keys, `sdtune.adapters.lycoris`) | (LoHa/LoKr: sdtune's LyCORIS reader)           |
 | merged    | a complete diffusers pipeline folder                 | `StableDiffusionPipeline.from_pretrained`      |
+| single-   | one .safetensors in the original (LDM) layout, the   | `StableDiffusion(XL)Pipeline.from_single_file` |
+| file      | adapter folded in (SD1.x, SD2.x, SDXL)               | with the base model's configs                  |
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from sdtune.adapters.lora import adapter_file, lora_state_dict, save_diffusers_a
 from sdtune.adapters.lycoris import is_lycoris, load_lycoris, lycoris_layers, save_lycoris
 from sdtune.errors import SdtuneError, first_line
 from sdtune.export.model_card import write_model_card
+from sdtune.export.single_file import save_single_file
 from sdtune.export.source import ADAPTER, Adapted
 from sdtune.inference.sampling import denoiser_of
 from sdtune.models.families import family_of_pipeline
@@ -75,13 +78,17 @@ def write_kohya(adapted: Adapted, out: Path, dtype: torch.dtype) -> None:
     kohya.save_kohya(out, adapted.family, denoiser_of(adapted.pipe), adapted.text_encoders, adapted.info, dtype)
 
 
-def write_merged(adapted: Adapted, out: Path, dtype: torch.dtype, scale: float) -> None:
-    """Fold the adapter into the weights at `scale` and save the whole pipeline (this consumes `adapted`)."""
+def write_merged(adapted: Adapted, out: Path, dtype: torch.dtype, scale: float, single_file: bool = False) -> None:
+    """Fold the adapter into the weights at `scale` and save the whole pipeline, or with `single_file` the whole
+    model as one checkpoint in the original layout (this consumes `adapted`)."""
     pipe, family = adapted.pipe, adapted.family
     components = [family.denoiser] + [name for name, encoder in zip(family.text_encoders, adapted.text_encoders) if encoder is not None]
     pipe.set_adapters([ADAPTER], [1.0])  # fuse_lora's scale multiplies the active weight: apply `scale` once
     pipe.fuse_lora(components=components, lora_scale=scale, adapter_names=[ADAPTER])
     pipe.unload_lora_weights()
+    if single_file:
+        save_single_file(pipe, family, out, dtype)
+        return
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     pipe.save_pretrained(str(out), safe_serialization=True)
@@ -132,6 +139,16 @@ def load_merged(base, path: Path):
     return load_pipeline(str(path))
 
 
+def load_single_file(base_model: tuple[str, str | None, str | None], path: Path):
+    """A whole-model file as diffusers' `from_single_file` reads it, with the base model's configs."""
+    from sdtune.models.pretrained import detect_family, resolve_source
+    from sdtune.models.single_file import pipeline_from_single_file
+
+    pretrained, revision, config = base_model
+    source = resolve_source(pretrained, revision, config)
+    return pipeline_from_single_file(detect_family(source, revision), path, source.configs)
+
+
 CONSUMERS = {"diffusers": load_with_diffusers, "kohya": load_with_diffusers, "peft": load_with_peft, "merged": load_merged}
 
 
@@ -145,6 +162,8 @@ def load_back(kind: str, base_model: tuple[str, str | None, str | None], path: P
         return load_pipeline(pretrained, revision=revision, pretrained_config=config)
 
     try:
+        if kind == "single-file":  # a whole model: read with the base model's configs, not loaded onto it
+            return load_single_file(base_model, path)
         return CONSUMERS[kind](base, path)
     except SdtuneError:
         raise

@@ -3,7 +3,8 @@ and `from_single_file`.
 
 `pretrained` is a local directory in the diffusers layout (model_index.json, unet/, vae/, text_encoder/,
 tokenizer/, scheduler/) or a Hugging Face Hub id, with an optional revision and weight variant ("fp16"); or a
-single-file checkpoint in the original LDM/CompVis layout (.safetensors or .ckpt, as AUTOMATIC1111 users have them).
+single-file checkpoint in the original LDM/CompVis layout (.safetensors or .ckpt, as AUTOMATIC1111 users have them;
+SD1.x, SD2.x and SDXL).
 A single file holds only weights, so `pretrained_config` (a diffusers directory or Hub id of the same architecture)
 gives the model configs, the tokenizer and the scheduler. `sdtune:toy` names the toy base model inside the package.
 
@@ -26,7 +27,7 @@ from transformers import CLIPTextConfig, CLIPTokenizer
 
 from sdtune.errors import SdtuneError, first_line, pickled_objects, refused_pickle
 from sdtune.models.families import FAMILIES, Layout, ModelFamily, ModelParts, family_for, vae_scale_factor
-from sdtune.models.single_file import SINGLE_FILE_SUFFIXES, part_from_single_file, read_single_file
+from sdtune.models.single_file import SINGLE_FILE_SUFFIXES, check_family, part_from_single_file, read_single_file
 
 CONFIG_EXAMPLE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # What a config source needs from the Hub: configs and tokenizer files, never weights.
@@ -270,12 +271,13 @@ def load_model(
     if source.single_file is not None and not family.single_file:
         raise SdtuneError(
             f"model.pretrained '{source.single_file}': single-file {family.label} checkpoints are not supported; pass "
-            "the diffusers directory or Hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0)"
+            "the diffusers directory or Hub id (single files load for SD1.x, SD2.x and SDXL)"
         )
     modules = ["vae", *family.text_encoders] + ([family.denoiser] if load_denoiser else [])
     components: dict[str, object] = {family.denoiser: None}
     if source.single_file is not None:
         state = read_single_file(source.single_file)
+        check_family(source.single_file, state, family)
         for name in modules:
             part_dtype = denoiser_dtype if name == family.denoiser else dtype
             components[name] = part_from_single_file(family.component_class(name), state, source, name, part_dtype)

@@ -1,5 +1,6 @@
-"""Stable Diffusion 1.x/2.x weights from one file in the original LDM/CompVis layout (.safetensors or .ckpt, as
-AUTOMATIC1111 and Civitai distribute them), converted part by part by diffusers with configs from elsewhere.
+"""Stable Diffusion 1.x/2.x and SDXL weights from one file in the original LDM/CompVis layout (SGM's for SDXL;
+.safetensors or .ckpt, as AUTOMATIC1111 and Civitai distribute them), converted part by part by diffusers with
+configs from elsewhere.
 
 A .ckpt is a pickle: it is read with `weights_only=True`, so a file that pickles Python objects besides tensors is
 refused rather than allowed to run code.
@@ -13,17 +14,18 @@ import zipfile
 from pathlib import Path
 
 import torch
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from sdtune.errors import SdtuneError, first_line, refused_pickle
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
-# Key prefixes of the original LDM layout that a Stable Diffusion 1.x/2.x single file must have, by part.
+# Key prefixes of the original layout that a Stable Diffusion single file must have, by part.
 LDM_PARTS = {
     "UNet (model.diffusion_model.*)": ("model.diffusion_model.",),
     "VAE (first_stage_model.*)": ("first_stage_model.", "vae."),
-    "text encoder (cond_stage_model.*)": ("cond_stage_model.",),
+    "text encoder (cond_stage_model.* or conditioner.embedders.*)": ("cond_stage_model.", "conditioner.embedders."),
 }
+SDXL_TEXT_PREFIX = "conditioner.embedders."  # SGM's text encoders; SD1.x/2.x files have cond_stage_model.*
 
 def _describe(err: BaseException) -> str:
     """Type and first line: for errors from deep inside torch or diffusers, the type is often the clearer half."""
@@ -61,14 +63,24 @@ def read_single_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_ldm_layout(path: Path, state: dict[str, torch.Tensor]) -> None:
-    """A LoRA, a VAE alone, an embedding or an SDXL file would otherwise fail deep in the conversion."""
-    if any(key.startswith("conditioner.embedders.") for key in state):
-        raise SdtuneError(f"model.pretrained '{path}' is an SDXL checkpoint; sdtune trains Stable Diffusion 1.x/2.x")
+    """A LoRA, a VAE alone or an embedding would otherwise fail deep in the conversion."""
     missing = [part for part, prefixes in LDM_PARTS.items() if not any(key.startswith(prefixes) for key in state)]
     if missing:
         raise SdtuneError(
             f"model.pretrained '{path}' is not a Stable Diffusion checkpoint in the original layout: no {', '.join(missing)} "
             "weights (a LoRA, VAE or embedding file?)"
+        )
+
+
+def check_family(path: Path, state: dict[str, torch.Tensor], family) -> None:
+    """An SDXL file needs SDXL configs and an SD1.x/2.x file SD1.x/2.x ones (which of the two, the conversion tells)."""
+    file_is_sdxl = any(key.startswith(SDXL_TEXT_PREFIX) for key in state)
+    if file_is_sdxl != (family.name == "sdxl"):
+        kind = "an SDXL" if file_is_sdxl else "an SD1.x/2.x"
+        example = "stabilityai/stable-diffusion-xl-base-1.0" if file_is_sdxl else "stable-diffusion-v1-5/stable-diffusion-v1-5"
+        raise SdtuneError(
+            f"model.pretrained '{path}' is {kind} checkpoint but model.pretrained_config is {family.label}: pass the "
+            f"configs of its architecture (e.g. {example})"
         )
 
 
@@ -90,9 +102,10 @@ def part_from_single_file(cls, state: dict[str, torch.Tensor], source, subfolder
     """One part, converted from the LDM layout by diffusers, with its config from `source.configs` (a
     `pretrained.Source`)."""
     try:
-        if cls is CLIPTextModel:
-            # transformers has no from_single_file; this is what StableDiffusionPipeline.from_single_file calls for
-            # the CLIP text encoder (it also handles the text_model level that transformers 5 flattened away).
+        if cls in (CLIPTextModel, CLIPTextModelWithProjection):
+            # transformers has no from_single_file; this is what the pipelines' from_single_file call for each text
+            # encoder: it finds SD1's CLIP, SD2's OpenCLIP or SDXL's two by their keys and widths (and handles the
+            # text_model level that transformers 5 flattened away).
             from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
 
             model = create_diffusers_clip_model_from_ldm(
@@ -112,3 +125,12 @@ def part_from_single_file(cls, state: dict[str, torch.Tensor], source, subfolder
             f"is {source.where()} the same architecture as the file?"
         )
     return model
+
+
+def pipeline_from_single_file(family, path: Path, configs: str):
+    """The family's text-to-image pipeline as diffusers' own `from_single_file` builds it from a whole-model file, with
+    the configs, tokenizers and scheduler of `configs` (a diffusers folder or Hub id), in float32."""
+    import diffusers
+
+    pipeline = getattr(diffusers, family.pipelines["text2image"])
+    return pipeline.from_single_file(str(path), config=configs, torch_dtype=torch.float32)

@@ -34,7 +34,6 @@ class SDXL(ModelFamily):
         "inpaint": "StableDiffusionXLInpaintPipeline",
     }
     index_options = ("force_zeros_for_empty_prompt",)
-    single_file = False
     new_tokens = False
     init_adapter = False
     # The UNet keys keep diffusers' module names, as diffusers' SDXL training scripts write them and A1111, Forge and
