@@ -55,9 +55,9 @@ def write_single_file(model_dir, out):
     from sdtune.models.pretrained import load_model
 
     parts = load_model(str(model_dir))
-    file = out.with_suffix(".safetensors")
+    file = out if out.suffix == ".safetensors" else out.with_name(out.name + ".safetensors")
     save_single_file(parts, parts.family, file, torch.float32)
-    if out.suffix == ".ckpt":
+    if file != out:
         torch.save({"state_dict": load_file(file), "global_step": 0}, out)
         file.unlink()
     return out
