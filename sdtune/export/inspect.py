@@ -568,7 +568,8 @@ def to_text(report: Report) -> str:
             for p in part["rank_alpha"]
         )  # fmt: skip
         conv = f", {part['conv_layers']} conv" if part["conv_layers"] else ""
-        lines.append(f"  {part['component']}: {part['layers']} layers ({blocks}{conv}); {pairs}")
+        where = f" ({blocks}{conv})" if set(part["blocks"]) != {"layers"} or conv else ""  # not "20 layers (layers 20)"
+        lines.append(f"  {part['component']}: {part['layers']} layers{where}; {pairs}")
     stored = ", ".join(f"{dtype} ×{n}" for dtype, n in report.dtypes.items())
     lines.append(f"  size:    {_size(report.size_bytes)}" + (f"; tensors {stored}" if stored else ""))
     for key, value in report.metadata.items():
