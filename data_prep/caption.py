@@ -40,7 +40,7 @@ class CaptionResult:
 
 
 def _resolve(model: str) -> str:
-    from sdtune.models.pretrained import HUB_ID
+    from sdtune.paths import HUB_ID
 
     path = Path(model).expanduser()
     if path.exists():

@@ -9,6 +9,7 @@ by a second name (a bind mount, another case on a case-insensitive disk) is reco
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -17,6 +18,40 @@ from typing import Union
 from sdtune.errors import SdtuneError
 
 PathLike = Union[str, os.PathLike]
+
+# How a model setting (`model.pretrained`, `--model`) names a model: a Hub id, a single-file checkpoint by its
+# suffix, or one of the models inside the sdtune package.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+EMBEDDED = {
+    "sdtune:toy": Path(__file__).parent / "toy" / "base",
+    "sdtune:toy-flow": Path(__file__).parent / "toy" / "flow_base",
+}
+
+
+def local_model_path(pretrained: str | None) -> Path | None:
+    """The folder or file a model setting names on this machine (a `sdtune:` model's folder in the package); None
+    for a Hub id or no setting."""
+    if pretrained is None:
+        return None
+    path = EMBEDDED.get(str(pretrained), Path(str(pretrained)).expanduser())
+    return path if path.exists() else None
+
+
+def model_name_problem(name: str, setting: str) -> str | None:
+    """Why a model setting names nothing (no such local path, and not a Hub id or a model sdtune ships), as one
+    line; None when it may name a model. Only names and paths are looked at: what the folder holds is checked when
+    its configs are read (`sdtune.models.pretrained`)."""
+    if name.startswith("sdtune:"):
+        return None if name in EMBEDDED else f"{setting} '{name}' is not a model sdtune ships (those are: {', '.join(EMBEDDED)})"
+    path = Path(name).expanduser()
+    if path.exists():
+        return None
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        return f"{setting} '{name}' does not exist"
+    if not HUB_ID.match(name):
+        return f"{setting} '{name}' does not exist (not a local directory nor a Hub id 'org/name')"
+    return None
 
 
 def real_path(path: PathLike) -> Path:

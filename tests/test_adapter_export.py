@@ -7,7 +7,8 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from training import perturbed
 
-from sdtune.adapters.lora import ADAPTER_WEIGHTS, LoraSettings, TextEncoderLora
+from sdtune.adapters.files import ADAPTER_WEIGHTS
+from sdtune.adapters.lora import LoraSettings, TextEncoderLora
 from sdtune.finetune import LoRAFineTune
 
 

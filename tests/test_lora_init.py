@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 from test_cli import sdtune
 from training import fit, make_data, perturbed, trainable, trained_adapter
 
-from sdtune.adapters.lora import ADAPTER_WEIGHTS, LoraSettings, TextEncoderLora, lora_state_dict
+from sdtune.adapters.files import ADAPTER_WEIGHTS
+from sdtune.adapters.lora import LoraSettings, TextEncoderLora, lora_state_dict
 from sdtune.cli import main
 from sdtune.errors import SdtuneError
 from sdtune.finetune import LoRAFineTune

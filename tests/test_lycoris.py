@@ -8,9 +8,8 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 from test_cli import sdtune, sdtune_here
 
+from sdtune.adapters.files import ADAPTER_WEIGHTS, LYCORIS_WEIGHTS
 from sdtune.adapters.lora import (
-    ADAPTER_WEIGHTS,
-    LYCORIS_WEIGHTS,
     LoraSettings,
     TextEncoderLora,
     text_encoder_module_prefix,

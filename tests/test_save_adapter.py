@@ -9,7 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from training import fit, make_data
 
-from sdtune.adapters.lora import ADAPTER_WEIGHTS, LoraSettings
+from sdtune.adapters.files import ADAPTER_WEIGHTS
+from sdtune.adapters.lora import LoraSettings
 from sdtune.callbacks import SaveAdapter
 from sdtune.finetune import FullFineTune, LoRAFineTune, LRSchedule
 

@@ -26,7 +26,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from peft.functional import delete_adapter, set_adapter
 from peft.tuners.lora import LoraLayer
 
-from sdtune.adapters.lora import ADAPTER_WEIGHTS, LoraSettings, TextEncoderLora, adapter_file
+from sdtune.adapters.files import ADAPTER_WEIGHTS, adapter_file
+from sdtune.adapters.lora import LoraSettings, TextEncoderLora
 from sdtune.errors import SdtuneError, first_line
 
 KEY = "model.init_adapter"

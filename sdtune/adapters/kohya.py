@@ -25,7 +25,7 @@ from safetensors.torch import save, save_file
 from sdtune.adapters.lora import text_encoder_module_prefix
 from sdtune.errors import SdtuneError
 from sdtune.models.families import ModelFamily
-from sdtune.models.pretrained import HUB_ID
+from sdtune.paths import HUB_ID
 
 
 def lora_layers(model: torch.nn.Module, adapter: str = "default") -> dict[str, LoraLayer]:

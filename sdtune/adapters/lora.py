@@ -17,11 +17,10 @@ import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from sdtune.adapters.files import ADAPTER_WEIGHTS
 from sdtune.errors import SdtuneError
 from sdtune.models.families.base import ModelFamily
 
-ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
-LYCORIS_WEIGHTS = "lycoris_weights.safetensors"  # a LoHa/LoKr run's adapter (sdtune.adapters.lycoris)
 # peft `init_lora_weights` schemes that start with B = 0 and leave the base weights untouched.
 INITS = {"gaussian": "gaussian", "kaiming": True}
 # Schemes that rewrite the base weights: an adapter trained that way is wrong on any other copy of the base model.
@@ -181,15 +180,6 @@ class TextEncoderLora(LoraShape):
 
     def all_targets(self) -> list[str]:
         return list(self.target_modules)
-
-
-def adapter_file(path: Path) -> Path:
-    """The weights file of an adapter given as its folder (its diffusers file, else a LoHa/LoKr run's LyCORIS file)
-    or as the file itself."""
-    if not path.is_dir():
-        return path
-    lycoris = path / LYCORIS_WEIGHTS
-    return lycoris if lycoris.is_file() and not (path / ADAPTER_WEIGHTS).is_file() else path / ADAPTER_WEIGHTS
 
 
 def check_targets(model: torch.nn.Module, settings: LoraShape, what: str | None = None) -> None:

@@ -43,8 +43,7 @@ def run_demo(out: Path, steps: int, seeds: int, model: str = "sdtune:toy", flow:
     """Prepare, train and judge; returns {"base"|"lora": {"new": share, "known": share}} (None if a step failed)."""
     from sdtune.commands import run as run_command
     from sdtune.commands.toy import judge_sampling
-    from sdtune.models.pretrained import local_model_path
-    from sdtune.paths import check_output_apart
+    from sdtune.paths import check_output_apart, local_model_path
     from sdtune.toy.shapes import make_shapes_dataset
 
     check_output_apart(out, {"the base model (--model)": local_model_path(model)})

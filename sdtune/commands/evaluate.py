@@ -88,7 +88,7 @@ def main(args: list[str]) -> int:
     if ns.data is not None and not Path(ns.data).is_dir():
         raise SdtuneError(f"--data {ns.data} is not a folder")
     out = Path(ns.out)
-    from sdtune.models.pretrained import local_model_path
+    from sdtune.paths import local_model_path
 
     clip_model = local_model_path(ns.clip_model)
     check_output_apart(out, [*common_inputs(ns, adapters), ("--data", ns.data), ("--clip-model", clip_model)])

@@ -8,9 +8,9 @@ import shutil
 import time
 from pathlib import Path
 
-from sdtune.commands.options import Parser
+from sdtune.commands.options import Parser, check_model_names
 from sdtune.errors import SdtuneError
-from sdtune.paths import check_output_apart, check_writable
+from sdtune.paths import check_output_apart, check_writable, local_model_path
 
 # Arguments are checked before torch, diffusers and peft are imported (seconds), so a typo fails at once.
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -87,7 +87,6 @@ def _check_replaceable(out: Path, force: bool) -> None:
 def _check_apart(ns: argparse.Namespace) -> None:
     """--out never is, sits inside or contains SOURCE, the run it belongs to or the base model (whatever --force)."""
     from sdtune.export.source import RunRecord
-    from sdtune.models.pretrained import local_model_path
 
     source = Path(ns.source).expanduser()
     run = RunRecord.around(source if source.is_dir() else source.parent)
@@ -118,17 +117,22 @@ def export(ns: argparse.Namespace) -> Path:
     out = _check_arguments(ns)
     if not Path(ns.source).expanduser().exists():
         raise SdtuneError(f"{ns.source} does not exist (pass a run directory, a checkpoint or an adapter)")
+    check_model_names(ns)
+    import diffusers
     import torch
+    import transformers
 
     from sdtune.export.check import Probe, compare, count_lora_layers, reference, unet_output
     from sdtune.export.formats import READ_BY, WRITERS, load_back, write_merged
     from sdtune.export.single_file import check_family
     from sdtune.export.source import load_source
-    from sdtune.models.pretrained import local_model_path
 
     _check_apart(ns)
     _check_replaceable(out, ns.force)
     check_writable(out)  # last: it creates (and removes) an empty folder where --out goes
+    # Loading and saving whole models prints progress bars; the export reports what it did in one line.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
     dtype = getattr(torch, DTYPES[ns.dtype])
     kind = ns.format if ns.format == "single-file" else "merged" if ns.merge else ns.format or "diffusers"
@@ -176,12 +180,5 @@ def export(ns: argparse.Namespace) -> Path:
 
 
 def main(args: list[str]) -> int:
-    ns = _parser().parse_args(args)
-    import diffusers
-    import transformers
-
-    # Loading and saving whole models prints progress bars; the export reports what it did in one line.
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-    export(ns)
+    export(_parser().parse_args(args))
     return 0

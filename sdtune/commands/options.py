@@ -10,7 +10,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdtune.adapters.files import ADAPTER_WEIGHTS, Adapter, adapter_file
 from sdtune.errors import SdtuneError
+from sdtune.inference.schedulers import SCHEDULER_CLASSES
+from sdtune.paths import model_name_problem
 
 DEVICES = ("auto", "cpu", "cuda")
 # Images above this many pixels a side squared are refused without --allow-large: SD's self-attention over the latent
@@ -29,8 +32,6 @@ class Parser(argparse.ArgumentParser):
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, adapters, prompts and sampling settings: what `sample` and `evaluate` share."""
-    from sdtune.inference.sampling import SCHEDULERS
-
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True, metavar="PRETRAINED",
                        help="diffusers model directory, Hub id, or single-file .safetensors/.ckpt checkpoint (with --model-config)")  # fmt: skip
@@ -48,7 +49,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--seed", type=int, action="append", metavar="N", help="noise seed; repeat for several images per prompt (default: 0)")
     run.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
     run.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; ≤ 1 disables it (default: 7.5)")
-    run.add_argument("--scheduler", choices=list(SCHEDULERS), help="sampler (default: ddim; flow_euler for SD3 and Flux)")
+    run.add_argument("--scheduler", choices=list(SCHEDULER_CLASSES), help="sampler (default: ddim; flow_euler for SD3 and Flux)")
     run.add_argument("--width", type=int, help="image width, a multiple of the VAE factor (default: the UNet's native size)")
     run.add_argument("--height", type=int, help="image height (default: the UNet's native size)")
     run.add_argument("--allow-large", action="store_true",
@@ -93,6 +94,15 @@ def read_prompts_file(path: Path, negative_prompt: str | None) -> list[PromptSpe
     return out
 
 
+def check_model_names(ns: argparse.Namespace) -> None:
+    """--model and --model-config name a local path, a Hub id or a model sdtune ships (what the folder holds is
+    checked when its configs are read)."""
+    for flag, name in (("--model", ns.model), ("--model-config", ns.model_config)):
+        problem = None if name is None else model_name_problem(name, flag)
+        if problem is not None:
+            raise SdtuneError(problem)
+
+
 def check_common(ns: argparse.Namespace) -> tuple[list[PromptSpec], list[int]]:
     """Prompts and seeds from the shared flags, and the checks that need no model."""
     if ns.prompt and ns.prompts_file:
@@ -103,6 +113,7 @@ def check_common(ns: argparse.Namespace) -> tuple[list[PromptSpec], list[int]]:
         prompts = [PromptSpec(p, ns.negative_prompt) for p in ns.prompt]
     else:
         raise SdtuneError("no prompt: pass --prompt TEXT or --prompts-file FILE")
+    check_model_names(ns)
     if ns.steps < 1:
         raise SdtuneError(f"--steps must be at least 1, got {ns.steps}")
     if ns.clip_skip < 1:
@@ -146,8 +157,6 @@ def check_clip_skip(pipe, ns: argparse.Namespace) -> None:
 
 def parse_adapter(text: str):
     """PATH[:SCALE] → Adapter; a path that exists as written is taken whole (it may contain a colon)."""
-    from sdtune.adapters.lora import ADAPTER_WEIGHTS, adapter_file
-    from sdtune.inference.sampling import Adapter
 
     path, scale = text, 1.0
     if not Path(text).expanduser().exists() and ":" in text:
@@ -169,7 +178,7 @@ def parse_adapter(text: str):
 def common_inputs(ns: argparse.Namespace, adapters: list) -> list[tuple[str, Path | None]]:
     """What the shared flags read from disk, for `check_output_apart`: the model, its configs, the prompts file and
     each adapter (a Hub id is not on disk, so it is no input here)."""
-    from sdtune.models.pretrained import local_model_path
+    from sdtune.paths import local_model_path
 
     return [("--model", local_model_path(ns.model)), ("--model-config", local_model_path(ns.model_config)),
             ("--prompts-file", ns.prompts_file), *[("--adapter", adapter.path) for adapter in adapters]]  # fmt: skip

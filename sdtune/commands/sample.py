@@ -24,6 +24,7 @@ from sdtune.commands.options import (
     slug,
 )
 from sdtune.errors import SdtuneError, first_line
+from sdtune.inference.schedulers import check_strength
 from sdtune.paths import check_output_apart, check_writable
 
 EPILOG = """examples:
@@ -121,10 +122,7 @@ def main(args: list[str]) -> int:
     mask = _open_image(ns.mask, "--mask", load_mask)
     strength = ns.strength if ns.strength is not None else (1.0 if mask is not None else 0.8)
     if init_image is not None:
-        from sdtune.inference.sampling import check_strength
-
         check_strength(strength, ns.steps)
-    device = pick_device(ns.device)
 
     out = Path(ns.out)
     check_output_apart(out, [*common_inputs(ns, adapters), *[("--embedding", path) for path, _ in embeddings],
@@ -139,6 +137,7 @@ def main(args: list[str]) -> int:
         more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
         raise SdtuneError(f"{out / existing[0]}{more} already exist; pass --overwrite to replace them, or choose another --out")
     image_width, image_height = image_size(ns)
+    device = pick_device(ns.device)
     check_writable(out)  # last: it creates (and removes) an empty folder where --out goes
 
     import torch

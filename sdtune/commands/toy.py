@@ -70,8 +70,8 @@ def to_float16(source: Path, dest: Path) -> Path:
 def check_out_apart(out: str | Path, flow: bool) -> None:
     """--out never is, sits inside or contains what a toy model is made from: sdtune's tiny tokenizer and, for the
     flow toy, sdtune:toy (whose VAE it takes)."""
-    from sdtune.models.pretrained import local_model_path
     from sdtune.models.tiny import TOKENIZER_FILES
+    from sdtune.paths import local_model_path
 
     vae_from = local_model_path("sdtune:toy") if flow else None
     check_output_apart(out, {"sdtune's tiny tokenizer": TOKENIZER_FILES, "sdtune:toy": vae_from})

@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import save_file
 
 from sdtune.adapters import kohya
-from sdtune.adapters.lora import adapter_file, lora_state_dict, save_diffusers_adapter
+from sdtune.adapters.files import adapter_file
+from sdtune.adapters.lora import lora_state_dict, save_diffusers_adapter
 from sdtune.adapters.lycoris import is_lycoris, load_lycoris, lycoris_layers, save_lycoris
 from sdtune.errors import SdtuneError, first_line
 from sdtune.export.model_card import write_model_card

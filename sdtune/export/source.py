@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from sdtune.adapters.files import ADAPTER_WEIGHTS, LYCORIS_WEIGHTS, adapter_file
 from sdtune.adapters.kohya import TrainingInfo, lora_layers, training_info
-from sdtune.adapters.lora import ADAPTER_WEIGHTS, LYCORIS_WEIGHTS, adapter_file
 from sdtune.adapters.lycoris import lycoris_layers
 from sdtune.errors import SdtuneError, first_line
 from sdtune.models.families import ModelFamily, family_of_pipeline

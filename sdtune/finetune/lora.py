@@ -9,11 +9,10 @@ from typing import Any, ClassVar
 import yaml
 from lightning.pytorch.utilities import rank_zero_info
 
+from sdtune.adapters.files import ADAPTER_WEIGHTS, LYCORIS_WEIGHTS
 from sdtune.adapters.init import load_init_adapter
 from sdtune.adapters.kohya import save_kohya, training_info
 from sdtune.adapters.lora import (
-    ADAPTER_WEIGHTS,
-    LYCORIS_WEIGHTS,
     LoraSettings,
     TextEncoderLora,
     add_lora,

@@ -15,7 +15,8 @@ from PIL import Image
 from transformers import AutoProcessor, CLIPModel
 
 from sdtune.errors import SdtuneError, first_line, pickled_objects, refused_pickle
-from sdtune.models.pretrained import HUB_ID, offline_hint
+from sdtune.models.pretrained import offline_hint
+from sdtune.paths import HUB_ID
 
 
 def load_clip(source: str, device: str | torch.device = "cpu") -> tuple[CLIPModel, object]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import re
 import warnings
 from contextlib import contextmanager
@@ -23,36 +22,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import diffusers
 import numpy as np
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-)
 from PIL import Image, ImageFilter
 
-from sdtune.adapters.lora import ADAPTER_WEIGHTS, adapter_file
+from sdtune.adapters.files import ADAPTER_WEIGHTS, Adapter, adapter_file
 from sdtune.adapters.lycoris import is_lycoris, load_lycoris
 from sdtune.errors import SdtuneError, first_line
+from sdtune.inference.schedulers import FLOW_SCHEDULERS, SCHEDULER_CLASSES, check_strength
 from sdtune.models.families import ModelFamily, TextConditioning, family_of_pipeline
 from sdtune.models.families import vae_scale_factor as vae_factor
 from sdtune.models.text import text_token_ids
 
-SCHEDULERS = {
-    "ddim": DDIMScheduler,
-    "pndm": PNDMScheduler,
-    "lms": LMSDiscreteScheduler,
-    "euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "dpmpp_2m": DPMSolverMultistepScheduler,
-    "flow_euler": FlowMatchEulerDiscreteScheduler,
-}
-FLOW_SCHEDULERS = ("flow_euler",)  # the samplers of flow-matching models (SD3, Flux); the others are DDPM samplers
+SCHEDULERS = {name: getattr(diffusers, cls) for name, cls in SCHEDULER_CLASSES.items()}
 
 
 # Scheduler settings of a zero-terminal-SNR model: the last timestep is pure noise and sampling starts there.
@@ -219,15 +202,6 @@ class ImageCondition:
         return Image.composite(decoded, self.image, self.overlay)
 
 
-def check_strength(strength: float, steps: int) -> None:
-    """diffusers runs int(steps × strength) of the `steps` denoising steps; zero of them is an error, said up front."""
-    if not 0.0 < strength <= 1.0:
-        raise SdtuneError(f"--strength must be in (0, 1] (the fraction of the denoising re-run), got {strength}")
-    if int(steps * strength) < 1:
-        needed = math.ceil(1 / strength - 1e-9)
-        raise SdtuneError(f"--strength {strength} with --steps {steps} runs no denoising step (int(steps × strength) = 0); use --steps {needed} or more")
-
-
 def prepare_condition(
     pipe, image: Image.Image, width: int, height: int, strength: float, mask: Image.Image | None = None
 ) -> ImageCondition:
@@ -348,18 +322,6 @@ def generate(
     ):
         grid[index].append(image)
     return grid
-
-
-@dataclass
-class Adapter:
-    """A LoRA to apply at `scale`: a folder holding pytorch_lora_weights.safetensors, or the weights file itself."""
-
-    path: Path
-    scale: float = 1.0
-
-    @property
-    def weights_file(self) -> Path:
-        return adapter_file(self.path)
 
 
 # Where diffusers and peft report a failed LoRA load before raising it: one line per mismatched tensor.

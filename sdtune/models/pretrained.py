@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from transformers import CLIPTextConfig, CLIPTokenizer
 
 from sdtune.errors import SdtuneError, first_line, pickled_objects, refused_pickle
 from sdtune.models.families import FAMILIES, Layout, ModelFamily, ModelParts, family_for, vae_scale_factor
-from sdtune.models.single_file import SINGLE_FILE_SUFFIXES, check_family, part_from_single_file, read_single_file
+from sdtune.models.single_file import check_family, part_from_single_file, read_single_file
+from sdtune.paths import EMBEDDED, SINGLE_FILE_SUFFIXES, model_name_problem
 
 CONFIG_EXAMPLE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # What a config source needs from the Hub: configs and tokenizer files, never weights.
@@ -81,27 +81,11 @@ def _check_local(path: Path, setting: str = "model.pretrained", name: str | None
         raise SdtuneError(f"{setting} '{name or path}' is not a diffusers model directory{cached}: missing {missing_list} {hint}")
 
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# Models inside the sdtune package, by the name `model.pretrained` (and --model) accepts.
-EMBEDDED = {
-    "sdtune:toy": Path(__file__).parents[1] / "toy" / "base",
-    "sdtune:toy-flow": Path(__file__).parents[1] / "toy" / "flow_base",
-}
-
-
-def local_model_path(pretrained: str | None) -> Path | None:
-    """The folder or file a model setting names on this machine (a `sdtune:` model's folder in the package); None
-    for a Hub id or no setting."""
-    if pretrained is None:
-        return None
-    path = EMBEDDED.get(str(pretrained), Path(str(pretrained)).expanduser())
-    return path if path.exists() else None
-
-
 def resolve_pretrained(pretrained: str) -> str:
+    problem = model_name_problem(pretrained, "model.pretrained")
+    if problem is not None:
+        raise SdtuneError(problem)
     if pretrained.startswith("sdtune:"):
-        if pretrained not in EMBEDDED:
-            raise SdtuneError(f"model.pretrained '{pretrained}' is not a model sdtune ships (those are: {', '.join(EMBEDDED)})")
         _check_local(EMBEDDED[pretrained])
         return str(EMBEDDED[pretrained])
     path = Path(pretrained).expanduser()
@@ -113,8 +97,6 @@ def resolve_pretrained(pretrained: str) -> str:
             )
         _check_local(path)
         return str(path)
-    if not HUB_ID.match(pretrained):
-        raise SdtuneError(f"model.pretrained '{pretrained}' does not exist (not a local directory nor a Hub id 'org/name')")
     return pretrained
 
 
@@ -124,7 +106,7 @@ def _single_file(pretrained: str) -> Path | None:
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         return None
     if not path.exists():
-        raise SdtuneError(f"model.pretrained '{pretrained}' does not exist")
+        raise SdtuneError(model_name_problem(pretrained, "model.pretrained"))
     return path if path.is_file() else None
 
 
@@ -138,8 +120,9 @@ def _config_dir(pretrained_config: str, revision: str | None) -> str:
             raise SdtuneError(f"{setting} '{pretrained_config}' is a file; pass a diffusers model directory or Hub id (e.g. {CONFIG_EXAMPLE})")
         _check_local(path, setting)
         return str(path)
-    if not HUB_ID.match(pretrained_config):
-        raise SdtuneError(f"{setting} '{pretrained_config}' does not exist (not a local directory nor a Hub id 'org/name')")
+    problem = model_name_problem(pretrained_config, setting)
+    if problem is not None:
+        raise SdtuneError(problem)
     from huggingface_hub import snapshot_download
 
     try:

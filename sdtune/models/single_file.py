@@ -18,7 +18,6 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from sdtune.errors import SdtuneError, first_line, refused_pickle
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 # Key prefixes of the original layout that a Stable Diffusion single file must have, by part.
 LDM_PARTS = {
     "UNet (model.diffusion_model.*)": ("model.diffusion_model.",),
