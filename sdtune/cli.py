@@ -3,11 +3,11 @@ problem the user can fix as one `sdtune: error:` line (exit code 2) instead of a
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 from sdtune.commands import COMMANDS, run
+from sdtune.commands.runlog import quiet_console
 from sdtune.errors import SdtuneError, SdtuneErrors, write_refused
 
 USAGE = """usage: sdtune <command> [options]
@@ -37,24 +37,8 @@ def one_line(err: SdtuneError) -> str:
     return lines[-1].removeprefix(f"{SdtuneError.__module__}.{SdtuneError.__name__}: ") if lines else type(err).__name__
 
 
-# Notices about optional backends sdtune does not use (torchvision image processors, bitsandbytes' 4-bit CPU
-# kernels): printed on every command otherwise, and nothing a user can act on.
-QUIET_LOGGERS = ("transformers.utils.import_utils", "bitsandbytes.backends.cpu.ops")
-# diffusers messages that hold no information: an adapter without text-encoder layers, a cast with nothing to keep.
-NOISE = {
-    "diffusers.loaders.lora_base": "No LoRA keys associated to",
-    "diffusers.loaders.peft": "No LoRA keys associated to",
-    "diffusers.models.modeling_utils": "should be kept in float32: [].",
-}
-
-
 # Commands that load no model run whatever is installed; `env` reports what is wrong instead of refusing.
 NO_VERSION_CHECK = ("ls", "cp", "env", "inspect")
-
-
-def _drop_noise() -> None:
-    for name, text in NOISE.items():
-        logging.getLogger(name).addFilter(lambda record, text=text: text not in record.getMessage())
 
 
 def usage() -> str:
@@ -64,9 +48,7 @@ def usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     # DataLoader workers fork after the tokenizers are loaded; their Rust thread pool would warn and deadlock.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    _drop_noise()
+    quiet_console()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())

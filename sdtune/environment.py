@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from importlib import metadata
+from contextlib import contextmanager
+from importlib import import_module, metadata
+from typing import Iterator
 
 from packaging.requirements import Requirement
 from packaging.version import InvalidVersion, Version
@@ -67,6 +69,29 @@ def requirement_problems(requirements: list[Requirement] | None = None) -> list[
 def check_requirements() -> list[str]:
     """The problems `requirement_problems` finds, or none when SDTUNE_SKIP_VERSION_CHECK=1."""
     return [] if os.environ.get(SKIP_ENV) == "1" else requirement_problems()
+
+
+# Where libraries cache whether a package is installed: cleared when a hidden package shows again.
+AVAILABILITY_CACHES = {"bitsandbytes": ("peft.import_utils", ("is_bnb_available", "is_bnb_4bit_available"))}
+
+
+@contextmanager
+def hidden(package: str) -> Iterator[None]:
+    """Inside the block `package` looks not installed (`import` fails, `find_spec` answers None), unless it is
+    imported already. For an optional library another one imports eagerly, though the command does not use it."""
+    if package in sys.modules:
+        yield
+        return
+    sys.modules[package] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if package in sys.modules and sys.modules[package] is None:
+            del sys.modules[package]
+        module, functions = AVAILABILITY_CACHES.get(package, ("", ()))
+        if module in sys.modules:
+            for name in functions:
+                getattr(getattr(import_module(module), name, None), "cache_clear", lambda: None)()
 
 
 def report() -> str:

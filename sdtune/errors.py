@@ -4,6 +4,8 @@ import errno
 import os
 import re
 
+# How every refusal of a `--ckpt_path` file ends.
+RESUME_ADVICE = "resume from a checkpoint sdtune wrote, or start fresh without --ckpt_path"
 # A full disk, a quota, a read-only filesystem, a file-size limit or missing permissions: the machine refused a write.
 WRITE_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
 

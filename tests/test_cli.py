@@ -158,7 +158,7 @@ def test_wrong_config_values_are_one_line(flags, expected, capsys):
         (["--model.lora.init", "pissa"], "model.lora.init=pissa rewrites the base weights"),
         (["--model.objective.max_timestep", "2000"], "model.objective: need 0 ≤ min_timestep < max_timestep ≤ 1000"),
         (["--data.max_token_length", "100"], "data.max_token_length must be a multiple of 75"),
-        (["--data.root", "null", "--data.subsets", '[{"root": "x", "repeats": 0}]'], "data.subsets[0].repeats must be ≥ 1"),
+        (["--data.root", "null", "--data.subsets", '[{"root": ".", "repeats": 0}]'], "data.subsets[0].repeats must be ≥ 1"),
     ],
 )
 def test_bad_training_options_are_one_line(flags, expected, tiny_model_dir, shapes_dir, tmp_path, capsys):

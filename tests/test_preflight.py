@@ -33,14 +33,13 @@ def fit_errors(capsys, tiny_model_dir, shapes_dir, tmp_path, *args) -> list[str]
 def test_every_problem_is_reported_at_once(capsys, tiny_model_dir, shapes_dir, tmp_path):
     errors = fit_errors(
         capsys, tiny_model_dir, shapes_dir, tmp_path,
-        "--data.batch_size", 0, "--data.resolution", 33, "--model.lora.rank", 0, "--data.val_root", tmp_path / "nope",
-        "--model.init_adapter", tmp_path / "none.safetensors",
+        "--data.val_fraction", 1.5, "--data.resolution", 33, "--model.lora.rank", 0, "--trainer.devices", 0,
     )  # fmt: skip
     assert errors == [
+        "trainer.devices 0: `Trainer(devices='0')` value is not a valid input using cpu accelerator. (takes a positive "
+        "integer, -1 (all), 'auto' or a list of device indices)",
         "model.lora.rank must be ≥ 1, got 0",
-        f"data.val_root '{tmp_path / 'nope'}' does not exist",
-        f"model.init_adapter '{tmp_path / 'none.safetensors'}' does not exist",
-        "data.batch_size must be at least 1, got 0",
+        "data.val_fraction must be in [0, 1), got 1.5",
         "data.resolution 33 is not a multiple of 2, the VAE's downscaling; use e.g. 32",
     ]
 

@@ -10,7 +10,8 @@ What is checked, each problem one line naming the key to change:
   and every callback's), with the classes' own validators: each class is built with the settings (the Trainer without
   loggers or callbacks, the optimizer on a one-number parameter), and again after each refusal with the refused
   setting back at its default, so every problem is collected instead of only the first; the few Trainer settings
-  Lightning takes unchecked are checked against their domains here;
+  Lightning takes unchecked are checked against their domains (`sdtune.commands.precheck.DOMAINS`, which also
+  checks them on the command line before anything is imported);
 - against the model built from its configs on the meta device (no weights): data.resolution and data.bucket_step
   divisible by the VAE's downscaling, every LoRA target module present in the UNet and the text encoders (the check
   `add_lora` runs);
@@ -36,6 +37,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sdtune.adapters.lora import check_targets
 from sdtune.callbacks import EMA, GracefulStop, NonFiniteGuard, SampleImages, SaveAdapter, Throughput
+from sdtune.commands.precheck import (
+    DOMAINS,
+    PRETRAINED_UNSET,
+    domain_problem,
+    input_paths,
+    path_problems,
+    run_dir_problem,
+)
+from sdtune.commands.runlog import LOG_NAME
 from sdtune.errors import SdtuneError, first_line
 from sdtune.models.pretrained import model_skeleton, size_multiple
 from sdtune.paths import check_output_apart
@@ -61,7 +71,7 @@ def fit_problems(config: Any) -> list[str]:
     source = check(lambda: _model_source(model))
     lora = check(lambda: _lora_settings(model)) if "lora" in model else None
     text_lora = check(lambda: _text_encoder_lora(model))
-    _check_paths(model, data, problems)
+    problems += path_problems(model, data)
     problems += outputs_problems(config)
     datamodule = check(lambda: _instantiate(data_class, data))
     if source is not None:
@@ -90,18 +100,6 @@ def fit_problems(config: Any) -> list[str]:
 # batch-end timing then stops before the others save or sample).
 CALLBACKS = {"checkpoint": ModelCheckpoint, "throughput": Throughput, "nonfinite": NonFiniteGuard,
              "graceful_stop": GracefulStop, "adapter": SaveAdapter, "samples": SampleImages, "ema": EMA}  # fmt: skip
-# Trainer settings Lightning takes without a check, though a value outside these domains fails only after the model
-# has loaded (accumulate_grad_batches 0: a division by zero) or quietly does something else (a negative
-# gradient_clip_val flips the gradients' sign; check_val_every_n_epoch 0 divides by zero at the first epoch's end).
-TRAINER_DOMAINS: dict[str, tuple[int, str]] = {
-    "accumulate_grad_batches": (1, "an integer ≥ 1"),
-    "gradient_clip_val": (0, "a number ≥ 0 (0 or null: no clipping)"),
-    "log_every_n_steps": (0, "an integer ≥ 0 (0: no step logs)"),
-    "check_val_every_n_epoch": (1, "an integer ≥ 1 or null"),
-    "num_sanity_val_steps": (-1, "an integer ≥ -1 (-1: the whole validation set)"),
-    "min_steps": (0, "an integer ≥ 0 or null"),
-    "min_epochs": (0, "an integer ≥ 0 or null"),
-}
 # What the domain is where the class's own message only says the value is wrong.
 DOMAIN_HINTS = {"devices": "a positive integer, -1 (all), 'auto' or a list of device indices", "lr": "a number ≥ 0",
                 "eps": "a number ≥ 0", "weight_decay": "a number ≥ 0", "momentum": "a number ≥ 0",
@@ -201,11 +199,11 @@ def _trainer_problems(trainer: Any) -> list[str]:
         return []
     settings = {key: value for key, value in vars(trainer).items() if key in inspect.signature(Trainer).parameters}
     problems = []
-    for key, (low, domain) in TRAINER_DOMAINS.items():
-        value = settings.get(key)
-        if isinstance(value, (int, float)) and value < low:
-            problems.append(f"trainer.{key} {value}: must be {domain}")
-            settings.pop(key)
+    for key in [key for key in DOMAINS if key.startswith("trainer.")]:
+        problem = domain_problem(key, settings.get(key.removeprefix("trainer.")))
+        if problem is not None:
+            problems.append(problem)
+            settings.pop(key.removeprefix("trainer."))
     # What needs building from its class_path (loggers, callbacks, plugins; a strategy or profiler given as a class) is
     # left out: the settings are checked, not the objects.
     for key in ("logger", "callbacks", "plugins", "strategy", "profiler"):
@@ -259,7 +257,7 @@ def _model_source(model: Any):
     from sdtune.models.pretrained import resolve_source
 
     if not model.get("pretrained"):
-        raise SdtuneError("model.pretrained is not set: pass a diffusers directory, Hub id or single file")
+        raise SdtuneError(PRETRAINED_UNSET)
     return resolve_source(str(model.pretrained), model.get("revision"), model.get("pretrained_config"))
 
 
@@ -299,30 +297,13 @@ def _check_vae_factor(factor: int, data: Any, why: str = "the VAE's downscaling"
 # --- paths and data -----------------------------------------------------------------------------------------------
 
 
-def _input_paths(model: Any, data: Any) -> list[tuple[str, Any]]:
-    """The data folders and the starting adapter a run reads, by the key that names them (None when not set)."""
-    paths = [("data.root", data.get("root")), ("data.val_root", data.get("val_root")),
-             ("data.mask_dir", data.get("mask_dir")), ("model.init_adapter", model.get("init_adapter"))]  # fmt: skip
-    for i, subset in enumerate(data.get("subsets") or []):
-        get = subset.get if isinstance(subset, dict) else lambda key, default=None: getattr(subset, key, default)
-        if not get("generate", 0):  # a folder of class images still to generate is made by the run
-            paths.append((f"data.subsets[{i}].root", get("root")))
-    return [(key, None if value is None else str(value)) for key, value in paths]
-
-
-def _check_paths(model: Any, data: Any, problems: list[str]) -> None:
-    for key, value in _input_paths(model, data):
-        if value is not None and not Path(value).expanduser().exists():
-            problems.append(f"{key} '{value}' does not exist")
-
-
 def _run_outputs(config: Any, root: Path) -> list[tuple[str, Path, str]]:
-    """What a run writes (name, path, the setting that moves it): config.yaml, logs, checkpoints, the adapter (or
+    """What a run writes (name, path, the setting that moves it): config.yaml, sdtune.log, logs, checkpoints, the adapter (or
     model) folder and its EMA twin, samples."""
     saved = config.get("adapter.dirname") or getattr(_import(str(config.get("model.class_path"))), "output_dirname", "adapter")
     samples = config.get("samples.dirname") or "samples"
     setting = "trainer.default_root_dir"
-    entries = ("config.yaml", "logs", saved, f"{saved}_ema", samples)
+    entries = ("config.yaml", LOG_NAME, "logs", saved, f"{saved}_ema", samples)
     outputs = [(f"the run's {entry}", root / entry, setting) for entry in entries]
     dirpath = config.get("checkpoint.dirpath")
     if dirpath:
@@ -333,15 +314,17 @@ def _run_outputs(config: Any, root: Path) -> list[tuple[str, Path, str]]:
 def outputs_problems(config: Any) -> list[str]:
     """The run directory is none of the run's inputs (model, configs, data, init adapter) and lies inside none; what
     the run writes there contains none either. Shared by `fit` and `validate`, which both write a run directory."""
-    from sdtune.models.pretrained import local_model_path
+    from sdtune.paths import local_model_path
 
     model_class, data_class = str(config.get("model.class_path") or ""), str(config.get("data.class_path") or "")
     if not (model_class.startswith("sdtune.") and data_class == "sdtune.data.CaptionDataModule"):
         return []
     model, data = config.model.init_args, config.data.init_args
     inputs = [("model.pretrained", local_model_path(model.get("pretrained"))),
-              ("model.pretrained_config", local_model_path(model.get("pretrained_config"))), *_input_paths(model, data)]  # fmt: skip
+              ("model.pretrained_config", local_model_path(model.get("pretrained_config"))), *input_paths(model, data)]  # fmt: skip
     root = Path(str(config.get("trainer.default_root_dir") or Path.cwd())).expanduser()
+    if run_dir_problem(root) is not None:
+        return [run_dir_problem(root)]
     try:
         check_output_apart(root, inputs, "trainer.default_root_dir", may_contain=True)
         for name, path, setting in _run_outputs(config, root):

@@ -22,15 +22,6 @@ from sdtune.finetune import METHODS
 from sdtune.finetune.base import plain
 from sdtune.finetune.checkpointing import read_checkpoint
 
-# `--ckpt_path` values Lightning resolves itself, rather than files.
-NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")
-
-
-def is_file_path(ckpt_path: Any) -> bool:
-    """A path to a local file, not one of Lightning's names nor a remote URL."""
-    text = str(ckpt_path)
-    return bool(ckpt_path) and text not in NAMED_CHECKPOINTS and not text.startswith("registry:") and "://" not in text
-
 
 def check_checkpoint(path: str | Path, config: Any, resume: bool, verified: bool = False) -> None:
     """Refuse, in one line, a checkpoint `path` that cannot be read safely or whose recorded settings conflict with

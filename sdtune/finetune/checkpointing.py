@@ -26,9 +26,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from sdtune.errors import SdtuneError, first_line, pickled_objects, refused_pickle, write_refused
-
-RESUME_ADVICE = "resume from a checkpoint sdtune wrote, or start fresh without --ckpt_path"
+from sdtune.errors import RESUME_ADVICE, SdtuneError, first_line, pickled_objects, refused_pickle, write_refused
 
 
 def checkpoint_problem(path: str | Path) -> str | None:
