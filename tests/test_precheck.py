@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from sdtune.commands.precheck import command_line_settings
+from sdtune.commands.precheck import command_line_settings, needs_bitsandbytes
+from sdtune.commands.recipes import find_recipe
 
 HEAVY = {"torch", "lightning", "diffusers", "transformers", "peft", "bitsandbytes"}
 # What third-party libraries print that a user can do nothing about; none of it may reach the console.
@@ -129,3 +130,20 @@ def test_qlora_imports_bitsandbytes_and_trains(tiny_model_dir, shapes_dir, tmp_p
     assert code == 0 and "bitsandbytes" in packages, lines
     assert (tmp_path / "run" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
     assert not [line for line in lines if any(noise in line for noise in NOISE)], lines
+
+
+@pytest.mark.parametrize(
+    "flags, needed",
+    [
+        ([], False),
+        (["--model.quantize", "nf4"], True),
+        (["--model.quantize", "null"], False),
+        (["--model.optimizer", "bitsandbytes.optim.AdamW8bit"], True),
+        (["--model.optimizer", "AdamW8bit"], True),  # a short name: resolved among whatever is imported by then
+        (["--model.optimizer", "torch.optim.SGD"], False),
+        (["--trainer.callbacks+", "step_hooks.StepHooks"], True),  # a user's module may import it
+        (["--trainer.callbacks", '[{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}]'], False),
+    ],
+)
+def test_bitsandbytes_is_kept_for_the_settings_that_may_need_it(flags, needed):
+    assert needs_bitsandbytes(["--config", str(find_recipe("tiny/lora")), *flags]) is needed

@@ -168,6 +168,8 @@ def command_line_settings(args: list[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             value = text
         key = ".".join(part for part in key.split(".") if part != "init_args")
+        if isinstance(value, str) and f"{key}.class_path" in settings:
+            key += ".class_path"  # `--model.optimizer X`: another class for a setting the configs gave one
         settings.update(_flatten(value, key) if isinstance(value, dict) else [(key, value)])
     return settings
 
@@ -182,8 +184,7 @@ def command_line_problems(args: list[str]) -> list[str]:
     for key in ("pretrained", "pretrained_config"):
         if model.get(key) is not None:
             problems.append(model_name_problem(str(model.get(key)), f"model.{key}"))
-    if data.get("root") is not None or data.get("subsets") is not None:
-        problems += path_problems(model, data)
+    problems += path_problems(model, data)
     problems.append(run_dir_problem(settings.get("trainer.default_root_dir")))
     ckpt_path = settings.get("ckpt_path")
     if is_file_path(ckpt_path) and not Path(str(ckpt_path)).expanduser().exists():
@@ -198,10 +199,19 @@ def needs_bitsandbytes(args: list[str]) -> bool:
     settings = command_line_settings(args)
     if settings.get("model.quantize") is not None:
         return True
-    optimizer = settings.get("model.optimizer.class_path", settings.get("model.optimizer"))
+    optimizer = settings.get("model.optimizer.class_path") or settings.get("model.optimizer")
     if isinstance(optimizer, str) and "." not in optimizer:
         return True  # a short class name, resolved among the optimizers imported by then
-    names = [value for value in settings.values() if isinstance(value, str) and IMPORT_PATH.match(value)]
-    names += [item for value in settings.values() if isinstance(value, list) for item in value
-              if isinstance(item, str) and IMPORT_PATH.match(item)]  # fmt: skip
+    names = [text for text in _strings(list(settings.values())) if IMPORT_PATH.match(text)]
     return any(not name.startswith(KNOWN_MODULES) for name in names)
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a value, inside lists and mappings too (`trainer.callbacks`' class paths)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        yield from _strings(list(value.values()))
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
