@@ -5,7 +5,8 @@ folder `<run dir>/checkpoints`, a SaveAdapter callback (`--adapter.*`), a Sample
 unless the config's `samples:` block or `--samples.enabled true` turns it on), a Throughput callback (`--throughput.*`,
 `perf/*` speed and memory logs), an EMA of the trained weights (`--ema.*`, off unless `--ema.enabled true`), a NonFiniteGuard (`--nonfinite.*`: steps with NaN/inf gradients skipped, the run
 stopped after N in a row), a GracefulStop (`--graceful_stop.*`: SIGTERM or Ctrl+C saves last.ckpt after the current
-batch and exits with 128 + the signal's number), TensorBoard logs in `<run dir>/logs`, the
+batch and exits with 128 + the signal's number), TensorBoard logs in `<run dir>/logs`, the full log in
+`<run dir>/sdtune.log` (`sdtune.commands.runlog`), the
 resolved config in `<run dir>/config.yaml` (rewritten on resume), a lock so that one process at a time writes the
 run directory (`sdtune.runlock`), and the model's `pretrained` linked to the data
 module (with `revision` and `pretrained_config`) so both use the same tokenizer. Checkpoints are written atomically
