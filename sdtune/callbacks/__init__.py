@@ -6,6 +6,7 @@ from sdtune.callbacks.nonfinite import NonFiniteGuard
 from sdtune.callbacks.sample_images import SampleImages
 from sdtune.callbacks.save_adapter import SaveAdapter
 from sdtune.callbacks.save_config import SaveRunConfig
+from sdtune.callbacks.step_progress import StepProgress
 from sdtune.callbacks.throughput import Throughput
 
-__all__ = ["EMA", "GracefulStop", "NonFiniteGuard", "SampleImages", "SaveAdapter", "SaveRunConfig", "Throughput"]
+__all__ = ["EMA", "GracefulStop", "NonFiniteGuard", "SampleImages", "SaveAdapter", "SaveRunConfig", "StepProgress", "Throughput"]

@@ -5,7 +5,7 @@ folder `<run dir>/checkpoints`, a SaveAdapter callback (`--adapter.*`), a Sample
 unless the config's `samples:` block or `--samples.enabled true` turns it on), a Throughput callback (`--throughput.*`,
 `perf/*` speed and memory logs), an EMA of the trained weights (`--ema.*`, off unless `--ema.enabled true`), a NonFiniteGuard (`--nonfinite.*`: steps with NaN/inf gradients skipped, the run
 stopped after N in a row), a GracefulStop (`--graceful_stop.*`: SIGTERM or Ctrl+C saves last.ckpt after the current
-batch and exits with 128 + the signal's number), TensorBoard logs in `<run dir>/logs`, the
+batch and exits with 128 + the signal's number), TensorBoard logs in `<run dir>/logs`, a progress line in optimizer steps (`StepProgress`), the
 resolved config in `<run dir>/config.yaml` (rewritten on resume), a lock so that one process at a time writes the
 run directory (`sdtune.runlock`), and the model's `pretrained` linked to the data
 module (with `revision` and `pretrained_config`) so both use the same tokenizer. Checkpoints are written atomically
@@ -28,12 +28,12 @@ from typing import Any
 
 import lightning as L
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from sdtune.callbacks import SaveRunConfig
+from sdtune.callbacks import SaveRunConfig, StepProgress
 from sdtune.commands.preflight import CALLBACKS, fit_problems, outputs_problems, settings_problems
 from sdtune.commands.recipes import find_recipe
 from sdtune.commands.resume import check_checkpoint, is_file_path
@@ -206,6 +206,10 @@ class SdtuneCLI(LightningCLI):
                 rank_zero_info(f"removed {len(left)} unfinished checkpoint files left by an earlier run in {checkpoint.dirpath}")
         if config.trainer.logger in (None, True):
             kwargs["logger"] = TensorBoardLogger(save_dir=str(root), name="logs", version="")
+        callbacks = config.trainer.callbacks
+        callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        if config.trainer.enable_progress_bar is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, StepProgress()]  # optimizer steps of max_steps, not batches of an epoch
         plugins = config.trainer.plugins
         if plugins is None or (isinstance(plugins, list) and not any(is_checkpoint_io(p) for p in plugins)):
             kwargs["plugins"] = [*(plugins or []), AtomicCheckpointIO()]
