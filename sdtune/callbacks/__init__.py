@@ -1,5 +1,7 @@
 """Optional behaviour around training, one callback a file; each can be switched off alone."""
 
+from sdtune.callbacks.best_adapters import BestAdapters
+from sdtune.callbacks.early_stop import EarlyStop
 from sdtune.callbacks.ema import EMA
 from sdtune.callbacks.graceful_stop import GracefulStop
 from sdtune.callbacks.nonfinite import NonFiniteGuard
@@ -9,4 +11,4 @@ from sdtune.callbacks.save_config import SaveRunConfig
 from sdtune.callbacks.step_progress import StepProgress
 from sdtune.callbacks.throughput import Throughput
 
-__all__ = ["EMA", "GracefulStop", "NonFiniteGuard", "SampleImages", "SaveAdapter", "SaveRunConfig", "StepProgress", "Throughput"]
+__all__ = ["EMA", "BestAdapters", "EarlyStop", "GracefulStop", "NonFiniteGuard", "SampleImages", "SaveAdapter", "SaveRunConfig", "StepProgress", "Throughput"]

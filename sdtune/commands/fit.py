@@ -5,7 +5,7 @@ folder `<run dir>/checkpoints`, a SaveAdapter callback (`--adapter.*`), a Sample
 unless the config's `samples:` block or `--samples.enabled true` turns it on), a Throughput callback (`--throughput.*`,
 `perf/*` speed and memory logs), an EMA of the trained weights (`--ema.*`, off unless `--ema.enabled true`), a NonFiniteGuard (`--nonfinite.*`: steps with NaN/inf gradients skipped, the run
 stopped after N in a row), a GracefulStop (`--graceful_stop.*`: SIGTERM or Ctrl+C saves last.ckpt after the current
-batch and exits with 128 + the signal's number), TensorBoard logs in `<run dir>/logs`, a progress line in optimizer steps (`StepProgress`), the
+batch and exits with 128 + the signal's number), the adapters of the best validations (`--best_adapters.*`), early stopping (`--early_stopping.*`), TensorBoard logs in `<run dir>/logs`, a progress line in optimizer steps (`StepProgress`), the
 resolved config in `<run dir>/config.yaml` (rewritten on resume), a lock so that one process at a time writes the
 run directory (`sdtune.runlock`), and the model's `pretrained` linked to the data
 module (with `revision` and `pretrained_config`) so both use the same tokenizer. Checkpoints are written atomically
@@ -169,12 +169,15 @@ class SdtuneCLI(LightningCLI):
         if self.locks is not None and is_launching_process():  # DDP ranks re-run this command: the launcher holds it
             root = Path(str(config.get("trainer.default_root_dir") or os.getcwd()))
             self.locks.enter_context(RunLock(root, "trainer.default_root_dir"))
-        if config.get("checkpoint.monitor") is not None and config.get("checkpoint.every_n_train_steps"):
-            # A step-triggered save runs before that step's validation and would be scored with the previous
-            # val/loss; saving when validation ends scores every checkpoint by its own.
+        by_validation = [f"{key}={config.get(key)}" for key in ("checkpoint.monitor", "best_adapters.keep", "early_stopping.patience")
+                         if config.get(key) not in (None, 0)]  # fmt: skip
+        if by_validation and config.get("checkpoint.every_n_train_steps"):
+            # A step-triggered save runs before that step's validation: it would be scored with the previous
+            # val/loss and hold the best adapters and early-stopping count of before it. Saving when validation
+            # ends scores every checkpoint by its own and resumes with what that validation decided.
             config["checkpoint.every_n_train_steps"] = None
             config["checkpoint.every_n_epochs"] = max(1, config.get("checkpoint.every_n_epochs") or 0)
-            rank_zero_info(f"checkpoint.monitor={config['checkpoint.monitor']}: checkpoints are saved after each validation")
+            rank_zero_info(f"{', '.join(by_validation)}: checkpoints are saved after each validation")
         if config.get("ckpt_path") is not None:
             # A resumed run continues the same run: its saves replace last.ckpt (atomically) instead of adding
             # last-v1.ckpt next to a damaged or older last.ckpt. Fresh runs keep Lightning's versioning, and its

@@ -35,7 +35,16 @@ from typing import Any, Callable
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sdtune.adapters.lora import check_targets
-from sdtune.callbacks import EMA, GracefulStop, NonFiniteGuard, SampleImages, SaveAdapter, Throughput
+from sdtune.callbacks import (
+    EMA,
+    BestAdapters,
+    EarlyStop,
+    GracefulStop,
+    NonFiniteGuard,
+    SampleImages,
+    SaveAdapter,
+    Throughput,
+)
 from sdtune.errors import SdtuneError, first_line
 from sdtune.models.pretrained import model_skeleton, size_multiple
 from sdtune.paths import check_output_apart
@@ -62,6 +71,7 @@ def fit_problems(config: Any) -> list[str]:
     lora = check(lambda: _lora_settings(model)) if "lora" in model else None
     text_lora = check(lambda: _text_encoder_lora(model))
     _check_paths(model, data, problems)
+    problems += _validation_problems(config)
     problems += outputs_problems(config)
     datamodule = check(lambda: _instantiate(data_class, data))
     if source is not None:
@@ -89,7 +99,8 @@ def fit_problems(config: Any) -> list[str]:
 # The callbacks `sdtune fit` adds, by the config key of their settings, in the order they run (Throughput first: its
 # batch-end timing then stops before the others save or sample).
 CALLBACKS = {"checkpoint": ModelCheckpoint, "throughput": Throughput, "nonfinite": NonFiniteGuard,
-             "graceful_stop": GracefulStop, "adapter": SaveAdapter, "samples": SampleImages, "ema": EMA}  # fmt: skip
+             "graceful_stop": GracefulStop, "adapter": SaveAdapter, "best_adapters": BestAdapters,
+             "early_stopping": EarlyStop, "samples": SampleImages, "ema": EMA}  # fmt: skip
 # Trainer settings Lightning takes without a check, though a value outside these domains fails only after the model
 # has loaded (accumulate_grad_batches 0: a division by zero) or quietly does something else (a negative
 # gradient_clip_val flips the gradients' sign; check_val_every_n_epoch 0 divides by zero at the first epoch's end).
@@ -294,6 +305,17 @@ def _check_vae_factor(factor: int, data: Any, why: str = "the VAE's downscaling"
     step = int(data.get("bucket_step") or 0)
     if data.get("buckets") and step % factor:
         raise SdtuneError(f"data.bucket_step {step} is not a multiple of {factor}, {why}")
+
+
+def _validation_problems(config: Any) -> list[str]:
+    """Keeping the best adapters and stopping early go by the validation loss: refused when there is none."""
+    data = config.data.init_args
+    if data.get("val_fraction") or data.get("val_root"):
+        return []
+    asked = [f"best_adapters.keep {config.get('best_adapters.keep')}" if config.get("best_adapters.keep") else None,
+             f"early_stopping.patience {config.get('early_stopping.patience')}"
+             if config.get("early_stopping.patience") is not None else None]  # fmt: skip
+    return [f"{setting} needs a validation loss: set data.val_fraction (e.g. 0.1) or data.val_root" for setting in asked if setting]
 
 
 # --- paths and data -----------------------------------------------------------------------------------------------
