@@ -18,7 +18,8 @@ def fit(tiny_model_dir, shapes_dir, run, max_steps, *flags):
         "fit", "--config", "tiny/lora", "--model.class_path", "scripted_validation.ScriptedValidationLoss",
         "--model.init_args.val_offsets", str(OFFSETS), "--model.pretrained", str(tiny_model_dir),
         "--data.root", str(shapes_dir), "--trainer.default_root_dir", str(run), "--trainer.max_steps", str(max_steps),
-        "--data.resolution", "32", "--data.batch_size", "2", "--data.val_fraction", "0.25", "--samples.enabled", "false",
+        "--data.resolution", "32", "--data.batch_size", "2", "--data.val_fraction", "0.25",
+        "--samples.enabled", "false",
         "--trainer.val_check_interval", "1", "--trainer.check_val_every_n_epoch", "null",
         "--trainer.enable_progress_bar", "false", "--best_adapters.keep", str(KEEP),
         "--early_stopping.patience", str(PATIENCE), *flags,
@@ -47,7 +48,9 @@ def best_folders(run) -> list[str]:
     return sorted(p.name for p in (run / "adapter").iterdir() if p.is_dir())
 
 
-def test_keeps_the_best_adapters_and_stops_when_validation_stops_improving(tiny_model_dir, shapes_dir, tmp_path, caplog):
+def test_keeps_the_best_adapters_and_stops_when_validation_stops_improving(
+    tiny_model_dir, shapes_dir, tmp_path, caplog
+):
     run = tmp_path / "run"
     (run / "adapter" / "best_step000001_loss9.0000").mkdir(parents=True)  # not written by this run: left alone
     assert fit(tiny_model_dir, shapes_dir, run, len(OFFSETS)) == 0
@@ -57,8 +60,10 @@ def test_keeps_the_best_adapters_and_stops_when_validation_stops_improving(tiny_
     assert stop < len(OFFSETS) and len(losses) == stop
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == stop
     stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("early stopping:")]
-    assert stopped == [f"early stopping: val/loss has not gone below its best, {min(losses[:stop]):.4f}, by more than 0 "
-                       f"in {PATIENCE} validations; the run ends after optimizer step {stop}"]  # fmt: skip
+    assert stopped == [
+        f"early stopping: val/loss has not gone below its best, {min(losses[:stop]):.4f}, by more than 0 "
+        f"in {PATIENCE} validations; the run ends after optimizer step {stop}"
+    ]
 
     best = sorted(range(1, stop + 1), key=lambda step: losses[step - 1])[:KEEP]
     kept = [f"best_step{step:06d}_loss{losses[step - 1]:.4f}" for step in best]
@@ -68,9 +73,10 @@ def test_keeps_the_best_adapters_and_stops_when_validation_stops_improving(tiny_
         assert load_file(run / "adapter" / name / f"run-{name}.safetensors")
     assert (run / "adapter" / "pytorch_lora_weights.safetensors").is_file()  # the last adapter, as always
     # Written: each validation that was among the best so far; removed: those pushed out again.
-    written = [step for step in range(1, stop + 1) if sum(loss < losses[step - 1] for loss in losses[: step - 1]) < KEEP]
+    written = [s for s in range(1, stop + 1) if sum(loss < losses[s - 1] for loss in losses[: s - 1]) < KEEP]
     removed = [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("removed ")]
-    assert removed == [str(run.resolve() / "adapter" / f"best_step{s:06d}_loss{losses[s - 1]:.4f}") for s in written if s not in best]
+    folder = run.resolve() / "adapter"
+    assert removed == [str(folder / f"best_step{s:06d}_loss{losses[s - 1]:.4f}") for s in written if s not in best]
 
     # Stopped one validation before the end and resumed: the same folders, the same early stop.
     resumed = tmp_path / "resumed"
@@ -84,8 +90,8 @@ def test_keeps_the_best_adapters_and_stops_when_validation_stops_improving(tiny_
 
 @pytest.mark.parametrize("flag", [["--best_adapters.keep", "2"], ["--early_stopping.patience", "3"]])
 def test_refused_in_one_line_without_validation(flag, tiny_model_dir, shapes_dir, tmp_path, capsys):
-    code = main(["fit", "--config", "tiny/lora", "--model.pretrained", str(tiny_model_dir), "--data.root", str(shapes_dir),
-                 "--trainer.default_root_dir", str(tmp_path / "run"), *flag])  # fmt: skip
+    code = main(["fit", "--config", "tiny/lora", "--model.pretrained", str(tiny_model_dir),
+                 "--data.root", str(shapes_dir), "--trainer.default_root_dir", str(tmp_path / "run"), *flag])  # fmt: skip
     assert code == 2
     assert f"{flag[0][2:]} {flag[1]} needs a validation loss: set data.val_fraction" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()

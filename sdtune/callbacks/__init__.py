@@ -11,4 +11,5 @@ from sdtune.callbacks.save_config import SaveRunConfig
 from sdtune.callbacks.step_progress import StepProgress
 from sdtune.callbacks.throughput import Throughput
 
-__all__ = ["EMA", "BestAdapters", "EarlyStop", "GracefulStop", "NonFiniteGuard", "SampleImages", "SaveAdapter", "SaveRunConfig", "StepProgress", "Throughput"]
+__all__ = ["EMA", "BestAdapters", "EarlyStop", "GracefulStop", "NonFiniteGuard", "SampleImages", "SaveAdapter",
+           "SaveRunConfig", "StepProgress", "Throughput"]  # fmt: skip

@@ -5,7 +5,9 @@ folder `<run dir>/checkpoints`, a SaveAdapter callback (`--adapter.*`), a Sample
 unless the config's `samples:` block or `--samples.enabled true` turns it on), a Throughput callback (`--throughput.*`,
 `perf/*` speed and memory logs), an EMA of the trained weights (`--ema.*`, off unless `--ema.enabled true`), a NonFiniteGuard (`--nonfinite.*`: steps with NaN/inf gradients skipped, the run
 stopped after N in a row), a GracefulStop (`--graceful_stop.*`: SIGTERM or Ctrl+C saves last.ckpt after the current
-batch and exits with 128 + the signal's number), the adapters of the best validations (`--best_adapters.*`), early stopping (`--early_stopping.*`), TensorBoard logs in `<run dir>/logs`, a progress line in optimizer steps (`StepProgress`), the
+batch and exits with 128 + the signal's number), the adapters of the best validations (`--best_adapters.*`), early
+stopping (`--early_stopping.*`), TensorBoard logs in `<run dir>/logs`, a progress line in optimizer steps
+(`StepProgress`), the
 resolved config in `<run dir>/config.yaml` (rewritten on resume), a lock so that one process at a time writes the
 run directory (`sdtune.runlock`), and the model's `pretrained` linked to the data
 module (with `revision` and `pretrained_config`) so both use the same tokenizer. Checkpoints are written atomically
@@ -169,8 +171,8 @@ class SdtuneCLI(LightningCLI):
         if self.locks is not None and is_launching_process():  # DDP ranks re-run this command: the launcher holds it
             root = Path(str(config.get("trainer.default_root_dir") or os.getcwd()))
             self.locks.enter_context(RunLock(root, "trainer.default_root_dir"))
-        by_validation = [f"{key}={config.get(key)}" for key in ("checkpoint.monitor", "best_adapters.keep", "early_stopping.patience")
-                         if config.get(key) not in (None, 0)]  # fmt: skip
+        keys = ("checkpoint.monitor", "best_adapters.keep", "early_stopping.patience")
+        by_validation = [f"{key}={config.get(key)}" for key in keys if config.get(key) not in (None, 0)]
         if by_validation and config.get("checkpoint.every_n_train_steps"):
             # A step-triggered save runs before that step's validation: it would be scored with the previous
             # val/loss and hold the best adapters and early-stopping count of before it. Saving when validation
@@ -211,7 +213,8 @@ class SdtuneCLI(LightningCLI):
             kwargs["logger"] = TensorBoardLogger(save_dir=str(root), name="logs", version="")
         callbacks = config.trainer.callbacks
         callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
-        if config.trainer.enable_progress_bar is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+        progress = self.subcommand == "fit" and config.trainer.enable_progress_bar is not False
+        if progress and not any(isinstance(c, ProgressBar) for c in callbacks):
             kwargs["callbacks"] = [*callbacks, StepProgress()]  # optimizer steps of max_steps, not batches of an epoch
         plugins = config.trainer.plugins
         if plugins is None or (isinstance(plugins, list) and not any(is_checkpoint_io(p) for p in plugins)):
@@ -280,9 +283,13 @@ FIT_EPILOG = """examples:
              --data.root ./my_dataset --trainer.max_steps 1500 --trainer.default_root_dir runs/my_lora
   sdtune fit --config sd15/lora --config overrides.yaml --model.lora.rank 32 --print_config
   sdtune fit --config sd15/lora ... --ckpt_path last       # resume from runs/my_lora/checkpoints/last.ckpt
+  sdtune fit --config sd15/lora ... --data.val_fraction 0.1 --trainer.val_check_interval 250 \
+             --trainer.check_val_every_n_epoch null --best_adapters.keep 3 --early_stopping.patience 4
+             # adapter/best_step…_loss…/ of the 3 lowest val/loss; stop after 4 validations without a lower one
 
 --config takes a packaged recipe name (see `sdtune ls`) or a YAML path; later configs and flags override earlier.
 The run directory (--trainer.default_root_dir) receives config.yaml, logs/ (TensorBoard), checkpoints/ and adapter/.
+Progress is shown in optimizer steps of trainer.max_steps, with speed, time left, loss and learning rate.
 """
 
 VALIDATE_EPILOG = """example:
