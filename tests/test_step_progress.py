@@ -2,11 +2,13 @@
 
 import math
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from sdtune.callbacks.step_progress import format_duration, format_rate, progress_line
+from sdtune.callbacks import step_progress
+from sdtune.callbacks.step_progress import StepProgress, format_duration, format_rate, progress_line
 from sdtune.cli import main
 
 LINE = re.compile(r"^step (\d+)/(\d+) \| [\d.]+ (?:it/s|s/it) \| ETA [\d:]+ \| loss [\d.]+ \| lr [\d.e+-]+$")
@@ -21,6 +23,21 @@ def test_rate_switches_to_seconds_per_step_below_one_a_second_and_eta_follows_it
     line = progress_line(40, 100, 5, 16.0, loss=0.123456, lr=1e-4)
     assert line == f"step 40/100 | 3.20 s/it | ETA {format_duration(60 * 3.2)} | loss 0.1235 | lr 1.0e-04"
     assert progress_line(3, math.inf, 3, 1.0) == "step 3 | 3.00 it/s"  # an endless run has no total, no ETA
+
+
+def test_a_log_gets_the_first_and_last_step_and_a_line_at_most_every_interval(monkeypatch, capsys):
+    now = [0.0]
+    monkeypatch.setattr(step_progress, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    trainer = SimpleNamespace(global_step=0, estimated_stepping_batches=100, progress_bar_metrics={}, optimizers=[])
+    progress = StepProgress(interval_seconds=30)
+    progress.on_train_start(trainer, None)
+    progress.on_train_batch_start()
+    for batch in range(1, 201):  # 2 batches an optimizer step, 1 s each
+        now[0], trainer.global_step = float(batch), batch // 2
+        progress.on_train_batch_end(trainer, None)
+    lines = capsys.readouterr().err.splitlines()  # not a terminal
+    assert [int(line.split()[1].split("/")[0]) for line in lines] == [1, 16, 31, 46, 61, 76, 91, 100]
+    assert lines[1] == f"step 16/100 | 2.00 s/it | ETA {format_duration(84 * 2)}"
 
 
 def fit(tiny_model_dir, shapes_dir, run, *flags):

@@ -57,19 +57,17 @@ class StepProgress(ProgressBar):
     Args:
         interval_seconds: Where the output is not a terminal, print the line at most this often (and at the first
             and the last step).
-        stream: Where to write; null: standard error.
     """
 
-    def __init__(self, interval_seconds: float = 30.0, stream: TextIO | None = None) -> None:
+    def __init__(self, interval_seconds: float = 30.0) -> None:
         super().__init__()
         if interval_seconds < 0:
             raise SdtuneError(f"progress interval_seconds must be ≥ 0, got {interval_seconds}")
         self.interval_seconds = interval_seconds
-        self.stream = stream
         self._enabled = True
         self._total: float = math.inf
         self._first_step = 0  # global_step when this fit started (a resumed run starts past 0)
-        self._started = 0.0
+        self._started: float | None = None
         self._printed = -math.inf  # when the last line was printed
         self._shown_step: int | None = None
         self._width = 0  # of the line drawn in place, to clear what a longer one left
@@ -80,14 +78,20 @@ class StepProgress(ProgressBar):
     def enable(self) -> None:
         self._enabled = True
 
-    def _out(self) -> TextIO:
-        return self.stream or sys.stderr
+    @staticmethod
+    def _out() -> TextIO:
+        return sys.stderr  # looked up when writing: whatever stands for it then (a capture, a redirect)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        # max_steps, or epochs × optimizer steps an epoch, whichever ends the run first (inf: neither is set).
+        self._total = trainer.estimated_stepping_batches
         self._first_step = trainer.global_step
-        self._started = time.monotonic()
+        self._started = None
         self._printed, self._shown_step = -math.inf, trainer.global_step
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        if self._started is None:  # the clock starts with the first batch, after what runs before training
+            self._started = time.monotonic()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -100,8 +104,8 @@ class StepProgress(ProgressBar):
         if not (terminal or last or step == self._first_step + 1 or now - self._printed >= self.interval_seconds):
             return
         self._printed = now
-        line = progress_line(step, self._total, step - self._first_step, now - self._started, self._loss(trainer),
-                             self._lr(trainer))  # fmt: skip
+        seconds = 0.0 if self._started is None else now - self._started
+        line = progress_line(step, self._total, step - self._first_step, seconds, self._loss(trainer), self._lr(trainer))
         self._write(line, terminal)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
