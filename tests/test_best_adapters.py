@@ -4,6 +4,7 @@ their state carried over by `--ckpt_path last`."""
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sdtune.cli import main
@@ -72,6 +73,10 @@ def test_keeps_the_best_adapters_and_stops_when_validation_stops_improving(
         assert load_file(run / "adapter" / name / "pytorch_lora_weights.safetensors")
         assert load_file(run / "adapter" / name / f"run-{name}.safetensors")
     assert (run / "adapter" / "pytorch_lora_weights.safetensors").is_file()  # the last adapter, as always
+    out = tmp_path / "best.safetensors"  # exported, a kept adapter says its own step
+    assert main(["export", str(run / "adapter" / kept[0]), "--format", "kohya", "--out", str(out)]) == 0
+    with safe_open(out, "pt") as exported:
+        assert exported.metadata()["ss_steps"] == str(best[0])
     # Written: each validation that was among the best so far; removed: those pushed out again.
     written = [s for s in range(1, stop + 1) if sum(loss < losses[s - 1] for loss in losses[: s - 1]) < KEEP]
     removed = [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("removed ")]
