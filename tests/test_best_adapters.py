@@ -2,7 +2,6 @@
 their state carried over by `--ckpt_path last`."""
 
 
-import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -91,12 +90,3 @@ def test_keeps_the_best_adapters_and_stops_when_validation_stops_improving(
     assert validation_losses(resumed) == losses
     assert best_folders(resumed) == sorted(kept)
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("early stopping:")] == stopped
-
-
-@pytest.mark.parametrize("flag", [["--best_adapters.keep", "2"], ["--early_stopping.patience", "3"]])
-def test_refused_in_one_line_without_validation(flag, tiny_model_dir, shapes_dir, tmp_path, capsys):
-    code = main(["fit", "--config", "tiny/lora", "--model.pretrained", str(tiny_model_dir),
-                 "--data.root", str(shapes_dir), "--trainer.default_root_dir", str(tmp_path / "run"), *flag])  # fmt: skip
-    assert code == 2
-    assert f"{flag[0][2:]} {flag[1]} needs a validation loss: set data.val_fraction" in capsys.readouterr().err
-    assert not (tmp_path / "run" / "checkpoints").exists()

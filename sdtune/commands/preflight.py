@@ -312,10 +312,10 @@ def _validation_problems(config: Any) -> list[str]:
     data = config.data.init_args
     if data.get("val_fraction") or data.get("val_root"):
         return []
-    asked = [f"best_adapters.keep {config.get('best_adapters.keep')}" if config.get("best_adapters.keep") else None,
-             f"early_stopping.patience {config.get('early_stopping.patience')}"
-             if config.get("early_stopping.patience") is not None else None]  # fmt: skip
-    return [f"{setting} needs a validation loss: set data.val_fraction (e.g. 0.1) or data.val_root" for setting in asked if setting]
+    keep, patience = config.get("best_adapters.keep") or 0, config.get("early_stopping.patience") or 0
+    asked = [f"best_adapters.keep {keep}"] if keep > 0 else []  # values out of range are the classes' to refuse
+    asked += [f"early_stopping.patience {patience}"] if patience > 0 else []
+    return [f"{setting} needs a validation loss: set data.val_fraction (e.g. 0.1) or data.val_root" for setting in asked]
 
 
 # --- paths and data -----------------------------------------------------------------------------------------------
