@@ -107,9 +107,14 @@ class StepProgress(ProgressBar):
         seconds = 0.0 if self._started is None else now - self._started
         line = progress_line(step, self._total, step - self._first_step, seconds, self._loss(trainer), self._lr(trainer))
         self._write(line, terminal)
+        if terminal and last:  # Lightning's "stopped: max_steps reached" comes before on_train_end
+            self._end_line()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._enabled and self._width:
+        self._end_line()
+
+    def _end_line(self) -> None:
+        if self._width:
             self._out().write("\n")
             self._width = 0
 
