@@ -73,11 +73,6 @@ class BestAdapters(L.Callback):
         self.dirname = dirname
         self._top = _AdapterTopK(keep)
 
-    @property
-    def best(self) -> dict[str, float]:
-        """The folders kept and their validation losses."""
-        return {path: float(score) for path, score in self._top.best_k_models.items()}
-
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._top.dirpath = str(trained_folder(trainer, pl_module, self.dirname).resolve())
         self._top.setup(trainer, pl_module, stage)
