@@ -35,21 +35,11 @@ class SaveAdapter(L.Callback):
         self._last_saved_step = -1
 
     def _folder(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
-        return Path(trainer.default_root_dir) / (self.dirname or getattr(pl_module, "output_dirname", "adapter"))
+        return trained_folder(trainer, pl_module, self.dirname)
 
     def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path, suffix: str = "") -> None:
-        if not self.enabled or not trainer.is_global_zero or not hasattr(pl_module, "save_weights"):
-            return
-        trained = {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
-        bad = nonfinite_weights(trained)
-        if bad:
-            raise SdtuneError(f"not saving {folder}: trained weights hold NaN or infinity ({', '.join(bad[:3])})")
-        path = pl_module.save_weights(folder)
-        rank_zero_info(f"saved {path} (step {trainer.global_step})")
-        if hasattr(pl_module, "save_kohya_weights"):
-            kohya = pl_module.save_kohya_weights(folder, Path(trainer.default_root_dir).resolve().name + suffix)
-            if kohya is not None:
-                rank_zero_info(f"saved {kohya} (AUTOMATIC1111, Forge, ComfyUI)")
+        if self.enabled:
+            write_adapter(trainer, pl_module, folder, suffix)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -60,3 +50,26 @@ class SaveAdapter(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer, pl_module, self._folder(trainer, pl_module))
+
+
+def trained_folder(trainer: L.Trainer, pl_module: L.LightningModule, dirname: str | None = None) -> Path:
+    """Where a run's adapter (or a full fine-tune's model) goes: `<run dir>/adapter`, or `dirname` inside the run."""
+    return Path(trainer.default_root_dir) / (dirname or getattr(pl_module, "output_dirname", "adapter"))
+
+
+def write_adapter(trainer: L.Trainer, pl_module: L.LightningModule, folder: Path, suffix: str = "") -> None:
+    """Write what the run trained into `folder` (the first process only): the method's own files and, where the
+    method has one, the kohya file named after the run directory + `suffix`. Refused when a weight is NaN or
+    infinite."""
+    if not trainer.is_global_zero or not hasattr(pl_module, "save_weights"):
+        return
+    trained = {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
+    bad = nonfinite_weights(trained)
+    if bad:
+        raise SdtuneError(f"not saving {folder}: trained weights hold NaN or infinity ({', '.join(bad[:3])})")
+    path = pl_module.save_weights(folder)
+    rank_zero_info(f"saved {path} (step {trainer.global_step})")
+    if hasattr(pl_module, "save_kohya_weights"):
+        kohya = pl_module.save_kohya_weights(folder, Path(trainer.default_root_dir).resolve().name + suffix)
+        if kohya is not None:
+            rank_zero_info(f"saved {kohya} (AUTOMATIC1111, Forge, ComfyUI)")

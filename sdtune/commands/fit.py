@@ -20,10 +20,14 @@ FIT_EPILOG = """examples:
              --data.root ./my_dataset --trainer.max_steps 1500 --trainer.default_root_dir runs/my_lora
   sdtune fit --config sd15/lora --config overrides.yaml --model.lora.rank 32 --print_config
   sdtune fit --config sd15/lora ... --ckpt_path last       # resume from runs/my_lora/checkpoints/last.ckpt
+  sdtune fit --config sd15/lora ... --data.val_fraction 0.1 --trainer.val_check_interval 250 \\
+             --trainer.check_val_every_n_epoch null --best_adapters.keep 3 --early_stopping.patience 4
+             # adapter/best_step…_loss…/ of the 3 lowest val/loss; stop after 4 validations without a lower one
 
 --config takes a packaged recipe name (see `sdtune ls`) or a YAML path; later configs and flags override earlier.
 The run directory (--trainer.default_root_dir) receives config.yaml, sdtune.log (the full log), logs/ (TensorBoard),
 checkpoints/ and adapter/. Paths, recipe names and plain numbers are checked before any library is imported.
+Progress is shown in optimizer steps of trainer.max_steps, with speed, time left, loss and learning rate.
 """
 
 VALIDATE_EPILOG = """example:

@@ -5,9 +5,9 @@ folder `<run dir>/checkpoints`, a SaveAdapter callback (`--adapter.*`), a Sample
 unless the config's `samples:` block or `--samples.enabled true` turns it on), a Throughput callback (`--throughput.*`,
 `perf/*` speed and memory logs), an EMA of the trained weights (`--ema.*`, off unless `--ema.enabled true`), a NonFiniteGuard (`--nonfinite.*`: steps with NaN/inf gradients skipped, the run
 stopped after N in a row), a GracefulStop (`--graceful_stop.*`: SIGTERM or Ctrl+C saves last.ckpt after the current
-batch and exits with 128 + the signal's number), TensorBoard logs in `<run dir>/logs`, the full log in
-`<run dir>/sdtune.log` (`sdtune.commands.runlog`), the
-resolved config in `<run dir>/config.yaml` (rewritten on resume), a lock so that one process at a time writes the
+batch and exits with 128 + the signal's number), the adapters of the best validations (`--best_adapters.*`), early
+stopping (`--early_stopping.*`), a progress line in optimizer steps (`StepProgress`), TensorBoard logs in
+`<run dir>/logs`, the full log in `<run dir>/sdtune.log` (`sdtune.commands.runlog`), the resolved config in `<run dir>/config.yaml` (rewritten on resume), a lock so that one process at a time writes the
 run directory (`sdtune.runlock`), and the model's `pretrained` linked to the data
 module (with `revision` and `pretrained_config`) so both use the same tokenizer. Checkpoints are written atomically
 and verified (`sdtune.finetune.checkpointing`); `--ckpt_path last` resumes from the newest complete one.
@@ -27,12 +27,12 @@ from typing import Any
 
 import lightning as L
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from sdtune.callbacks import SaveRunConfig
+from sdtune.callbacks import SaveRunConfig, StepProgress
 from sdtune.commands.precheck import is_file_path
 from sdtune.commands.preflight import CALLBACKS, fit_problems, outputs_problems, settings_problems
 from sdtune.commands.resume import check_checkpoint
@@ -171,12 +171,15 @@ class SdtuneCLI(LightningCLI):
             root = Path(str(config.get("trainer.default_root_dir") or os.getcwd()))
             self.locks.enter_context(RunLock(root, "trainer.default_root_dir"))
             self.locks.enter_context(run_log(root))
-        if config.get("checkpoint.monitor") is not None and config.get("checkpoint.every_n_train_steps"):
-            # A step-triggered save runs before that step's validation and would be scored with the previous
-            # val/loss; saving when validation ends scores every checkpoint by its own.
+        keys = ("checkpoint.monitor", "best_adapters.keep", "early_stopping.patience")
+        by_validation = [f"{key}={config.get(key)}" for key in keys if config.get(key) not in (None, 0)]
+        if by_validation and config.get("checkpoint.every_n_train_steps"):
+            # A step-triggered save runs before that step's validation: it would be scored with the previous
+            # val/loss and hold the best adapters and early-stopping count of before it. Saving when validation
+            # ends scores every checkpoint by its own and resumes with what that validation decided.
             config["checkpoint.every_n_train_steps"] = None
             config["checkpoint.every_n_epochs"] = max(1, config.get("checkpoint.every_n_epochs") or 0)
-            rank_zero_info(f"checkpoint.monitor={config['checkpoint.monitor']}: checkpoints are saved after each validation")
+            rank_zero_info(f"{', '.join(by_validation)}: checkpoints are saved after each validation")
         if config.get("ckpt_path") is not None:
             # A resumed run continues the same run: its saves replace last.ckpt (atomically) instead of adding
             # last-v1.ckpt next to a damaged or older last.ckpt. Fresh runs keep Lightning's versioning, and its
@@ -208,6 +211,11 @@ class SdtuneCLI(LightningCLI):
                 rank_zero_info(f"removed {len(left)} unfinished checkpoint files left by an earlier run in {checkpoint.dirpath}")
         if config.trainer.logger in (None, True):
             kwargs["logger"] = TensorBoardLogger(save_dir=str(root), name="logs", version="")
+        callbacks = config.trainer.callbacks
+        callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        progress = self.subcommand == "fit" and config.trainer.enable_progress_bar is not False
+        if progress and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, StepProgress()]  # optimizer steps of max_steps, not batches of an epoch
         plugins = config.trainer.plugins
         if plugins is None or (isinstance(plugins, list) and not any(is_checkpoint_io(p) for p in plugins)):
             kwargs["plugins"] = [*(plugins or []), AtomicCheckpointIO()]

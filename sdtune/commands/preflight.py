@@ -36,7 +36,16 @@ from typing import Any, Callable
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sdtune.adapters.lora import check_targets
-from sdtune.callbacks import EMA, GracefulStop, NonFiniteGuard, SampleImages, SaveAdapter, Throughput
+from sdtune.callbacks import (
+    EMA,
+    BestAdapters,
+    EarlyStop,
+    GracefulStop,
+    NonFiniteGuard,
+    SampleImages,
+    SaveAdapter,
+    Throughput,
+)
 from sdtune.commands.precheck import (
     DOMAINS,
     PRETRAINED_UNSET,
@@ -72,6 +81,7 @@ def fit_problems(config: Any) -> list[str]:
     lora = check(lambda: _lora_settings(model)) if "lora" in model else None
     text_lora = check(lambda: _text_encoder_lora(model))
     problems += path_problems(model, data)
+    problems += _validation_problems(config)
     problems += outputs_problems(config)
     datamodule = check(lambda: _instantiate(data_class, data))
     if source is not None:
@@ -99,7 +109,8 @@ def fit_problems(config: Any) -> list[str]:
 # The callbacks `sdtune fit` adds, by the config key of their settings, in the order they run (Throughput first: its
 # batch-end timing then stops before the others save or sample).
 CALLBACKS = {"checkpoint": ModelCheckpoint, "throughput": Throughput, "nonfinite": NonFiniteGuard,
-             "graceful_stop": GracefulStop, "adapter": SaveAdapter, "samples": SampleImages, "ema": EMA}  # fmt: skip
+             "graceful_stop": GracefulStop, "adapter": SaveAdapter, "best_adapters": BestAdapters,
+             "early_stopping": EarlyStop, "samples": SampleImages, "ema": EMA}  # fmt: skip
 # What the domain is where the class's own message only says the value is wrong.
 DOMAIN_HINTS = {"devices": "a positive integer, -1 (all), 'auto' or a list of device indices", "lr": "a number ≥ 0",
                 "eps": "a number ≥ 0", "weight_decay": "a number ≥ 0", "momentum": "a number ≥ 0",
@@ -292,6 +303,17 @@ def _check_vae_factor(factor: int, data: Any, why: str = "the VAE's downscaling"
     step = int(data.get("bucket_step") or 0)
     if data.get("buckets") and step % factor:
         raise SdtuneError(f"data.bucket_step {step} is not a multiple of {factor}, {why}")
+
+
+def _validation_problems(config: Any) -> list[str]:
+    """Keeping the best adapters and stopping early go by the validation loss: refused when there is none."""
+    data = config.data.init_args
+    if data.get("val_fraction") or data.get("val_root"):
+        return []
+    keep, patience = config.get("best_adapters.keep") or 0, config.get("early_stopping.patience") or 0
+    asked = [f"best_adapters.keep {keep}"] if keep > 0 else []  # values out of range are the classes' to refuse
+    asked += [f"early_stopping.patience {patience}"] if patience > 0 else []
+    return [f"{setting} needs a validation loss: set data.val_fraction (e.g. 0.1) or data.val_root" for setting in asked]
 
 
 # --- paths and data -----------------------------------------------------------------------------------------------

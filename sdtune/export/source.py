@@ -5,6 +5,7 @@ plus what is known about the training for the file's metadata."""
 from __future__ import annotations
 
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,9 +175,15 @@ def load_source(source: str | Path, model: str | None = None, model_config: str 
     return _from_adapter_file(path, run, model, model_config, title)
 
 
+# The adapter folders a run writes by step: `step_000500` (adapter.every_n_train_steps) and
+# `best_step000500_loss0.1234` (best_adapters.keep).
+STEP_FOLDER = re.compile(r"step_(\d+)|best_step(\d+)_loss.+")
+
+
 def _steps_of(path: Path, run: RunRecord) -> int | None:
-    if path.parent.name.startswith("step_") and path.parent.name[5:].isdigit():
-        return int(path.parent.name[5:])
+    by_step = STEP_FOLDER.fullmatch(path.parent.name)
+    if by_step:
+        return int(by_step.group(1) or by_step.group(2))
     if run.checkpoint is not None:
         try:
             return torch.load(run.checkpoint, map_location="cpu", weights_only=True, mmap=True).get("global_step")
