@@ -5,7 +5,8 @@ folder `<run dir>/checkpoints`, a SaveAdapter callback (`--adapter.*`), a Sample
 unless the config's `samples:` block or `--samples.enabled true` turns it on), a Throughput callback (`--throughput.*`,
 `perf/*` speed and memory logs), an EMA of the trained weights (`--ema.*`, off unless `--ema.enabled true`), a NonFiniteGuard (`--nonfinite.*`: steps with NaN/inf gradients skipped, the run
 stopped after N in a row), a GracefulStop (`--graceful_stop.*`: SIGTERM or Ctrl+C saves last.ckpt after the current
-batch and exits with 128 + the signal's number), TensorBoard logs in `<run dir>/logs`, the
+batch and exits with 128 + the signal's number), TensorBoard logs in `<run dir>/logs` (besides the loggers
+`--trainer.logger` adds: W&B, MLflow), the
 resolved config in `<run dir>/config.yaml` (rewritten on resume), a lock so that one process at a time writes the
 run directory (`sdtune.runlock`), and the model's `pretrained` linked to the data
 module (with `revision` and `pretrained_config`) so both use the same tokenizer. Checkpoints are written atomically
@@ -30,7 +31,7 @@ import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from sdtune.callbacks import SaveRunConfig
@@ -204,12 +205,23 @@ class SdtuneCLI(LightningCLI):
             left = remove_unfinished(checkpoint.dirpath)
             if left:
                 rank_zero_info(f"removed {len(left)} unfinished checkpoint files left by an earlier run in {checkpoint.dirpath}")
-        if config.trainer.logger in (None, True):
-            kwargs["logger"] = TensorBoardLogger(save_dir=str(root), name="logs", version="")
+        kwargs["logger"] = with_tensorboard(config.trainer.logger, root)
         plugins = config.trainer.plugins
         if plugins is None or (isinstance(plugins, list) and not any(is_checkpoint_io(p) for p in plugins)):
             kwargs["plugins"] = [*(plugins or []), AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
+
+
+def with_tensorboard(logger: Any, root: Path) -> Any:
+    """The run's loggers: TensorBoard in `<run dir>/logs` (what `sdtune report` reads) first, then the configured
+    ones (`--trainer.logger`: one logger or a list, e.g. W&B and MLflow) unless they include a TensorBoardLogger;
+    `false` logs nothing."""
+    if logger is False:
+        return False
+    given = [] if logger in (None, True) else list(logger) if isinstance(logger, (list, tuple)) else [logger]
+    if any(isinstance(each, TensorBoardLogger) for each in given):
+        return given
+    return [TensorBoardLogger(save_dir=str(root), name="logs", version=""), *given]
 
 
 def checkpoint_folder(config: Any) -> Path:
@@ -273,6 +285,8 @@ FIT_EPILOG = """examples:
              --data.root ./my_dataset --trainer.max_steps 1500 --trainer.default_root_dir runs/my_lora
   sdtune fit --config sd15/lora --config overrides.yaml --model.lora.rank 32 --print_config
   sdtune fit --config sd15/lora ... --ckpt_path last       # resume from runs/my_lora/checkpoints/last.ckpt
+  sdtune fit --config sd15/lora ... --trainer.logger+=WandbLogger --trainer.logger.project my_lora \
+             --trainer.logger+=MLFlowLogger --trainer.logger.tracking_uri http://localhost:5000   # + TensorBoard
 
 --config takes a packaged recipe name (see `sdtune ls`) or a YAML path; later configs and flags override earlier.
 The run directory (--trainer.default_root_dir) receives config.yaml, logs/ (TensorBoard), checkpoints/ and adapter/.
@@ -335,10 +349,19 @@ def run(subcommand: str, args: list[str]) -> int:
     epilog = FIT_EPILOG if subcommand == "fit" else VALIDATE_EPILOG
     with ExitStack() as locks:  # the run directory's lock, released however the command ends
         try:
-            run_cli([subcommand, *nested_nulls(resolve_configs(args))], epilog, locks)
+            cli = run_cli([subcommand, *nested_nulls(resolve_configs(args))], epilog, locks)
         except SIGTERMException:  # stopped by SIGTERM or Ctrl+C after a checkpoint was saved (GracefulStop)
             return 128 + int(received["signal"] or signal.SIGTERM)
+    finish_wandb_runs(cli.trainer.loggers)
     return 0
+
+
+def finish_wandb_runs(loggers: list[Any]) -> None:
+    """Lightning leaves a W&B run open after fit (for more logging); the command's run ends with the command, so
+    its files are complete and a next command in the same process (`sdtune demo`) starts a run of its own."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
 
 
 def fit(args: list[str]) -> int:

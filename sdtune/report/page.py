@@ -16,10 +16,12 @@ from pathlib import Path
 from sdtune.export.inspect import human_size
 from sdtune.report.run import OutputFile, Run
 
-WIDTH, HEIGHT = 640, 220  # one curve's SVG, in pixels
-MARGIN = {"left": 64, "right": 16, "top": 12, "bottom": 28}
+WIDTH, HEIGHT = 520, 200  # one curve's SVG, in pixels: two side by side on a laptop's screen
+MARGIN = {"left": 76, "right": 16, "top": 12, "bottom": 28}
 TICKS = 5
 MAX_POINTS = 2000  # per curve
+# Scalars Lightning logs that say nothing about the run: TensorBoard's hparams placeholder (-1) and the epoch.
+NOT_CURVES = ("hp_metric", "epoch")
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
 h1 { font-size: 20px; margin: 0 0 4px; } h2 { font-size: 16px; margin: 28px 0 8px; }
@@ -60,10 +62,10 @@ def render(run: Run) -> str:
         f"<h1>{_e(title)}</h1>",
         f"<p class='muted'>{_e(str(run.path.resolve()))} · written {_e(made)}</p>",
         _summary(run),
-        "<h2>Curves</h2>",
-        _curves(run.scalars),
         "<h2>Sample grids</h2>",
         _grids(run),
+        "<h2>Curves</h2>",
+        _curves(run.scalars),
         "<h2>Validation loss</h2>",
         _validation(run.scalars.get("val/loss", [])),
         "<h2>Adapter and model files</h2>",
@@ -108,10 +110,10 @@ def _order(tag: str) -> tuple[int, str]:
 
 
 def _curves(scalars: dict[str, list[tuple[int, float]]]) -> str:
-    if not scalars:
+    tags = sorted((tag for tag in scalars if tag not in NOT_CURVES), key=_order)
+    if not tags:
         return "<p class='missing'>No logs yet: logs/ holds no TensorBoard scalars.</p>"
-    figures = [f"<figure><figcaption>{_e(tag)}</figcaption>{svg_curve(scalars[tag], tag)}</figure>"
-               for tag in sorted(scalars, key=_order)]  # fmt: skip
+    figures = [f"<figure><figcaption>{_e(tag)}</figcaption>{svg_curve(scalars[tag], tag)}</figure>" for tag in tags]
     return f"<div class='curves'>{''.join(figures)}</div>"
 
 
@@ -142,7 +144,7 @@ def svg_curve(points: list[tuple[int, float]], label: str) -> str:
     parts = [f"<rect x='{left}' y='{top}' width='{plot_w}' height='{plot_h}' fill='#fafafa' stroke='#ccc'/>"]
     for value in _ticks(low, high) if high > low else [low]:
         parts.append(f"<line x1='{left}' x2='{left + plot_w}' y1='{y(value):.1f}' y2='{y(value):.1f}' stroke='#eee'/>")
-        parts.append(f"<text x='{left - 6}' y='{y(value) + 4:.1f}' text-anchor='end'>{_number(value)}</text>")
+        parts.append(f"<text x='{left - 6}' y='{y(value) + 4:.1f}' text-anchor='end'>{_number(value, high - low)}</text>")
     for step in sorted({round(s) for s in _ticks(first, last)}):
         parts.append(f"<text x='{x(step):.1f}' y='{HEIGHT - 8}' text-anchor='middle'>{step}</text>")
     if len(finite) == 1:
@@ -159,8 +161,12 @@ def svg_curve(points: list[tuple[int, float]], label: str) -> str:
     )
 
 
-def _number(value: float) -> str:
-    return f"{value:.4g}"
+def _number(value: float, span: float = 0.0) -> str:
+    """`value` with 4 significant digits, or as many more as ticks `span` apart need to differ."""
+    digits = 4
+    if span > 0 and value != 0 and math.isfinite(value):
+        digits = max(4, math.ceil(math.log10(abs(value) / span)) + 2)
+    return f"{value:.{digits}g}"
 
 
 # --- grids, validation, files ---------------------------------------------------------------------------------------
