@@ -41,7 +41,7 @@ def test_cp_copies_a_recipe_and_refuses_to_overwrite(tmp_path, capsys):
     assert main(["cp", "no/such", str(tmp_path / "x.yaml")]) == 2
 
 
-@pytest.mark.parametrize("command", ["ls", "cp", "fit", "validate", "demo", "sample", "evaluate", "export", "inspect", "env"])
+@pytest.mark.parametrize("command", ["ls", "cp", "fit", "validate", "demo", "sample", "evaluate", "export", "inspect", "report", "env"])
 def test_every_command_help_shows_an_example(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

@@ -1,7 +1,8 @@
 """Sample images during training with the modules in memory, so progress can be judged by eye.
 
 Every sampling writes `<run dir>/samples/step_000500/<prompt index>_s<seed>.png` and a labelled `grid.png` (prompt
-rows × seed columns), and logs the grid to TensorBoard as the image `samples` at that step. Each image's noise
+rows × seed columns), and logs the grid as the image `samples` at that step to every logger that takes images
+(TensorBoard, Weights & Biases, MLflow: `log_image`). Each image's noise
 comes from its own seeded generator, so the same prompt and seed at two steps differ only by what was learned.
 
 Sampling leaves training exactly as it was: the random states (torch CPU and CUDA, Python, NumPy, the module's own
@@ -19,7 +20,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
@@ -33,7 +34,7 @@ from sdtune.models.families import vae_scale_factor
 
 class SampleImages(L.Callback):
     """Generate a fixed set of prompts × seeds before training, whenever a checkpoint is saved and/or every N
-    optimizer steps; write PNGs and a labelled grid to `<run dir>/samples/step_NNNNNN/` and to TensorBoard.
+    optimizer steps; write PNGs and a labelled grid to `<run dir>/samples/step_NNNNNN/` and to the loggers.
 
     Args:
         prompts: Prompts to sample, one grid row each; use your trigger words and a few held-out ideas.
@@ -193,10 +194,22 @@ class SampleImages(L.Callback):
         grid.save(folder / "grid.png")
         seconds = time.perf_counter() - started
         self.seconds.append(seconds)
+        log_image(trainer.loggers, "samples", grid, step)
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                chw = torch.from_numpy(np.array(grid)).permute(2, 0, 1).contiguous()
-                logger.experiment.add_image("samples", chw, step, dataformats="CHW")
             logger.log_metrics({"samples/seconds": seconds}, step=step)
         rank_zero_info(f"samples: {folder / 'grid.png'} ({seconds:.1f} s{f', {weights}' if weights else ''})")
         return folder
+
+
+def log_image(loggers: list[Logger], key: str, image: Image.Image, step: int) -> None:
+    """`image` as `key` at `step` through each logger's own image API: TensorBoard's `add_image`, W&B's `log_image`
+    (a `wandb.Image` at `trainer/global_step` = step), MLflow's `log_image` (an image series the MLflow UI shows by
+    step). Loggers without images (CSV) get none."""
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            chw = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+            logger.experiment.add_image(key, chw, step, dataformats="CHW")
+        elif isinstance(logger, WandbLogger):
+            logger.log_image(key, [image], step=step)
+        elif isinstance(logger, MLFlowLogger):
+            logger.experiment.log_image(logger.run_id, image, key=key, step=step)

@@ -30,6 +30,7 @@ COMMANDS = {
     "sample": Command("sample", "main", "images from a model + adapters: text-to-image, image-to-image, inpainting"),
     "evaluate": Command("evaluate", "main", "base vs adapters on the same prompts and seeds: grid, CLIP score, validation loss, shapes judge, report"),
     "export": Command("export", "main", "write an adapter for diffusers, peft or A1111/ComfyUI (kohya), or merge it; checked on write"),
+    "report": Command("report", "main", "one self-contained HTML page for a run: config, curves, sample grids by step, files"),
     "inspect": Command("inspect", "main", "what an adapter, embedding or checkpoint file is: format, family, rank/alpha, metadata, readers"),
     "demo": Command("demo", "main", "offline end-to-end demo on a tiny model (CPU, a few minutes)"),
     "toy": Command("toy", "main", "the toy world's base model: init (random weights), build (reproduce the shipped one)"),

@@ -20,6 +20,8 @@ FIT_EPILOG = """examples:
              --data.root ./my_dataset --trainer.max_steps 1500 --trainer.default_root_dir runs/my_lora
   sdtune fit --config sd15/lora --config overrides.yaml --model.lora.rank 32 --print_config
   sdtune fit --config sd15/lora ... --ckpt_path last       # resume from runs/my_lora/checkpoints/last.ckpt
+  sdtune fit --config sd15/lora ... --trainer.logger+=WandbLogger --trainer.logger.project my_lora \\
+             --trainer.logger+=MLFlowLogger --trainer.logger.tracking_uri http://localhost:5000   # + TensorBoard
   sdtune fit --config sd15/lora ... --data.val_fraction 0.1 --trainer.val_check_interval 250 \\
              --trainer.check_val_every_n_epoch null --best_adapters.keep 3 --early_stopping.patience 4
              # adapter/best_step…_loss…/ of the 3 lowest val/loss; stop after 4 validations without a lower one
@@ -97,14 +99,15 @@ def _run_cli(subcommand: str, args: list[str]) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from sdtune.callbacks.graceful_stop import received
-    from sdtune.commands.lightning_cli import run_cli
+    from sdtune.commands.lightning_cli import finish_wandb_runs, run_cli
 
     epilog = FIT_EPILOG if subcommand == "fit" else VALIDATE_EPILOG
     with ExitStack() as locks:  # the run directory's lock, released however the command ends
         try:
-            run_cli([subcommand, *args], epilog, locks)
+            cli = run_cli([subcommand, *args], epilog, locks)
         except SIGTERMException:  # stopped by SIGTERM or Ctrl+C after a checkpoint was saved (GracefulStop)
             return 128 + int(received["signal"] or signal.SIGTERM)
+    finish_wandb_runs(cli.trainer.loggers)
     return 0
 
 

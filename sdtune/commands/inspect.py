@@ -3,9 +3,7 @@ from its key names, shapes and metadata (no weights loaded)."""
 
 from __future__ import annotations
 
-import argparse
-
-from sdtune.commands.options import Parser
+from sdtune.commands.options import command_parser
 
 EPILOG = """examples:
   sdtune inspect loras/my_lora.safetensors          # format, family, rank/alpha per block, metadata, readers
@@ -21,12 +19,11 @@ these, or damaged, is one error line and exit code 2.
 
 
 def main(args: list[str]) -> int:
-    parser = Parser(
-        prog="sdtune inspect",
-        description="Say what a LoRA, embedding or checkpoint file is: format, model family, adapted blocks with "
-        "rank and alpha, training metadata, and which tools (diffusers, A1111/Forge, ComfyUI, kohya, peft) read it.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = command_parser(
+        "inspect",
+        "Say what a LoRA, embedding or checkpoint file is: format, model family, adapted blocks with rank and alpha, "
+        "training metadata, and which tools (diffusers, A1111/Forge, ComfyUI, kohya, peft) read it.",
+        EPILOG,
     )
     parser.add_argument("path", metavar="PATH", help="file or folder to inspect")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -7,7 +7,8 @@ unless the config's `samples:` block or `--samples.enabled true` turns it on), a
 stopped after N in a row), a GracefulStop (`--graceful_stop.*`: SIGTERM or Ctrl+C saves last.ckpt after the current
 batch and exits with 128 + the signal's number), the adapters of the best validations (`--best_adapters.*`), early
 stopping (`--early_stopping.*`), a progress line in optimizer steps (`StepProgress`), TensorBoard logs in
-`<run dir>/logs`, the full log in `<run dir>/sdtune.log` (`sdtune.commands.runlog`), the resolved config in `<run dir>/config.yaml` (rewritten on resume), a lock so that one process at a time writes the
+`<run dir>/logs` (besides the loggers `--trainer.logger` adds: W&B,
+MLflow), the full log in `<run dir>/sdtune.log` (`sdtune.commands.runlog`), the resolved config in `<run dir>/config.yaml` (rewritten on resume), a lock so that one process at a time writes the
 run directory (`sdtune.runlock`), and the model's `pretrained` linked to the data
 module (with `revision` and `pretrained_config`) so both use the same tokenizer. Checkpoints are written atomically
 and verified (`sdtune.finetune.checkpointing`); `--ckpt_path last` resumes from the newest complete one.
@@ -29,7 +30,7 @@ import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from sdtune.callbacks import SaveRunConfig, StepProgress
@@ -209,8 +210,7 @@ class SdtuneCLI(LightningCLI):
             left = remove_unfinished(checkpoint.dirpath)
             if left:
                 rank_zero_info(f"removed {len(left)} unfinished checkpoint files left by an earlier run in {checkpoint.dirpath}")
-        if config.trainer.logger in (None, True):
-            kwargs["logger"] = TensorBoardLogger(save_dir=str(root), name="logs", version="")
+        kwargs["logger"] = with_tensorboard(config.trainer.logger, root)
         callbacks = config.trainer.callbacks
         callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
         progress = self.subcommand == "fit" and config.trainer.enable_progress_bar is not False
@@ -220,6 +220,26 @@ class SdtuneCLI(LightningCLI):
         if plugins is None or (isinstance(plugins, list) and not any(is_checkpoint_io(p) for p in plugins)):
             kwargs["plugins"] = [*(plugins or []), AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
+
+
+def with_tensorboard(logger: Any, root: Path) -> Any:
+    """The run's loggers: TensorBoard in `<run dir>/logs` (what `sdtune report` reads) first, then the configured
+    ones (`--trainer.logger`: one logger or a list, e.g. W&B and MLflow) unless they include a TensorBoardLogger;
+    `false` logs nothing."""
+    if logger is False:
+        return False
+    given = [] if logger in (None, True) else list(logger) if isinstance(logger, (list, tuple)) else [logger]
+    if any(isinstance(each, TensorBoardLogger) for each in given):
+        return given
+    return [TensorBoardLogger(save_dir=str(root), name="logs", version=""), *given]
+
+
+def finish_wandb_runs(loggers: list[Any]) -> None:
+    """Lightning leaves a W&B run open after fit (for more logging); the command's run ends with the command, so
+    its files are complete and a next command in the same process (`sdtune demo`) starts a run of its own."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
 
 
 def checkpoint_folder(config: Any) -> Path:

@@ -30,6 +30,12 @@ class Parser(argparse.ArgumentParser):
         raise SdtuneError(f"{message} (see `{self.prog} --help`)")
 
 
+def command_parser(name: str, description: str, epilog: str) -> Parser:
+    """The parser of `sdtune NAME`, its examples (`epilog`) shown in --help as written."""
+    return Parser(prog=f"sdtune {name}", description=description, epilog=epilog,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, adapters, prompts and sampling settings: what `sample` and `evaluate` share."""
     model = parser.add_argument_group("model")

@@ -6,6 +6,7 @@ What is checked, each problem one line naming the key to change:
   (root, subsets, val_root, mask_dir), model.init_adapter;
 - outputs apart from inputs: the run directory is none of those paths nor inside one, and what the run writes in it
   (config.yaml, logs, checkpoints, adapter or model, samples) holds none of them;
+- loggers whose package is an extra of sdtune's (W&B, MLflow): installed;
 - settings the classes check themselves (the DataModule's arguments, the LoRA shapes, the Trainer's, the optimizer's
   and every callback's), with the classes' own validators: each class is built with the settings (the Trainer without
   loggers or callbacks, the optimizer on a one-number parameter), and again after each refusal with the refused
@@ -30,6 +31,7 @@ import shutil
 import warnings
 from contextlib import contextmanager
 from importlib import import_module
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Callable
 
@@ -111,6 +113,8 @@ def fit_problems(config: Any) -> list[str]:
 CALLBACKS = {"checkpoint": ModelCheckpoint, "throughput": Throughput, "nonfinite": NonFiniteGuard,
              "graceful_stop": GracefulStop, "adapter": SaveAdapter, "best_adapters": BestAdapters,
              "early_stopping": EarlyStop, "samples": SampleImages, "ema": EMA}  # fmt: skip
+# Loggers whose package comes with an extra of sdtune's of the same name (pyproject.toml), by class name.
+LOGGER_EXTRAS = {"WandbLogger": "wandb", "MLFlowLogger": "mlflow"}
 # What the domain is where the class's own message only says the value is wrong.
 DOMAIN_HINTS = {"devices": "a positive integer, -1 (all), 'auto' or a list of device indices", "lr": "a number ≥ 0",
                 "eps": "a number ≥ 0", "weight_decay": "a number ≥ 0", "momentum": "a number ≥ 0",
@@ -123,7 +127,7 @@ TRAINER_WORDS = {"timer(duration=": "max_time", "gpu backend": "accelerator"}
 
 def settings_problems(config: Any) -> list[str]:
     """The Trainer's, the optimizer's and the callbacks' settings, each checked by its class (see the module's doc)."""
-    problems = _trainer_problems(config.get("trainer"))
+    problems = [*_logger_problems(config.get("trainer.logger")), *_trainer_problems(config.get("trainer"))]
     for key, cls in CALLBACKS.items():
         if config.get(key) is not None:
             problems += _refusals(cls, dict(vars(config.get(key))), key)
@@ -201,6 +205,19 @@ def _quiet():
             yield
     finally:
         logging.disable(level)
+
+
+def _logger_problems(logger: Any) -> list[str]:
+    """A logger whose package is an optional extra of sdtune's and not installed (Lightning would fail on it after the
+    model has loaded)."""
+    loggers = logger if isinstance(logger, (list, tuple)) else [logger]
+    problems = []
+    for class_path in [str(_get(each, "class_path") or "") for each in loggers]:
+        name = class_path.rsplit(".", 1)[-1]
+        if name in LOGGER_EXTRAS and find_spec(LOGGER_EXTRAS[name]) is None:
+            extra = LOGGER_EXTRAS[name]
+            problems.append(f"trainer.logger: {name} needs the {extra} package: pip install 'sdtune[{extra}]'")
+    return problems
 
 
 def _trainer_problems(trainer: Any) -> list[str]:

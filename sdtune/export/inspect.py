@@ -551,7 +551,7 @@ def _scale(rank: int | None, alpha: float | None) -> float | None:
     return (alpha if alpha is not None else rank) / rank
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -571,7 +571,7 @@ def to_text(report: Report) -> str:
         where = f" ({blocks}{conv})" if set(part["blocks"]) != {"layers"} or conv else ""  # not "20 layers (layers 20)"
         lines.append(f"  {part['component']}: {part['layers']} layers{where}; {pairs}")
     stored = ", ".join(f"{dtype} ×{n}" for dtype, n in report.dtypes.items())
-    lines.append(f"  size:    {_size(report.size_bytes)}" + (f"; tensors {stored}" if stored else ""))
+    lines.append(f"  size:    {human_size(report.size_bytes)}" + (f"; tensors {stored}" if stored else ""))
     for key, value in report.metadata.items():
         lines.append(f"  {key}: {value}")
     if report.readers:
