@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 
+# Lightning's console handler writes to the stderr of the moment Lightning is first imported; imported here, that is the
+# process's own, as in a command-line run, and not the captured stream of whichever test imports it first.
+import lightning.pytorch  # noqa: F401
 import pytest
 import torch
 

@@ -142,6 +142,7 @@ def mlflow_images(client, run_id, into):
 
 def test_a_logger_without_its_extra_is_one_line_before_training(tiny_model_dir, shapes_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("sdtune.commands.preflight.find_spec", lambda name: None if name == "wandb" else object())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     code = main(["fit", "--config", "tiny/lora", "--model.pretrained", str(tiny_model_dir), "--data.root", str(shapes_dir),
                  "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger+=WandbLogger",
                  "--trainer.logger+=MLFlowLogger"])  # fmt: skip
@@ -149,6 +150,28 @@ def test_a_logger_without_its_extra_is_one_line_before_training(tiny_model_dir, 
     assert code == 2
     assert err == ["sdtune: error: trainer.logger: WandbLogger needs the wandb package: pip install 'sdtune[wandb]'"]
     assert not (tmp_path / "run").exists()
+
+
+def test_mlflow_on_a_folder_it_refuses_is_one_line_before_training(tiny_model_dir, shapes_dir, tmp_path, capsys, monkeypatch):
+    """MLflow 3 refuses a local folder store (Lightning's default ./mlruns) without MLFLOW_ALLOW_FILE_STORE; a server
+    URI is taken."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", "tiny/lora", "--model.pretrained", str(tiny_model_dir), "--data.root", str(shapes_dir),
+            "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger+=MLFlowLogger", "--print_config"]
+    code = main(args[:-1])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == ["sdtune: error: trainer.logger: MLflow refuses the local folder file:./mlruns as its store unless "
+                   "MLFLOW_ALLOW_FILE_STORE=true is set; set it, or give --trainer.logger.tracking_uri "
+                   "http://your-mlflow-server"]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "mlruns").exists()
+    from sdtune.commands.preflight import _mlflow_store_problems
+
+    assert _mlflow_store_problems({"tracking_uri": "http://localhost:5000"}) == []
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    assert _mlflow_store_problems({}) == []
 
 
 # --- sdtune report ----------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ What is checked, each problem one line naming the key to change:
   (root, subsets, val_root, mask_dir), model.init_adapter;
 - outputs apart from inputs: the run directory is none of those paths nor inside one, and what the run writes in it
   (config.yaml, logs, checkpoints, adapter or model, samples) holds none of them;
-- loggers whose package is an extra of sdtune's (W&B, MLflow): installed;
+- loggers whose package is an extra of sdtune's (W&B, MLflow): installed; MLflow's local folder store allowed;
 - settings the classes check themselves (the DataModule's arguments, the LoRA shapes, the Trainer's, the optimizer's
   and every callback's), with the classes' own validators: each class is built with the settings (the Trainer without
   loggers or callbacks, the optimizer on a one-number parameter), and again after each refusal with the refused
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import math
 import re
 import shutil
@@ -212,12 +213,31 @@ def _logger_problems(logger: Any) -> list[str]:
     model has loaded)."""
     loggers = logger if isinstance(logger, (list, tuple)) else [logger]
     problems = []
-    for class_path in [str(_get(each, "class_path") or "") for each in loggers]:
-        name = class_path.rsplit(".", 1)[-1]
+    for each in loggers:
+        name = str(_get(each, "class_path") or "").rsplit(".", 1)[-1]
         if name in LOGGER_EXTRAS and find_spec(LOGGER_EXTRAS[name]) is None:
             extra = LOGGER_EXTRAS[name]
             problems.append(f"trainer.logger: {name} needs the {extra} package: pip install 'sdtune[{extra}]'")
+        elif name == "MLFlowLogger":
+            problems += _mlflow_store_problems(_get(each, "init_args") or {})
     return problems
+
+
+def _mlflow_store_problems(init_args: Any) -> list[str]:
+    """MLflow 3 refuses a local folder as its tracking store (Lightning's default, `./mlruns`) unless
+    MLFLOW_ALLOW_FILE_STORE is set: after the model has loaded, with a traceback. (Versions without the setting take
+    a folder.)"""
+    try:
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    except ImportError:
+        return []
+    uri = _get(init_args, "tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = str(uri or f"file:{_get(init_args, 'save_dir') or './mlruns'}")
+    local = "://" not in uri or uri.startswith("file:")
+    if local and not MLFLOW_ALLOW_FILE_STORE.get():
+        return [f"trainer.logger: MLflow refuses the local folder {uri} as its store unless MLFLOW_ALLOW_FILE_STORE=true "
+                "is set; set it, or give --trainer.logger.tracking_uri http://your-mlflow-server"]
+    return []
 
 
 def _trainer_problems(trainer: Any) -> list[str]:
