@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 
-# Lightning's console handler writes to the stderr of the moment Lightning is first imported; imported here, that is the
-# process's own, as in a command-line run, and not the captured stream of whichever test imports it first.
-import lightning.pytorch  # noqa: F401
 import pytest
 import torch
 
@@ -15,6 +13,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["HF_HUB_OFFLINE"] = "1"
 # The tiny models are too small to gain from intra-op threads; on 2 shared cores the second thread only contends.
 torch.set_num_threads(1)
+# Lightning's console handler writes to the stderr of the moment Lightning is first imported; imported here, that is the
+# process's own, as in a command-line run, and not the captured stream of whichever test imports it first.
+importlib.import_module("lightning.pytorch")
 
 
 @pytest.fixture(scope="session")
