@@ -35,4 +35,4 @@ echo "newest allowed versions that differ from the lock:"
 normalise() { tr 'A-Z_' 'a-z-' | sort; }
 "$venv/bin/python" -m pip freeze --exclude-editable | normalise > "$venv/resolved.txt"
 grep -oE '^[A-Za-z0-9_.-]+==[^ ]+' "$lock" | normalise | comm -13 - "$venv/resolved.txt" | sed 's/^/  /'
-"$venv/bin/python" -m pytest -q
+"$venv/bin/python" -m pytest -q -n auto
