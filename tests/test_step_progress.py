@@ -1,5 +1,6 @@
 """`sdtune fit`'s progress line: optimizer steps against the run's total, speed, time left, loss and lr."""
 
+import io
 import math
 import re
 from types import SimpleNamespace
@@ -64,3 +65,24 @@ def test_fit_counts_optimizer_steps_against_the_runs_total(budget, tiny_model_di
     # Not a terminal: the first and the last step, each one line (the 30 s interval is not reached).
     assert [LINE.match(line).groups() for line in lines] == [("1", str(total)), (str(total), str(total))], lines
     assert "Epoch" not in err and "/-" not in err  # no batch-per-epoch bar of Lightning's
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_the_passes_before_training_show_bars_too(tiny_model_dir, shapes_dir, tmp_path, monkeypatch):
+    """Reading the image headers, hashing them for the cache and filling it each show a bar; then the step line."""
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    steps = fit(tiny_model_dir, shapes_dir, tmp_path / "run", "--trainer.max_steps", "1",
+                "--data.cache", "true", "--data.cache_dir", str(tmp_path / "cache"))  # fmt: skip
+    shown = terminal.getvalue()
+    assert steps == 1
+    images = len(list(shapes_dir.glob("*.png")))
+    totals = {bar: re.findall(rf"{bar}:\s+\d+%\|[^|]*\| \d+/(\d+) ", shown) for bar in
+              ("reading image headers", "hashing images for the cache", "caching latents and text")}  # fmt: skip
+    assert totals["reading image headers"][0] == totals["hashing images for the cache"][0] == str(images), totals
+    assert int(totals["caching latents and text"][0]) > images, totals  # latents (and flips) and captions
+    assert re.search(r"\rstep 1/1 \| ", shown)

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import math
+import os
 import re
 import shutil
 import warnings

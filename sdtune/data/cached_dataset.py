@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from sdtune.data.captions import process_caption
 from sdtune.data.dataset import first_draws, sample_key, size_conditioning
+from sdtune.data.progress import progress_bar
 from sdtune.data.transforms import Geometry
 from sdtune.errors import SdtuneError, first_line
 
@@ -107,7 +108,7 @@ class CachePlan:
         cache = TrainingCache(folder, pretrained, revision, clip_skip, max_token_length, flip)
         hashes: dict[tuple[str, int], tuple[str, tuple[int, int]]] = {}
         contents, sizes = [], []
-        for record in records:  # a record repeated by its subset is read once
+        for record in progress_bar(records, "hashing images for the cache"):  # a repeated record is read once
             if (record.path, record.row) not in hashes:
                 try:
                     hashes[record.path, record.row] = content_hash(record), record.upright_size()

@@ -26,6 +26,7 @@ from sdtune.data.captions import with_prefix
 from sdtune.data.class_images import generate_class_images
 from sdtune.data.dataset import CaptionDataset, derive_seed
 from sdtune.data.images import IMAGE_ERRORS, has_alpha
+from sdtune.data.progress import progress_bar
 from sdtune.data.records import Record
 from sdtune.data.subsets import Subset, check_subsets, load_subsets
 from sdtune.errors import SdtuneError, first_line
@@ -251,7 +252,7 @@ class CaptionDataModule(L.LightningDataModule):
         a broken file) is left out with its reason. A file that breaks after its header is found when it is loaded,
         and replaced by a stand-in (see `on_before_batch_transfer`)."""
         kept, failed = [], {}
-        for record, repeats in pairs:
+        for record, repeats in progress_bar(pairs, "reading image headers"):
             key = (record.path, record.row)
             if key not in self._sizes:
                 try:
