@@ -11,7 +11,10 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests never reach the network; a hub id must fail fast instead of retrying.
 os.environ["HF_HUB_OFFLINE"] = "1"
-# The tiny models are too small to gain from intra-op threads; on 2 shared cores the second thread only contends.
+# The tiny models are too small to gain from intra-op threads; on 2 shared cores the second thread only contends. The
+# environment variable carries this to every `sdtune` subprocess: with two OpenMP threads and the other core busy, each
+# small op waits for a descheduled thread, and a 4-step sample of the tiny model measured 53 s instead of 1.9 s.
+os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 # Lightning's console handler writes to the stderr of the moment Lightning is first imported; imported here, that is the
 # process's own, as in a command-line run, and not the captured stream of whichever test imports it first.

@@ -93,18 +93,24 @@ def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
 # --- through the CLI ------------------------------------------------------------------------------------------
 
 
-def fit(tiny_model_dir, shapes_dir, run: Path, *extra, check: bool = True, max_file_bytes: int = 0) -> subprocess.CompletedProcess:
-    """7 steps of 2 images (4 batches an epoch), random crops and flips, a checkpoint every 3 steps (mid-epoch: after
-    3 of epoch 0's 4 batches); every step's loss and batch recorded in run/steps.jsonl."""
+def fit_args(tiny_model_dir, shapes_dir, run: Path, *extra) -> list[str]:
+    """`sdtune fit` for 7 steps of 2 images (4 batches an epoch), random crops and flips, a checkpoint every 3 steps
+    (mid-epoch: after 3 of epoch 0's 4 batches); every step's loss and batch recorded in run/steps.jsonl."""
     args = ["fit", "--config", "tiny/lora", "--model.pretrained", tiny_model_dir, "--data.root", shapes_dir,
             "--data.resolution", 32, "--data.batch_size", 2, "--data.center_crop", "false", "--data.random_flip", "true",
             "--trainer.max_steps", 7, "--checkpoint.every_n_train_steps", 3, "--trainer.default_root_dir", run,
             "--trainer.enable_progress_bar", "false", "--trainer.callbacks+", "step_hooks.StepHooks",
             "--trainer.callbacks.record", run / "steps.jsonl", *extra]  # fmt: skip
+    return [str(arg) for arg in args]
+
+
+def fit(tiny_model_dir, shapes_dir, run: Path, *extra, check: bool = True, max_file_bytes: int = 0) -> subprocess.CompletedProcess:
+    """`fit_args`'s run in its own process: for the tests of what signals, kills and a full disk do to a process."""
+    args = fit_args(tiny_model_dir, shapes_dir, run, *extra)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     # A file-size limit makes larger writes fail as a full disk would (EFBIG; Python ignores SIGXFSZ).
     limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))) if max_file_bytes else None
-    result = subprocess.run([sys.executable, "-m", "sdtune.cli", *map(str, args)], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "sdtune.cli", *args], capture_output=True, text=True,
                             env=env, timeout=600, preexec_fn=limit)  # fmt: skip
     if check and result.returncode != 0:
         raise AssertionError(f"fit exited {result.returncode}:\n{result.stderr[-3000:]}")

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_checkpointing import fit as fit_cli
+from test_checkpointing import fit_args
 from test_optimization import make_model
 from training import fit, make_data, trainable
 
 from sdtune.callbacks import NonFiniteGuard
 from sdtune.callbacks.nonfinite import gradients_finite
+from sdtune.cli import main
 from sdtune.errors import SdtuneError
 
 
@@ -58,21 +59,23 @@ def test_nan_steps_in_a_row_stop_the_run(tiny_model_dir, shapes_dir, tmp_path):
     assert len(after) == 4 and all(torch.equal(after[3][n], after[1][n]) for n in after[1])
 
 
-def one_error(result) -> str:
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("sdtune: error")]
-    assert len(errors) == 1, result.stderr[-2000:]
+def one_error(capsys, *args) -> str:
+    """`sdtune fit ARGS` in this process (no interpreter start-up), expected to fail with exit code 2 and exactly one
+    `sdtune: error` line and no traceback: that line."""
+    code, stderr = main(fit_args(*args)), capsys.readouterr().err
+    assert code == 2 and "Traceback" not in stderr, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("sdtune: error")]
+    assert len(errors) == 1, stderr[-2000:]
     return errors[0]
 
 
 @pytest.mark.parametrize("hook", ["nan_at", "explode_at"])
-def test_broken_weights_stop_the_run_before_anything_saves_them(hook, tiny_model_dir, shapes_dir, tmp_path):
+def test_broken_weights_stop_the_run_before_anything_saves_them(hook, tiny_model_dir, shapes_dir, tmp_path, capsys):
     """A NaN weight (its step's gradients are NaN too, so the step is skipped, but the weight stays NaN) or a finite
     weight of 1e6 at step 4 stops the run at that step's end: checkpoints are written every 3 steps, so last.ckpt
     keeps step 3, finite, the error names it, and no adapter is written."""
     run = tmp_path / "run"
-    error = one_error(fit_cli(tiny_model_dir, shapes_dir, run, f"--trainer.callbacks.{hook}", 4, check=False))
+    error = one_error(capsys, tiny_model_dir, shapes_dir, run, f"--trainer.callbacks.{hook}", 4)
     found = "NaN or infinite" if hook == "nan_at" else "as large as 1e+06"
     assert f"after step 4 trained weights are {found}" in error
     last = run / "checkpoints" / "last.ckpt"
@@ -82,12 +85,11 @@ def test_broken_weights_stop_the_run_before_anything_saves_them(hook, tiny_model
     assert not (run / "adapter").exists()
 
 
-def test_a_huge_learning_rate_stops_at_its_first_exploded_step(tiny_model_dir, shapes_dir, tmp_path):
+def test_a_huge_learning_rate_stops_at_its_first_exploded_step(tiny_model_dir, shapes_dir, tmp_path, capsys):
     """lr 1e10: gradients stay finite, but the first step with a non-zero learning rate (warm-up starts at 0) moves
     the weights by about 1e9: the run stops there, nothing is saved."""
     run = tmp_path / "run"
-    result = fit_cli(tiny_model_dir, shapes_dir, run, "--model.optimizer.init_args.lr", "1e10", check=False)
-    error = one_error(result)
+    error = one_error(capsys, tiny_model_dir, shapes_dir, run, "--model.optimizer.init_args.lr", "1e10")
     assert "after step 2 trained weights are as large as" in error and "no checkpoint was written yet" in error
     assert float(error.split("as large as ")[1].split()[0]) > 1e4
     assert not list(run.glob("checkpoints/*.ckpt")) and not (run / "adapter").exists()
