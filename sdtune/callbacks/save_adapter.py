@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from sdtune.errors import SdtuneError
 from sdtune.finetune.checkpointing import nonfinite_weights
+from sdtune.finetune.sharding import gathered, is_sharded
 
 
 class SaveAdapter(L.Callback):
@@ -38,7 +39,16 @@ class SaveAdapter(L.Callback):
         return Path(trainer.default_root_dir) / (self.dirname or getattr(pl_module, "output_dirname", "adapter"))
 
     def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path, suffix: str = "") -> None:
-        if not self.enabled or not trainer.is_global_zero or not hasattr(pl_module, "save_weights"):
+        if not self.enabled or not hasattr(pl_module, "save_weights"):
+            return
+        if is_sharded(pl_module):  # every process gathers the weights (FSDP), the first one writes them
+            with gathered(pl_module):
+                self._write(trainer, pl_module, folder, suffix)
+        else:
+            self._write(trainer, pl_module, folder, suffix)
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path, suffix: str) -> None:
+        if not trainer.is_global_zero:
             return
         trained = {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
         bad = nonfinite_weights(trained)
