@@ -128,8 +128,10 @@ class FSDP(ModelParallelStrategy):
     def setup(self, trainer: Any) -> None:
         # ModelParallelStrategy.setup without its `configure_model` requirement: sdtune applies `shard` here.
         self.accelerator.setup(trainer)
-        self.model.to(self.root_device)
+        # Sharded first (fully_shard moves each shard to the mesh's device), so no device ever holds a whole part
+        # that trains; then the frozen parts move.
         names = shard(self.lightning_module, self.device_mesh["data_parallel"])
+        self.model.to(self.root_device)
         rank_zero_info(f"fsdp: {', '.join(names)} sharded over {self.world_size} processes")
         self.model = self.precision_plugin.convert_module(self.model)
         self.barrier()
