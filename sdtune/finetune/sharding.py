@@ -116,7 +116,7 @@ class FSDP(ModelParallelStrategy):
     written whole or not at all. `--trainer.strategy fsdp` selects it; it takes no settings.
 
     Memory per process: the sharded parts' weights, gradients and optimizer state divided by the number of
-    processes, plus one block's weights gathered at a time, plus the frozen parts whole."""
+    processes, plus the weights of the block running and the next one (gathered), plus the frozen parts whole."""
 
     def __init__(self) -> None:
         super().__init__(tensor_parallel_size=1, save_distributed_checkpoint=True)
