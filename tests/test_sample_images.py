@@ -162,10 +162,11 @@ def test_only_rank_zero_samples_and_every_rank_waits(tmp_path):
         strategy = SimpleNamespace(barrier=barriers.append, reduce_boolean_decision=lambda decision, all: decision)
         trainer = SimpleNamespace(global_step=0, global_rank=rank, is_global_zero=rank == 0, default_root_dir=str(tmp_path),
                                   received_sigterm=False, strategy=strategy)  # fmt: skip
-        sampler.on_train_start(trainer, None)
-        sampler._sample_once(trainer, None)  # the same step again (e.g. last.ckpt after the top-k file): no-op
+        module = torch.nn.Linear(1, 1)  # unsharded: rank 0 alone samples (a sharded module is test_fsdp's)
+        sampler.on_train_start(trainer, module)
+        sampler._sample_once(trainer, module)  # the same step again (e.g. last.ckpt after the top-k file): no-op
         trainer.global_step = 5
-        sampler._sample_once(trainer, None)
+        sampler._sample_once(trainer, module)
         assert sampler.sampled_steps == [0, 5] and barriers == ["SampleImages", "SampleImages"]
     assert calls == [(0, 0), (0, 5)]
 

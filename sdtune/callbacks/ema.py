@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from sdtune.errors import SdtuneError
+from sdtune.finetune.sharding import is_sharded
 
 
 class EMA(L.Callback):
@@ -68,6 +69,8 @@ class EMA(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:
             return
+        if is_sharded(pl_module):
+            raise SdtuneError("ema.enabled true is not supported with trainer.strategy fsdp yet; use ddp for an EMA run")
         own = self._trainable(pl_module)
         if not self.shadow:  # a fresh run; a resumed one has its shadow from the checkpoint
             self.shadow = {name: p.detach().float().clone() for name, p in own.items()}

@@ -12,6 +12,7 @@ sampling gives bit-identical losses to a run without it.
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,13 +24,17 @@ import torch
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 from PIL import Image
 
 from sdtune.errors import SdtuneError
 from sdtune.finetune.rng_state import untouched
+from sdtune.finetune.sharding import is_sharded
 from sdtune.inference.grid import make_grid
 from sdtune.inference.sampling import SCHEDULERS, generate, make_scheduler
 from sdtune.models.families import vae_scale_factor
+
+log = logging.getLogger("lightning.pytorch")  # Lightning's console logger: shown on every process
 
 
 class SampleImages(L.Callback):
@@ -140,7 +145,7 @@ class SampleImages(L.Callback):
         if stopping:
             rank_zero_info(f"samples: none at step {step}, the run is stopping on a signal")
             return
-        if trainer.is_global_zero:
+        if trainer.is_global_zero or is_sharded(pl_module):  # sharded (FSDP): every process runs the denoiser
             self.sample(trainer, pl_module)
         # Every rank reaches this (the decision above depends only on the step), so none waits forever.
         trainer.strategy.barrier("SampleImages")
@@ -178,7 +183,8 @@ class SampleImages(L.Callback):
             )  # fmt: skip
 
     def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
-        """Sample now, write the PNGs and grid for the current step, log the grid; returns the step's folder."""
+        """Sample now, write the PNGs and grid for the current step, log the grid; returns the step's folder. With
+        sharded weights every process calls it and takes part in each denoiser call; rank 0 alone writes."""
         started = time.perf_counter()
         step = trainer.global_step
         width, height = self.resolution(trainer, pl_module)
@@ -186,6 +192,9 @@ class SampleImages(L.Callback):
         with swapped:
             images = self.generate(pl_module, width, height, precision=str(trainer.precision))
         folder = self.folder(trainer, step)
+        if not trainer.is_global_zero:  # a sharded run's other processes took part in the denoising; rank 0 writes
+            log.info(rank_prefixed_message(f"samples: step {step}'s images denoised with this shard", trainer.global_rank))
+            return folder
         folder.mkdir(parents=True, exist_ok=True)
         for index, row in enumerate(images):
             for seed, image in zip(self.seeds, row):

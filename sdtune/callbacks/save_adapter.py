@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from sdtune.errors import SdtuneError
 from sdtune.finetune.checkpointing import nonfinite_weights
+from sdtune.finetune.sharding import gathered, is_sharded
 
 
 class SaveAdapter(L.Callback):
@@ -60,8 +61,18 @@ def trained_folder(trainer: L.Trainer, pl_module: L.LightningModule, dirname: st
 def write_adapter(trainer: L.Trainer, pl_module: L.LightningModule, folder: Path, suffix: str = "") -> None:
     """Write what the run trained into `folder` (the first process only): the method's own files and, where the
     method has one, the kohya file named after the run directory + `suffix`. Refused when a weight is NaN or
-    infinite."""
-    if not trainer.is_global_zero or not hasattr(pl_module, "save_weights"):
+    infinite. Called on every process: a sharded model (FSDP) is gathered by all of them first."""
+    if not hasattr(pl_module, "save_weights"):
+        return
+    if is_sharded(pl_module):
+        with gathered(pl_module):
+            _write_adapter(trainer, pl_module, folder, suffix)
+    else:
+        _write_adapter(trainer, pl_module, folder, suffix)
+
+
+def _write_adapter(trainer: L.Trainer, pl_module: L.LightningModule, folder: Path, suffix: str) -> None:
+    if not trainer.is_global_zero:
         return
     trained = {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
     bad = nonfinite_weights(trained)

@@ -40,6 +40,7 @@ from sdtune.commands.resume import check_checkpoint
 from sdtune.commands.runlog import run_log
 from sdtune.errors import SdtuneError, SdtuneErrors
 from sdtune.finetune.checkpointing import AtomicCheckpointIO, pick_resume_checkpoint, remove_unfinished
+from sdtune.finetune.sharding import resolve_strategy
 from sdtune.runlock import RunLock, is_launching_process
 
 UNION_REPORT = (
@@ -165,6 +166,7 @@ class SdtuneCLI(LightningCLI):
         `sdtune.commands.runlog`) opens; the checkpoint settings that follow from others are set before the callback is
         built."""
         config = self.config[self.subcommand]
+        resolve_strategy(config)  # trainer.strategy fsdp → sdtune.finetune.sharding.FSDP, which runs on CPU too
         problems = fit_problems(config) if self.subcommand == "fit" else [*settings_problems(config), *outputs_problems(config)]
         if problems:
             raise SdtuneErrors(problems)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -27,14 +28,20 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
 from sdtune.errors import RESUME_ADVICE, SdtuneError, first_line, pickled_objects, refused_pickle, write_refused
+from sdtune.finetune.sharding import META_FILE, SHARDS_INDEX
 
 
 def checkpoint_problem(path: str | Path) -> str | None:
     """Why `path` is not a complete checkpoint (missing, empty, truncated, a bad checksum), or None if it is.
 
     torch.save writes a zip archive; reading every member against its CRC finds truncation and bit rot without
-    unpickling anything."""
+    unpickling anything. A sharded checkpoint (a folder, `trainer.strategy fsdp`) is complete when its shards'
+    index and its `meta.pt` are."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / SHARDS_INDEX).is_file():
+            return f"a folder without {SHARDS_INDEX}, not a sharded checkpoint"
+        return checkpoint_problem(path / META_FILE)
     try:
         if path.stat().st_size == 0:
             return "the file is empty"
@@ -75,12 +82,15 @@ def read_checkpoint(path: str | Path, what: str, resume: bool = True, verified: 
     problem = None if verified else checkpoint_problem(path)
     if problem is not None:
         raise SdtuneError(f"{what}: {problem}; {RESUME_ADVICE}")
+    sharded = Path(path).is_dir()
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(Path(path) / META_FILE if sharded else path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
         raise unpickling_error(what, err) from err
     except Exception as err:  # a complete zip archive (checked above) that torch.save did not write
         raise SdtuneError(f"{what} is a zip archive but not a checkpoint written by torch.save; {RESUME_ADVICE}") from err
+    if sharded and isinstance(checkpoint, dict):  # the weights and optimizer state are in the shards
+        checkpoint = {**checkpoint, **sharded_contents(path)}
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise SdtuneError(f"{what} is not a training checkpoint (it has no state_dict); {RESUME_ADVICE}")
     if resume and "optimizer_states" not in checkpoint:
@@ -89,6 +99,19 @@ def read_checkpoint(path: str | Path, what: str, resume: bool = True, verified: 
             f"{RESUME_ADVICE}"
         )
     return checkpoint
+
+
+def sharded_contents(folder: str | Path) -> dict[str, Any]:
+    """What the shards of a sharded checkpoint hold, by top-level key ("state_dict", "optimizer_0", …), as
+    {key: {}}: read from their index, not from the shards."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        keys = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    except Exception as err:  # a damaged index
+        raise SdtuneError(f"sharded checkpoint {folder}: its {SHARDS_INDEX} cannot be read ({first_line(err)}); {RESUME_ADVICE}") from err
+    top = {key.split(".")[0] for key in keys}
+    return {key: {} for key in top if key == "state_dict"} | ({"optimizer_states": []} if "optimizer_0" in top else {})
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -158,29 +181,31 @@ def newest_checkpoint(folder: str | Path) -> str:
     if not found:
         return "no checkpoint was written yet"
     try:  # memory-mapped: reads the step, not the weights
-        step = torch.load(found[-1], map_location="cpu", mmap=True, weights_only=True).get("global_step")
+        meta = found[-1] / META_FILE if found[-1].is_dir() else found[-1]
+        step = torch.load(meta, map_location="cpu", mmap=True, weights_only=True).get("global_step")
     except Exception:
         step = None
     return f"the newest checkpoint is {found[-1]}" + (f" (step {step})" if step is not None else "")
 
 
 def remove_unfinished(folder: str | Path) -> list[Path]:
-    """Delete the `.<name>.partial` files a killed save left in `folder` (the run holds its lock); returns them."""
+    """Delete the `.<name>.partial` files (and sharded checkpoints' folders, `.<name>.old` too) a killed save left in
+    `folder` (the run holds its lock); returns them."""
     folder = Path(folder)
-    left = sorted(folder.glob(".*.partial")) if folder.is_dir() else []
+    left = sorted([*folder.glob(".*.partial"), *folder.glob(".*.ckpt.old")]) if folder.is_dir() else []
     for path in left:
-        path.unlink(missing_ok=True)
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     return left
 
 
 def pick_resume_checkpoint(folder: str | Path) -> Path | None:
-    """The newest complete `.ckpt` in `folder` (by modification time, `last.ckpt` first on a tie), or None when
+    """The newest complete `.ckpt` (a file, or a sharded checkpoint's folder) in `folder` (by modification time, `last.ckpt` first on a tie), or None when
     there is none at all. Each newer one that fails `checkpoint_problem` gets a warning; when all fail, an
     SdtuneError lists why."""
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    found = [p for p in folder.glob("*.ckpt") if p.is_file()]
+    found = [p for p in folder.glob("*.ckpt") if p.is_file() or (p / META_FILE).is_file()]  # files, sharded folders
     if not found:
         return None
     found.sort(key=lambda p: (p.stat().st_mtime_ns, p.name.startswith("last")), reverse=True)
