@@ -125,8 +125,9 @@ def test_shape_prompts_are_colours_times_shapes():
     ],
 )
 def test_cli_rejects_bad_judge_input_in_one_line_before_loading(flags, message, tmp_path, capsys):
-    # --model does not exist: each error must come before the model is loaded.
-    assert main(["evaluate", "--model", str(tmp_path / "no_model"), *flags, "--out", str(tmp_path / "out")]) == 2
+    # --model is an empty folder: each error must come before the model is loaded (which would fail on it).
+    (tmp_path / "empty_model").mkdir()
+    assert main(["evaluate", "--model", str(tmp_path / "empty_model"), *flags, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
