@@ -232,6 +232,14 @@ def test_report_of_a_run_without_logs_or_samples_and_of_other_folders(tmp_path, 
     assert "No logs yet" in text and "No sample grids yet" in text and "No validation loss" in text
     assert "No adapter/ or model/ written yet" in text
     capsys.readouterr()
+    # Lightning's `epoch` alone (a run shorter than its logging interval) is no curve, in the page and in the count.
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(run / "logs") as writer:
+        writer.add_scalar("epoch", 0.0, 1)
+    assert main(["report", str(run)]) == 0
+    assert "(0 sample grids, 0 curves, 0 files)" in capsys.readouterr().out
+    assert "No curves yet: logs/ holds only epoch" in (run / "report.html").read_text()
 
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert main(["report", str(tmp_path)]) == 2

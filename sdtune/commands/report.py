@@ -32,9 +32,9 @@ def main(args: list[str]) -> int:
         raise SdtuneError(f"--out {out}: the page is written to a .html file; give a name ending in .html")
     if out.is_dir():
         raise SdtuneError(f"--out {out} is a folder; give a file name ending in .html")
-    from sdtune.report import read_run, write_report
+    from sdtune.report import curve_tags, read_run, write_report
 
     run = read_run(ns.run)
     write_report(run, out)
-    print(f"wrote {out} ({len(run.grids)} sample grids, {len(run.scalars)} curves, {len(run.outputs)} files)")
+    print(f"wrote {out} ({len(run.grids)} sample grids, {len(curve_tags(run.scalars))} curves, {len(run.outputs)} files)")
     return 0

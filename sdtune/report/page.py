@@ -109,10 +109,18 @@ def _order(tag: str) -> tuple[int, str]:
     return rank, tag
 
 
+def curve_tags(scalars: dict[str, list[tuple[int, float]]]) -> list[str]:
+    """The scalars the page draws as curves, in the page's order (Lightning's `epoch` and `hp_metric` left out)."""
+    return sorted((tag for tag in scalars if tag not in NOT_CURVES), key=_order)
+
+
 def _curves(scalars: dict[str, list[tuple[int, float]]]) -> str:
-    tags = sorted((tag for tag in scalars if tag not in NOT_CURVES), key=_order)
-    if not tags:
+    tags = curve_tags(scalars)
+    if not scalars:
         return "<p class='missing'>No logs yet: logs/ holds no TensorBoard scalars.</p>"
+    if not tags:
+        return (f"<p class='missing'>No curves yet: logs/ holds only {_e(', '.join(sorted(scalars)))} (a loss is "
+                "logged every trainer.log_every_n_steps steps).</p>")
     figures = [f"<figure><figcaption>{_e(tag)}</figcaption>{svg_curve(scalars[tag], tag)}</figure>" for tag in tags]
     return f"<div class='curves'>{''.join(figures)}</div>"
 
