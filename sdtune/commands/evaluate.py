@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--data", metavar="DST", help="dataset folder for the validation loss (any layout data.root reads)")
     metrics.add_argument("--resolution", type=int, help="validation-loss crop size (default: the sample width)")
     metrics.add_argument("--batch-size", type=int, default=4, help="validation-loss batch size (default: 4)")
-    metrics.add_argument("--max-token-length", type=int, default=75, help="caption tokens, as data.max_token_length in training (75, 150, 225)")
+    metrics.add_argument("--max-token-length", type=int, help="caption tokens, as data.max_token_length in training (default: one window of the tokenizer, 75 for CLIP; 150, 225)")
     metrics.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
                          help="loss target, as model.objective.prediction_type in training (default: the scheduler's)")  # fmt: skip
     metrics.add_argument("--judge", choices=("shapes",), help="score each image against its prompt 'a {color} {shape}' (sdtune/toy/shapes.py)")

@@ -80,9 +80,10 @@ class CaptionDataModule(L.LightningDataModule):
     front of them and always kept)."""
     tag_dropout: float = 0.0
     """Drop each other tag with this probability, so the model learns to fill in unprompted details."""
-    max_token_length: int = 75
-    """Caption tokens the text encoder sees: 75 (one CLIP window) or a multiple, split into 75-token windows that are
-    encoded separately and concatenated (AUTOMATIC1111-style)."""
+    max_token_length: int | None = None
+    """Caption tokens the text encoder sees: one window of its tokenizer by default (75 for CLIP: 77 with the start
+    and end tokens) or a multiple, split into windows that are encoded separately and concatenated
+    (AUTOMATIC1111-style)."""
     mask_dir: str | None = None
     """Loss-weight masks mirroring the image folders (same relative path, any image suffix); white trains fully,
     black not at all. Images without a mask train with full weight."""
@@ -195,6 +196,8 @@ class CaptionDataModule(L.LightningDataModule):
             tokenizers[0].add_tokens(list(self.added_tokens))
             if tokenizers[0].convert_tokens_to_ids(list(self.added_tokens)) != list(self.added_tokens.values()):
                 raise SdtuneError("data.pretrained's tokenizer differs from the model's; the new tokens got other ids")
+        if self.max_token_length is None:
+            self.max_token_length = tokenizers[0].model_max_length - 2
         chunk_count(tokenizers[0], self.max_token_length)  # a bad length fails before anything is read
         skipped: list[str] = []
         pairs = self.training_pairs(skipped=skipped)
