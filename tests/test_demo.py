@@ -23,13 +23,13 @@ def test_demo_teaches_the_toy_base_orange_and_keeps_the_known_colours(tmp_path, 
 
 
 def test_flow_demo_teaches_the_flow_toy_orange(tmp_path, capsys):
-    # The same on sdtune:toy-flow (an SD3) with the toy/flow_lora recipe. Full length it measured orange 0 % → 42 %,
-    # known colours 80 % → 77 % (the flow toy draws ragged squares the judge half misses); this shortened run
-    # measured 0 % → 33 %, known 79 % → 88 %.
+    # The same on sdtune:toy-flow (an SD3) with the toy/flow_lora recipe. Full length it measured orange 0 % → 88 %,
+    # known colours 97 % → 95 %; this shortened run 0 % → 78 %, known 97 % → 97 %.
     out = tmp_path / "demo"
-    assert main(["demo", "--flow", "--out", str(out), "--steps", "200", "--seeds", "2"]) == 0
+    assert main(["demo", "--flow", "--out", str(out), "--steps", "200", "--seeds", "3"]) == 0
     scores = split_scores(json.loads((out / "eval" / "metrics.json").read_text()))
     assert "toy/flow_lora" in capsys.readouterr().out
-    assert scores["base"]["new"] <= 0.2 and scores["base"]["known"] >= 0.6, scores
-    assert scores["lora"]["new"] >= scores["base"]["new"] + 0.2, scores
-    assert scores["lora"]["known"] >= 0.6, scores
+    assert scores["base"]["known"] >= 0.8, scores
+    assert scores["base"]["new"] <= 0.2, scores
+    assert scores["lora"]["new"] >= 0.6, scores
+    assert scores["lora"]["known"] >= 0.75, scores

@@ -1,14 +1,19 @@
 """The toy world: whole-word tokens, the latent size its recipes assume, `sdtune toy build` and the shipped base."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_cli import sdtune
 from transformers import CLIPTokenizer
 
+from sdtune.data import CaptionDataModule
 from sdtune.errors import SdtuneError
 from sdtune.models import load_model
+from sdtune.models.pretrained import load_tokenizers
 from sdtune.toy.model import TOY_WORDS, build_toy_stable_diffusion
+from sdtune.toy.shapes import make_shapes_dataset
 
 
 def test_toy_words_are_single_tokens_and_other_text_still_tokenizes(tmp_path):
@@ -62,9 +67,22 @@ def test_the_shipped_toy_base_is_found_by_name():
 def test_the_shipped_flow_toy_is_an_sd3_on_the_toy_vae():
     parts = load_model("sdtune:toy-flow")
     assert parts.family.name == "sd3" and parts.transformer.dtype == torch.float32
+    # every tokenizer reads 8 tokens, and a prompt of the toy world fits them whole
+    tokenizers = load_tokenizers("sdtune:toy-flow")
+    assert [t.model_max_length for t in tokenizers] == [8, 8, 8]
+    assert all(len(t("a orange triangle").input_ids) <= 8 for t in tokenizers)
     toy = load_model("sdtune:toy")
     for name, tensor in toy.vae.state_dict().items():
         assert torch.equal(parts.vae.state_dict()[name], tensor), name
+
+
+def test_caption_length_defaults_to_one_window_of_the_models_tokenizer(tmp_path):
+    make_shapes_dataset(tmp_path / "data", count=4, size=32, seed=0)
+    for model, tokens in (("sdtune:toy-flow", 6), ("sdtune:toy", 75)):
+        data = CaptionDataModule(str(tmp_path / "data"), resolution=32, batch_size=2, pretrained=model)
+        data.setup("fit")
+        assert data.max_token_length == tokens, model
+        assert next(iter(data.train_dataloader()))["input_ids"].shape[-1] == tokens + 2, model
 
 
 def test_toy_build_flow_trains_the_transformer_and_clips_on_the_toy_vae(tmp_path):
@@ -75,6 +93,8 @@ def test_toy_build_flow_trains_the_transformer_and_clips_on_the_toy_vae(tmp_path
     base = tmp_path / "toy" / "toy-base"
     files = load_file(base / "transformer" / "diffusion_pytorch_model.safetensors")
     assert all(t.dtype == torch.float16 for t in files.values())
+    for part in ("transformer", "vae"):  # the building machine's folders stay out of the shipped configs
+        assert "_name_or_path" not in json.loads((base / part / "config.json").read_text()), part
     trained, random = load_model(str(tmp_path / "toy" / "base" / "model")), load_model(str(tmp_path / "toy" / "random"))
     assert trained.family.name == "sd3"
     for part in ("transformer", "text_encoder", "text_encoder_2"):

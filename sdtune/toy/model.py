@@ -25,6 +25,7 @@ from sdtune.toy.shapes import JUDGE_COLORS, SHAPES
 # Every word of "a {color} {shape}" the toy world and its demos use, and common colour names beside them.
 TOY_WORDS = ("a", "an", *JUDGE_COLORS, "white", "grey", "gray", "brown", "pink", "violet", *SHAPES)
 END = "</w>"
+TOY_FLOW_TOKENS = 8  # the flow toy's tokenizers: "a {colour} {shape}" with start and end tokens fits
 
 
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -59,13 +60,15 @@ def toy_vocabulary(words: Iterable[str] = TOY_WORDS) -> tuple[dict[str, int], li
     return vocab, merges
 
 
-def write_toy_tokenizer(out: Path, words: Iterable[str] = TOY_WORDS) -> int:
-    """Write the toy tokenizer's vocab.json, merges.txt and tokenizer_config.json; returns the vocabulary size."""
+def write_toy_tokenizer(out: Path, words: Iterable[str] = TOY_WORDS, max_length: int | None = None) -> int:
+    """Write the toy tokenizer's vocab.json, merges.txt and tokenizer_config.json; returns the vocabulary size.
+    `max_length` sets its model_max_length (default: CLIP's 77)."""
     vocab, merges = toy_vocabulary(words)
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2))
+    config = tokenizer_config() | ({"model_max_length": max_length} if max_length else {})
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return len(vocab)
 
 
@@ -106,9 +109,12 @@ def build_toy_stable_diffusion(out: str | Path, seed: int = 0, image_size: int =
 
 def build_toy_sd3(out: str | Path, vae_from: str | Path, seed: int = 0, image_size: int = 32) -> Path:
     """The toy world's flow-matching model, an SD3 (MMDiT) with random weights, as a diffusers pipeline directory:
-    the trained toy VAE from `vae_from` (a toy pipeline folder), a 4-layer transformer over its 8×8 latents (one
-    token each), two toy CLIP encoders that train with it and a random T5 that stays frozen (its output still tells
-    the words apart), and the flow-matching scheduler without a shift (the latents are tiny)."""
+    the trained toy VAE from `vae_from` (a toy pipeline folder), a 4-layer transformer 128 wide over its 8×8 latents
+    (one token each), two toy CLIP encoders that train with it and a random T5 that stays frozen (its output still
+    tells the words apart), and the flow-matching scheduler without a shift (the latents are tiny).
+
+    Every tokenizer reads 8 tokens ("a {colour} {shape}" with its start and end tokens fits): the transformer attends
+    to the text tokens beside the 64 image tokens, and CLIP's 77 would make that sequence more than twice as long."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
     from sdtune.models.tiny_sd3 import clip_with_projection
@@ -116,9 +122,9 @@ def build_toy_sd3(out: str | Path, vae_from: str | Path, seed: int = 0, image_si
 
     out = Path(out)
     torch.manual_seed(seed)
-    vocab_size = write_toy_tokenizer(out / "tokenizer")
-    write_toy_tokenizer(out / "tokenizer_2")
-    tokenizer_3 = t5_tokenizer(model_max_length=8)  # "a {colour} {shape}" and </s> fit 8 tokens
+    vocab_size = write_toy_tokenizer(out / "tokenizer", max_length=TOY_FLOW_TOKENS)
+    write_toy_tokenizer(out / "tokenizer_2", max_length=TOY_FLOW_TOKENS)
+    tokenizer_3 = t5_tokenizer(model_max_length=TOY_FLOW_TOKENS)
     tokenizer_3.save_pretrained(out / "tokenizer_3")
     vae = AutoencoderKL.from_pretrained(Path(vae_from) / "vae", torch_dtype=torch.float32)
     vae.register_to_config(shift_factor=0.0)  # SD3's pipelines add the shift when they decode
@@ -127,8 +133,8 @@ def build_toy_sd3(out: str | Path, vae_from: str | Path, seed: int = 0, image_si
         "vae": vae,
         "transformer": SD3Transformer2DModel(
             sample_size=latent, patch_size=1, in_channels=vae.config.latent_channels,
-            out_channels=vae.config.latent_channels, num_layers=4, attention_head_dim=16, num_attention_heads=4,
-            joint_attention_dim=64, caption_projection_dim=64, pooled_projection_dim=64, pos_embed_max_size=latent,
+            out_channels=vae.config.latent_channels, num_layers=4, attention_head_dim=16, num_attention_heads=8,
+            joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=64, pos_embed_max_size=latent,
         ),
         "text_encoder": clip_with_projection(vocab_size, 32, layers=2, projection_dim=32),
         "text_encoder_2": clip_with_projection(vocab_size, 32, layers=2, projection_dim=32),
