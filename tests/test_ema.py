@@ -68,6 +68,20 @@ def test_a_resumed_run_has_the_average_of_an_uninterrupted_one(tiny_model_dir, s
         assert torch.equal(resumed.shadow[name], value), name
 
 
+def test_an_average_holding_nan_is_refused_and_the_saved_one_kept(tiny_model_dir, shapes_dir, tmp_path):
+    module, ema = model(tiny_model_dir), EMA(decay=0.8)
+    trainer = fit(module, make_data(shapes_dir, tiny_model_dir), 2, tmp_path, callbacks=[ema])
+    written = tmp_path / "adapter_ema" / "pytorch_lora_weights.safetensors"
+    before, weights = load_file(str(written)), trainable(module)
+    name = next(iter(ema.shadow))
+    ema.shadow[name] = torch.full_like(ema.shadow[name], float("nan"))
+    with pytest.raises(SdtuneError, match=r"^not saving .*adapter_ema: trained weights hold NaN or infinity"):
+        ema.on_train_end(trainer, module)
+    after = load_file(str(written))
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert all(torch.equal(p, weights[n]) for n, p in trainable(module).items())  # the trained weights are back
+
+
 def _png(path):
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
 

@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from sdtune.callbacks.save_adapter import write_adapter
 from sdtune.errors import SdtuneError
 from sdtune.finetune.sharding import is_sharded
 
@@ -99,15 +100,14 @@ class EMA(L.Callback):
         self.updates += 1
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.enabled or not trainer.is_global_zero or not hasattr(pl_module, "save_weights"):
+        """The average written as the trained weights are (`write_adapter`: its files, the kohya file with "-ema",
+        refused when a weight is NaN or infinite)."""
+        if not self.enabled or not hasattr(pl_module, "save_weights"):
             return
         folder = Path(trainer.default_root_dir) / f"{getattr(pl_module, 'output_dirname', 'adapter')}_ema"
         with self.applied(pl_module):
-            path = pl_module.save_weights(folder)
-            kohya = None
-            if hasattr(pl_module, "save_kohya_weights"):
-                kohya = pl_module.save_kohya_weights(folder, f"{Path(trainer.default_root_dir).resolve().name}-ema")
-        rank_zero_info(f"saved {path}{f' and {kohya.name}' if kohya else ''} (EMA of {self.updates} updates, step {trainer.global_step})")
+            write_adapter(trainer, pl_module, folder, "-ema")
+        rank_zero_info(f"{folder.name}/ is the EMA of {self.updates} updates (step {trainer.global_step})")
 
     def state_dict(self) -> dict[str, Any]:
         shadow = {name: tensor.detach().cpu().clone() for name, tensor in self.shadow.items()}
