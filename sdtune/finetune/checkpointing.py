@@ -31,6 +31,13 @@ from sdtune.errors import RESUME_ADVICE, SdtuneError, first_line, pickled_object
 from sdtune.finetune.sharding import META_FILE, SHARDS_INDEX
 
 
+def state_file(path: str | Path) -> Path:
+    """The file holding a checkpoint's training state (step, loops, random states): the checkpoint itself, or a
+    sharded checkpoint folder's `meta.pt`."""
+    path = Path(path)
+    return path / META_FILE if path.is_dir() else path
+
+
 def checkpoint_problem(path: str | Path) -> str | None:
     """Why `path` is not a complete checkpoint (missing, empty, truncated, a bad checksum), or None if it is.
 
@@ -41,7 +48,7 @@ def checkpoint_problem(path: str | Path) -> str | None:
     if path.is_dir():
         if not (path / SHARDS_INDEX).is_file():
             return f"a folder without {SHARDS_INDEX}, not a sharded checkpoint"
-        return checkpoint_problem(path / META_FILE)
+        return checkpoint_problem(state_file(path))
     try:
         if path.stat().st_size == 0:
             return "the file is empty"
@@ -84,7 +91,7 @@ def read_checkpoint(path: str | Path, what: str, resume: bool = True, verified: 
         raise SdtuneError(f"{what}: {problem}; {RESUME_ADVICE}")
     sharded = Path(path).is_dir()
     try:
-        checkpoint = torch.load(Path(path) / META_FILE if sharded else path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(state_file(path), map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
         raise unpickling_error(what, err) from err
     except Exception as err:  # a complete zip archive (checked above) that torch.save did not write
@@ -181,8 +188,7 @@ def newest_checkpoint(folder: str | Path) -> str:
     if not found:
         return "no checkpoint was written yet"
     try:  # memory-mapped: reads the step, not the weights
-        meta = found[-1] / META_FILE if found[-1].is_dir() else found[-1]
-        step = torch.load(meta, map_location="cpu", mmap=True, weights_only=True).get("global_step")
+        step = torch.load(state_file(found[-1]), map_location="cpu", mmap=True, weights_only=True).get("global_step")
     except Exception:
         step = None
     return f"the newest checkpoint is {found[-1]}" + (f" (step {step})" if step is not None else "")
@@ -205,7 +211,7 @@ def pick_resume_checkpoint(folder: str | Path) -> Path | None:
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    found = [p for p in folder.glob("*.ckpt") if p.is_file() or (p / META_FILE).is_file()]  # files, sharded folders
+    found = [p for p in folder.glob("*.ckpt") if state_file(p).is_file()]  # files, sharded folders
     if not found:
         return None
     found.sort(key=lambda p: (p.stat().st_mtime_ns, p.name.startswith("last")), reverse=True)
