@@ -62,6 +62,11 @@ MISTAKES = {
          "trainer.max_steps must be an integer ≥ -1 (-1: no limit), got -5",
          "data.batch_size must be at least 1, got 0",
          "model.optimizer.lr must be a number ≥ 0, got abc"]),
+    "fit: keep the best and stop early without validation": (
+        lambda t: ["fit", "--config", "tiny/lora", "--model.pretrained", "sdtune:toy", "--data.root", t,
+                   "--best_adapters.keep", 2, "--early_stopping.patience", 3],
+        ["best_adapters.keep 2 needs a validation loss: set data.val_fraction (e.g. 0.1) or data.val_root",
+         "early_stopping.patience 3 needs a validation loss: set data.val_fraction (e.g. 0.1) or data.val_root"]),
     "fit: a misspelt recipe": (lambda t: ["fit", "--config", "tiny/lroa"], ["no recipe file or packaged recipe named 'tiny/lroa'"]),
     "fit: a config that is not YAML": (lambda t: ["fit", "--config", _bad_yaml(t)], ["--config {t}/bad.yaml is not valid YAML (line 3)"]),
     "validate: a missing packaged model": (

@@ -84,7 +84,7 @@ def nested_nulls(args: list[str]) -> list[str]:
 def run(subcommand: str, args: list[str]) -> int:
     args = nested_nulls(resolve_configs(args))
     if not any(arg in ("-h", "--help") or arg.startswith("--print_config") for arg in args):
-        problems = command_line_problems(args)
+        problems = command_line_problems(args, subcommand)
         if problems:
             raise SdtuneErrors(problems)
     # peft imports bitsandbytes whenever it is installed: seconds, and notices about its CPU kernels, for a run

@@ -5,7 +5,7 @@ typo in a path or a number costs no more than `--help`.
 What is checked, every problem one line: the config files parse; the folders and files the run reads exist
 (`model.pretrained` and `model.pretrained_config` when they are paths rather than Hub ids, the data folders,
 `model.init_adapter`, `--ckpt_path`); the run directory is not a file; plain numbers lie in their domains
-(`DOMAINS`). Each rule is written once, here or in a light module, and `sdtune.commands.preflight` applies the same
+(`DOMAINS`); keeping the best adapters or stopping early has a validation loss to go by (fit). Each rule is written once, here or in a light module, and `sdtune.commands.preflight` applies the same
 ones to the parsed config, with the classes' own checks, as the backstop for what is only known after parsing
 (defaults, values a flag spells differently, settings of classes named in the config).
 """
@@ -174,7 +174,7 @@ def command_line_settings(args: list[str]) -> dict[str, Any]:
     return settings
 
 
-def command_line_problems(args: list[str]) -> list[str]:
+def command_line_problems(args: list[str], subcommand: str = "fit") -> list[str]:
     """Every problem `--config` files and flags show without importing a library (see the module's doc)."""
     settings = command_line_settings(args)
     model, data = Section(settings, "model"), Section(settings, "data")
@@ -190,7 +190,22 @@ def command_line_problems(args: list[str]) -> list[str]:
     if is_file_path(ckpt_path) and not Path(str(ckpt_path)).expanduser().exists():
         problems.append(f"--ckpt_path {ckpt_path}: the file does not exist; {RESUME_ADVICE}")
     problems += [domain_problem(key, settings.get(key)) for key in DOMAINS]
+    if subcommand == "fit":
+        problems += validation_problems(settings)
     return [problem for problem in problems if problem]
+
+
+def validation_problems(settings: dict[str, Any]) -> list[str]:
+    """Keeping the best adapters and stopping early go by the validation loss: refused when there is none. (Values
+    out of range are the callbacks' own to refuse.)"""
+    if settings.get("data.val_fraction") or settings.get("data.val_root"):
+        return []
+    asked = [key for key in ("best_adapters.keep", "early_stopping.patience") if _positive(settings.get(key))]
+    return [f"{key} {settings[key]} needs a validation loss: set data.val_fraction (e.g. 0.1) or data.val_root" for key in asked]
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def needs_bitsandbytes(args: list[str]) -> bool:

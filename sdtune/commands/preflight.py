@@ -84,7 +84,6 @@ def fit_problems(config: Any) -> list[str]:
     lora = check(lambda: _lora_settings(model)) if "lora" in model else None
     text_lora = check(lambda: _text_encoder_lora(model))
     problems += path_problems(model, data)
-    problems += _validation_problems(config)
     problems += outputs_problems(config)
     datamodule = check(lambda: _instantiate(data_class, data))
     if source is not None:
@@ -340,17 +339,6 @@ def _check_vae_factor(factor: int, data: Any, why: str = "the VAE's downscaling"
     step = int(data.get("bucket_step") or 0)
     if data.get("buckets") and step % factor:
         raise SdtuneError(f"data.bucket_step {step} is not a multiple of {factor}, {why}")
-
-
-def _validation_problems(config: Any) -> list[str]:
-    """Keeping the best adapters and stopping early go by the validation loss: refused when there is none."""
-    data = config.data.init_args
-    if data.get("val_fraction") or data.get("val_root"):
-        return []
-    keep, patience = config.get("best_adapters.keep") or 0, config.get("early_stopping.patience") or 0
-    asked = [f"best_adapters.keep {keep}"] if keep > 0 else []  # values out of range are the classes' to refuse
-    asked += [f"early_stopping.patience {patience}"] if patience > 0 else []
-    return [f"{setting} needs a validation loss: set data.val_fraction (e.g. 0.1) or data.val_root" for setting in asked]
 
 
 # --- paths and data -----------------------------------------------------------------------------------------------
