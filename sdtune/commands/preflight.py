@@ -26,7 +26,6 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import os
 import re
 import shutil
 import warnings
@@ -230,9 +229,12 @@ def _mlflow_store_problems(init_args: Any) -> list[str]:
         from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
     except ImportError:
         return []
-    uri = _get(init_args, "tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
-    uri = str(uri or f"file:{_get(init_args, 'save_dir') or './mlruns'}")
-    local = "://" not in uri or uri.startswith("file:")
+    from lightning.pytorch.loggers.mlflow import LOCAL_FILE_URI_PREFIX, MLFlowLogger
+
+    defaults = inspect.signature(MLFlowLogger.__init__).parameters  # the store Lightning picks when none is given
+    uri = _get(init_args, "tracking_uri") or defaults["tracking_uri"].default
+    uri = str(uri or f"{LOCAL_FILE_URI_PREFIX}{_get(init_args, 'save_dir') or defaults['save_dir'].default}")
+    local = "://" not in uri or uri.startswith(LOCAL_FILE_URI_PREFIX)
     if local and not MLFLOW_ALLOW_FILE_STORE.get():
         return [f"trainer.logger: MLflow refuses the local folder {uri} as its store unless MLFLOW_ALLOW_FILE_STORE=true "
                 "is set; set it, or give --trainer.logger.tracking_uri http://your-mlflow-server"]
