@@ -211,6 +211,8 @@ def test_sampling_a_flow_model_from_the_command_line(flow_model, tmp_path):
     sdtune_here(*base, "--out", tmp_path / "t2i")
     record = json.loads((tmp_path / "t2i" / "samples.json").read_text())
     assert record["settings"]["scheduler"] == "flow_euler" and record["settings"]["scheduler_class"] == "FlowMatchEulerDiscreteScheduler"
+    # no --guidance: the pipeline's own default, Flux's embedded 3.5 rather than 7.5
+    assert record["settings"]["guidance"] == {"sd3": 7.0, "flux": 3.5}[family_name]
     image = next((tmp_path / "t2i").glob("*.png"))
     sdtune_here(*base, "--init-image", image, "--strength", 0.5, "--out", tmp_path / "i2i")
     assert json.loads((tmp_path / "i2i" / "samples.json").read_text())["mode"] == "image-to-image"

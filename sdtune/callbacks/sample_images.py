@@ -31,7 +31,7 @@ from sdtune.errors import SdtuneError
 from sdtune.finetune.rng_state import untouched
 from sdtune.finetune.sharding import is_sharded
 from sdtune.inference.grid import make_grid
-from sdtune.inference.sampling import SCHEDULERS, generate, make_scheduler
+from sdtune.inference.sampling import SCHEDULERS, default_guidance, generate, make_scheduler
 from sdtune.models.families import vae_scale_factor
 
 log = logging.getLogger("lightning.pytorch")  # Lightning's console logger: shown on every process
@@ -48,7 +48,8 @@ class SampleImages(L.Callback):
         scheduler: Inference sampler: ddim, pndm, lms, euler, euler_a or dpmpp_2m; flow_euler for SD3 and Flux;
             null takes ddim, or flow_euler for SD3 and Flux.
         steps: Denoising steps per image.
-        guidance_scale: Classifier-free guidance scale (≤ 1 turns guidance off).
+        guidance_scale: Classifier-free guidance scale (≤ 1 turns guidance off); Flux dev's embedded guidance. null
+            takes the model's pipeline's default (7.5 SD1/2, 5.0 SDXL, 7.0 SD3, 3.5 Flux).
         width: Image width in pixels; null takes the data's resolution, else the model's native size.
         height: Image height in pixels; null takes the data's resolution, else the model's native size.
         every_n_train_steps: Also sample every N optimizer steps; 0 only samples at checkpoints (and before training).
@@ -66,7 +67,7 @@ class SampleImages(L.Callback):
         seeds: list[int] = [0, 1],  # noqa: B006
         scheduler: str | None = None,
         steps: int = 25,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         width: int | None = None,
         height: int | None = None,
         every_n_train_steps: int = 0,
@@ -172,14 +173,15 @@ class SampleImages(L.Callback):
         scheduler = make_scheduler(self.scheduler, config)
         pipe = pl_module.parts.pipeline(scheduler)
         pipe.set_progress_bar_config(disable=True)
+        guidance = default_guidance(pipe) if self.guidance_scale is None else self.guidance_scale
         # bf16 autocast matches how bf16-mixed training runs the UNet; fp16 autocast would risk the VAE overflowing.
         device_type = pl_module.denoiser.device.type
         autocast = torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
         with untouched(pl_module), torch.inference_mode(False), torch.no_grad(), autocast:
             pl_module.eval()
             return generate(
-                pipe, self.prompts, self.seeds, steps=self.steps, guidance_scale=self.guidance_scale, height=height,
-                width=width, negative_prompt=self.negative_prompt, clip_skip=getattr(pl_module, "clip_skip", 1),
+                pipe, self.prompts, self.seeds, steps=self.steps, guidance_scale=guidance, height=height, width=width,
+                negative_prompt=self.negative_prompt, clip_skip=getattr(pl_module, "clip_skip", 1),
             )  # fmt: skip
 
     def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:

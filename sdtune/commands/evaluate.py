@@ -99,7 +99,7 @@ def main(args: list[str]) -> int:
 
     from sdtune.finetune import DiffusionFineTune, Objective
     from sdtune.inference.grid import make_grid
-    from sdtune.inference.sampling import iter_images, load_adapters, make_scheduler, scheduler_name
+    from sdtune.inference.sampling import default_guidance, iter_images, load_adapters, make_scheduler, scheduler_name
 
     device = pick_device(ns.device)
     # The frozen model with its diffusion loss (nothing of it trains). One copy of the weights: the pipeline is
@@ -112,6 +112,7 @@ def main(args: list[str]) -> int:
     scheduler = make_scheduler(ns.scheduler, module.noise_scheduler.config)
     pipe = module.parts.pipeline(scheduler)
     pipe.set_progress_bar_config(disable=True)
+    ns.guidance = default_guidance(pipe) if ns.guidance is None else ns.guidance
     check_clip_skip(pipe, ns)
     clip = _load_clip(ns.clip_model, device)
     batches = _validation_batches(ns, module, width) if ns.data else None

@@ -54,7 +54,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("sampling")
     run.add_argument("--seed", type=int, action="append", metavar="N", help="noise seed; repeat for several images per prompt (default: 0)")
     run.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
-    run.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; ≤ 1 disables it (default: 7.5)")
+    run.add_argument("--guidance", type=float,
+                     help="classifier-free guidance scale, ≤ 1 disables it; Flux dev's embedded guidance (default: the "
+                          "model's pipeline's: 7.5 SD1/2, 5.0 SDXL, 7.0 SD3, 3.5 Flux)")  # fmt: skip
     run.add_argument("--scheduler", choices=list(SCHEDULER_CLASSES), help="sampler (default: ddim; flow_euler for SD3 and Flux)")
     run.add_argument("--width", type=int, help="image width, a multiple of the VAE factor (default: the UNet's native size)")
     run.add_argument("--height", type=int, help="image height (default: the UNet's native size)")

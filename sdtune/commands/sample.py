@@ -143,6 +143,7 @@ def main(args: list[str]) -> int:
     import torch
 
     from sdtune.inference.sampling import (
+        default_guidance,
         iter_images,
         load_adapters,
         load_embedding,
@@ -157,6 +158,7 @@ def main(args: list[str]) -> int:
     pipe.set_progress_bar_config(disable=True)
     ns.scheduler = scheduler_name(ns.scheduler, pipe.scheduler.config)
     pipe.scheduler = make_scheduler(ns.scheduler, pipe.scheduler.config)
+    ns.guidance = default_guidance(pipe) if ns.guidance is None else ns.guidance
     check_clip_skip(pipe, ns)
     adapter_names = load_adapters(pipe, adapters, ns.model)
     tokens = [load_embedding(pipe, path, token) for path, token in embeddings]

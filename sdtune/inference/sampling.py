@@ -57,6 +57,12 @@ def scheduler_name(name: str | None, training_scheduler_config: dict) -> str:
     return name or ("flow_euler" if is_flow_config(training_scheduler_config) else "ddim")
 
 
+def default_guidance(pipe) -> float:
+    """The guidance scale the model's diffusers pipeline takes when given none: 7.5 for SD1/2, 5.0 for SDXL, 7.0 for
+    SD3, and 3.5 for Flux, whose guidance is embedded in the transformer (7.5 would overcook Flux.1 dev)."""
+    return float(inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default)
+
+
 def make_scheduler(name: str | None, training_scheduler_config: dict):
     """An inference scheduler with the checkpoint's betas and prediction type (or, for a flow-matching model, its
     shift); for a zero-terminal-SNR schedule (rescale_betas_zero_snr) the rescaled betas and trailing timesteps,
