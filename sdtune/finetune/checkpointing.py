@@ -181,17 +181,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         _fsync_dir(path.parent)
 
 
+def checkpoints_newest_first(folder: str | Path) -> list[Path]:
+    """The `.ckpt` checkpoints in `folder` (files, and sharded checkpoints' folders), newest first by modification
+    time, `last.ckpt` first on a tie; complete or not."""
+    folder = Path(folder)
+    found = [p for p in folder.glob("*.ckpt") if state_file(p).is_file()] if folder.is_dir() else []
+    return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name.startswith("last")), reverse=True)
+
+
 def newest_checkpoint(folder: str | Path) -> str:
     """'the newest checkpoint is <path> (step N)' for messages, or that there is none yet."""
-    found = sorted(Path(folder).glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns) if Path(folder).is_dir() else []
-    found = [p for p in found if checkpoint_problem(p) is None]
-    if not found:
+    newest = next((p for p in checkpoints_newest_first(folder) if checkpoint_problem(p) is None), None)
+    if newest is None:
         return "no checkpoint was written yet"
     try:  # memory-mapped: reads the step, not the weights
-        step = torch.load(state_file(found[-1]), map_location="cpu", mmap=True, weights_only=True).get("global_step")
+        step = torch.load(state_file(newest), map_location="cpu", mmap=True, weights_only=True).get("global_step")
     except Exception:
         step = None
-    return f"the newest checkpoint is {found[-1]}" + (f" (step {step})" if step is not None else "")
+    return f"the newest checkpoint is {newest}" + (f" (step {step})" if step is not None else "")
 
 
 def remove_unfinished(folder: str | Path) -> list[Path]:
@@ -205,16 +212,11 @@ def remove_unfinished(folder: str | Path) -> list[Path]:
 
 
 def pick_resume_checkpoint(folder: str | Path) -> Path | None:
-    """The newest complete `.ckpt` (a file, or a sharded checkpoint's folder) in `folder` (by modification time, `last.ckpt` first on a tie), or None when
-    there is none at all. Each newer one that fails `checkpoint_problem` gets a warning; when all fail, an
-    SdtuneError lists why."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    found = [p for p in folder.glob("*.ckpt") if state_file(p).is_file()]  # files, sharded folders
+    """The newest complete checkpoint in `folder` (`checkpoints_newest_first`), or None when there is none at all.
+    Each newer one that fails `checkpoint_problem` gets a warning; when all fail, an SdtuneError lists why."""
+    found = checkpoints_newest_first(folder)
     if not found:
         return None
-    found.sort(key=lambda p: (p.stat().st_mtime_ns, p.name.startswith("last")), reverse=True)
     skipped: list[str] = []
     for candidate in found:
         problem = checkpoint_problem(candidate)
