@@ -5,9 +5,10 @@ typo in a path or a number costs no more than `--help`.
 What is checked, every problem one line: the config files parse; the folders and files the run reads exist
 (`model.pretrained` and `model.pretrained_config` when they are paths rather than Hub ids, the data folders,
 `model.init_adapter`, `--ckpt_path`); the run directory is not a file; plain numbers lie in their domains
-(`DOMAINS`); keeping the best adapters or stopping early has a validation loss to go by (fit). Each rule is written once, here or in a light module, and `sdtune.commands.preflight` applies the same
-ones to the parsed config, with the classes' own checks, as the backstop for what is only known after parsing
-(defaults, values a flag spells differently, settings of classes named in the config).
+(`DOMAINS`); keeping the best adapters or stopping early has a validation loss to go by (fit). Each rule is written
+once, here or in a light module, and `sdtune.commands.preflight` applies the same ones to the parsed config, with
+the classes' own checks, as the backstop for what is only known after parsing (defaults, values a flag spells
+differently, settings of classes named in the config).
 """
 
 from __future__ import annotations
