@@ -55,6 +55,7 @@ from sdtune.commands.precheck import (
     input_paths,
     path_problems,
     run_dir_problem,
+    validation_problems,
 )
 from sdtune.commands.runlog import LOG_NAME
 from sdtune.errors import SdtuneError, first_line
@@ -83,6 +84,9 @@ def fit_problems(config: Any) -> list[str]:
     lora = check(lambda: _lora_settings(model)) if "lora" in model else None
     text_lora = check(lambda: _text_encoder_lora(model))
     problems += path_problems(model, data)
+    problems += validation_problems({"data.val_fraction": data.get("val_fraction"), "data.val_root": data.get("val_root"),
+                                     "best_adapters.keep": config.get("best_adapters.keep"),
+                                     "early_stopping.patience": config.get("early_stopping.patience")})  # fmt: skip
     problems += outputs_problems(config)
     datamodule = check(lambda: _instantiate(data_class, data))
     if source is not None:
