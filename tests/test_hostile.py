@@ -209,6 +209,17 @@ def test_a_hostile_input_is_one_line_and_changes_nothing(case, world, capfd, mon
     refused(capfd, args, world, says)
 
 
+def test_the_ema_folder_keeps_its_name_when_the_adapter_is_renamed(world, capfd):
+    """`--adapter.dirname` moves the adapter, not the EMA's `adapter_ema/`: an init adapter there is still refused."""
+    run = world["root"] / "ema_run"
+    shutil.copytree(world["adapter"], run / "adapter_ema")
+    try:
+        refused(capfd, [*FIT, "--model.init_adapter", run / "adapter_ema", "--adapter.dirname", "mine",
+                        "--trainer.default_root_dir", run], world, f"the run's adapter_ema '{run / 'adapter_ema'}' is")
+    finally:
+        shutil.rmtree(run)
+
+
 def test_merge_onto_the_base_from_the_shell_is_one_line_and_writes_nothing(world):
     """The probe's command, as a user types it: a diffusers folder holds only names --force takes for an export."""
     base, before = world["base"], snapshot(world["base"], world["run"])

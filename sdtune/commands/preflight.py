@@ -353,10 +353,11 @@ def _check_vae_factor(factor: int, data: Any, why: str = "the VAE's downscaling"
 def _run_outputs(config: Any, root: Path) -> list[tuple[str, Path, str]]:
     """What a run writes (name, path, the setting that moves it): config.yaml, sdtune.log, logs, checkpoints, the adapter (or
     model) folder and its EMA twin, samples."""
-    saved = config.get("adapter.dirname") or getattr(_import(str(config.get("model.class_path"))), "output_dirname", "adapter")
+    output = getattr(_import(str(config.get("model.class_path"))), "output_dirname", "adapter")
+    saved = config.get("adapter.dirname") or output
     samples = config.get("samples.dirname") or "samples"
     setting = "trainer.default_root_dir"
-    entries = ("config.yaml", LOG_NAME, "logs", saved, f"{saved}_ema", samples)
+    entries = ("config.yaml", LOG_NAME, "logs", saved, f"{output}_ema", samples)  # EMA's folder keeps the method's name
     outputs = [(f"the run's {entry}", root / entry, setting) for entry in entries]
     dirpath = config.get("checkpoint.dirpath")
     if dirpath:
